@@ -1,0 +1,41 @@
+# make help: what each target does. `make train` and `make test` set everything up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint format tensorboard clean
+
+help: ## show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED) ## create .venv and install the package with its dev tools (again only when pyproject.toml changes)
+
+train: install ## train ResNet-18 on ChestMNIST, 100 epochs (downloads the data once); overrides: make train ARGS="trainer.max_epochs=10"
+	$(BIN)/python -m chest_mnist.train $(ARGS)
+
+test: install ## run the test suite (offline, CPU)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: install ## ruff: lint and format check
+	$(BIN)/ruff check chest_mnist tests
+	$(BIN)/ruff format --check chest_mnist tests
+
+format: install ## ruff: fix what can be fixed, format
+	$(BIN)/ruff check --fix chest_mnist tests
+	$(BIN)/ruff format chest_mnist tests
+
+tensorboard: install ## TensorBoard on every run and sweep under logs/
+	$(BIN)/tensorboard --logdir logs
+
+clean: ## remove caches and build files; keeps .venv, logs/ (your runs) and data/
+	rm -rf .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,194 @@
+"""ResNet-18 for MedMNIST images and the LightningModule that trains and tests it.
+
+Two stems: `cifar` (3x3 stride-1 first convolution, no max-pool), which keeps a 28px image
+at 28px through the first stage, as the MedMNIST v2 ResNet-18 (28) baseline does; and
+`imagenet`, torchvision's own, the one ImageNet weights fit (`pretrained=true`).
+
+The loss is BCE with logits per label, optionally weighted by (1 - p) / p from the train
+prevalence p (`pos_weight: auto`) so that rare findings count. The classifier head runs in
+float32 even under bf16 autocast: scores in bf16 would tie often and blur AUROC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+from typing_extensions import override
+
+from chest_mnist import UserError
+from chest_mnist.metrics import evaluate_predictions, scalar_metrics
+
+STEMS = ("cifar", "imagenet")
+
+
+def build_resnet18(
+    stem: str = "cifar", pretrained: bool = False, num_classes: int = 14
+) -> nn.Module:
+    """torchvision's ResNet-18 with `num_classes` outputs and the chosen stem."""
+    if stem not in STEMS:
+        raise UserError(f"model.stem={stem!r} is unknown; choose one of {', '.join(STEMS)}.")
+    if pretrained:
+        if stem != "imagenet":
+            raise UserError(
+                "model.pretrained=true loads ImageNet weights, which fit only model.stem=imagenet."
+            )
+        weights = ResNet18_Weights.IMAGENET1K_V1
+        try:
+            net = resnet18(weights=weights)
+        except Exception as e:  # URLError, OSError, hash mismatch: all mean "no usable file"
+            filename = weights.url.rsplit("/", 1)[-1]
+            raise UserError(
+                f"Could not load torchvision's ImageNet weights for ResNet-18 ({type(e).__name__}: {e}). "
+                f"Download {weights.url} and put {filename} in {torch.hub.get_dir()}/checkpoints/ "
+                f"(or set TORCH_HOME), or set model.pretrained=false."
+            ) from e
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    else:
+        net = resnet18(num_classes=num_classes)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+class MedMNISTClassifier(L.LightningModule):
+    """ResNet-18 with one sigmoid output per label (multi-label, as ChestMNIST).
+
+    Args:
+        labels: the label names, in the dataset's order (from `medmnist.INFO`).
+        stem, pretrained: see `build_resnet18`.
+        pos_weight: None, "auto" ((1 - p) / p of the train prevalence), or one weight per label.
+        optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
+            parameters and the optimizer. Not saved in the checkpoint's hyperparameters: the run's
+            whole config is in `.hydra/` and TensorBoard.
+    """
+
+    def __init__(
+        self,
+        labels: list[str],
+        stem: str = "cifar",
+        pretrained: bool = False,
+        pos_weight: str | list[float] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        labels = list(labels)
+        if pos_weight not in (None, "auto") and len(pos_weight) != len(labels):
+            raise UserError(
+                f"model.pos_weight has {len(pos_weight)} values but there are {len(labels)} labels; "
+                f"give one per label, or auto, or null."
+            )
+        net = build_resnet18(stem, pretrained, num_classes=len(labels))
+        self.head = net.fc
+        net.fc = nn.Identity()
+        self.backbone = net.to(memory_format=torch.channels_last)
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
+        self.val_metrics = scalar_metrics(len(labels)).clone(prefix="val/")
+        self._test_scores: list[torch.Tensor] = []
+        self._test_targets: list[torch.Tensor] = []
+        self.test_report: dict | None = None
+        self.test_predictions: dict[str, torch.Tensor] | None = None
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.hparams.pos_weight is None:
+            return
+        if self.hparams.pos_weight == "auto":
+            datamodule = self.trainer.datamodule
+            prevalence = datamodule.prevalence("train").clamp(
+                min=1.0 / len(datamodule.splits["train"])
+            )
+            self.pos_weight.copy_((1 - prevalence) / prevalence)
+        else:
+            self.pos_weight.copy_(torch.tensor(self.hparams.pos_weight, dtype=torch.float32))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.head(features.float())
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(
+            logits, targets.float(), pos_weight=self.pos_weight
+        )
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, targets = batch
+        loss = self._loss(self(x), targets)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        self.log(
+            "train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(x)
+        )
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, batch_size=len(x))
+        return logits.sigmoid(), targets.int()
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        scores, targets = self._eval_step(batch, "val")
+        self.val_metrics.update(scores, targets)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log("val/auroc", values.pop("val/auroc"), prog_bar=True)
+        self.log_dict(values)
+        self.val_metrics.reset()
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._test_scores.clear()
+        self._test_targets.clear()
+
+    @override
+    def test_step(self, batch, batch_idx: int) -> None:
+        scores, targets = self._eval_step(batch, "test")
+        self._test_scores.append(scores)
+        self._test_targets.append(targets)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        scores, targets = torch.cat(self._test_scores), torch.cat(self._test_targets)
+        self._test_scores.clear()
+        self._test_targets.clear()
+        report = evaluate_predictions(scores, targets, list(self.hparams.labels))
+        self.log_dict({f"test/{name}": float(value) for name, value in report["scalars"].items()})
+        # per-label values straight to the loggers: 70 rows would drown the printed summary
+        per_label = {
+            f"test/{name}/{row['label']}": row[name]
+            for row in report["per_label"]
+            for name in ("auroc", "acc", "precision", "recall", "f1")
+        }
+        for logger in self.loggers:
+            logger.log_metrics(per_label, step=self.global_step)
+        self.test_report = report
+        self.test_predictions = {"scores": scores.cpu(), "labels": targets.cpu()}
+
+    @override
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise UserError(
+                "model.optimizer is not set: training needs an optimizer config (see conf/model/)."
+            )
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

@@ -1,0 +1,65 @@
+"""Figures of a run: loss curves and the per-label confusion matrices."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> Path:
+    """One line per curve name (e.g. "train/loss", "val/loss"), loss against epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, (epochs, values) in curves.items():
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BCE loss")
+    ax.set_title("Loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrices(
+    confusion: np.ndarray, labels: list[str], path: Path, title: str
+) -> Path:
+    """A grid of 2x2 matrices (rows: true 0/1, columns: predicted 0/1) with counts."""
+    n = len(labels)
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, matrix, label in zip(axes.flat, confusion, labels, strict=False):
+        share = matrix / np.maximum(
+            matrix.sum(axis=1, keepdims=True), 1
+        )  # colour: share of each true row
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(
+                j,
+                i,
+                f"{count:,}",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.5 else "black",
+                fontsize=9,
+            )
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([0, 1], ["pred 0", "pred 1"], fontsize=8)
+        ax.set_yticks([0, 1], ["true 0", "true 1"], fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

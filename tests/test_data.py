@@ -1,0 +1,351 @@
+import functools
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from medmnist import INFO
+
+from chest_mnist import UserError
+from chest_mnist import data as data_module
+from chest_mnist.data import (
+    MedMNISTDataModule,
+    fetch_official,
+    random_shift,
+    read_npz,
+    to_model_input,
+)
+from chest_mnist.synthetic import LABELS, PREVALENCE, make_synthetic, write_synthetic
+from tests.conftest import PNEUMONIA_NPZ
+
+# --- the data module -------------------------------------------------------------------------
+
+
+def test_batches_are_uint8_then_rgb_normalised_on_transfer(synthetic_npz):
+    dm = MedMNISTDataModule(path=str(synthetic_npz), batch_size=16, eval_batch_size=100)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (16, 28, 28)
+    assert labels.dtype == torch.uint8 and labels.shape == (16, 14)
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # gray repeated to RGB
+    assert torch.allclose(x[:, 0], images.float() / 127.5 - 1.0, atol=1e-6)  # (p/255 - 0.5) / 0.5
+    assert torch.equal(y, labels)
+    assert len(next(iter(dm.val_dataloader()))[0]) == 100
+
+
+def test_normalisation_end_points():
+    images = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    x = to_model_input(images, mean=0.5, std=0.5)
+    assert x[0, :, 0, 0].tolist() == [-1.0] * 3 and x[0, :, 0, 1].tolist() == [1.0] * 3
+
+
+def test_a_batch_is_one_indexing_operation(synthetic_npz):
+    """No per-sample __getitem__ on the hot path."""
+    dm = MedMNISTDataModule(path=str(synthetic_npz), batch_size=64)
+    dm.setup("fit")
+    calls = []
+    dataset = dm.splits["train"]
+    original = type(dataset).__getitem__
+    type(dataset).__getitem__ = lambda self, i: calls.append(i) or original(self, i)
+    try:
+        batches = list(dm.train_dataloader())
+    finally:
+        type(dataset).__getitem__ = original
+    assert calls == []
+    assert sum(len(b[0]) for b in batches) == 512
+    assert sorted(torch.cat([b[1] for b in batches]).sum(0).tolist()) == sorted(
+        dataset.labels.sum(0).tolist()
+    )
+
+
+def test_subset_keeps_first_n_of_each_split(synthetic_npz):
+    dm = MedMNISTDataModule(path=str(synthetic_npz), subset=100)
+    dm.setup()
+    full = read_npz(synthetic_npz, "chestmnist", 28)
+    for split in ("train", "val", "test"):
+        assert len(dm.splits[split]) == 100
+        assert torch.equal(dm.splits[split].images, torch.from_numpy(full[split][0][:100]))
+
+
+def test_prevalence_and_labels_from_medmnist_info(synthetic_npz):
+    dm = MedMNISTDataModule(path=str(synthetic_npz))
+    assert dm.labels == [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
+    dm.setup()
+    expected = (
+        torch.from_numpy(read_npz(synthetic_npz, "chestmnist", 28)["train"][1]).float().mean(0)
+    )
+    assert torch.allclose(dm.prevalence("train"), expected)
+
+
+def test_official_split_sizes_from_info(tmp_path):
+    path = write_synthetic(
+        tmp_path / "chestmnist.npz",
+        **{f"n_{s}": n for s, n in INFO["chestmnist"]["n_samples"].items()},
+    )
+    dm = MedMNISTDataModule(root=str(tmp_path), verify_md5=False, download=False)
+    dm.setup()
+    assert dm.file == path
+    assert {s: len(d) for s, d in dm.splits.items()} == {
+        "train": 78468,
+        "val": 11219,
+        "test": 22433,
+    }
+    assert sum(INFO["chestmnist"]["n_samples"].values()) == 112120
+
+
+def test_real_pneumoniamnist_file_reads(tmp_path):
+    dm = MedMNISTDataModule(flag="pneumoniamnist", path=str(PNEUMONIA_NPZ))
+    dm.setup()
+    assert dm.labels == ["normal", "pneumonia"]
+    assert {s: len(d) for s, d in dm.splits.items()} == {"train": 4707, "val": 524, "test": 624}
+    assert (
+        dm.splits["test"].labels.sum().item() == 390
+    )  # pneumonia cases in the official test split
+
+
+def test_augmentation_shifts_in_training_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 28, 28, generator=g)
+    shifted = random_shift(x, 2, generator=g)
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+    assert shifted.min() >= x.min() and shifted.max() <= x.max()  # replicated border: no new values
+    assert not torch.equal(shifted, x)
+    # each image is a translate of itself: its centre crop is found in the original
+    for i in range(8):
+        centre = shifted[i, :, 2:-2, 2:-2]
+        assert any(
+            torch.equal(centre, x[i, :, 2 - dy : 26 - dy, 2 - dx : 26 - dx])
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        )
+    assert torch.equal(random_shift(x, 0), x)
+
+
+# --- the synthetic generator -----------------------------------------------------------------
+
+
+def test_synthetic_has_chestmnist_format_and_prevalence(tmp_path):
+    arrays = make_synthetic(n_train=20000, n_val=10, n_test=10, seed=3)
+    assert sorted(arrays) == sorted(
+        f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")
+    )
+    assert arrays["train_images"].dtype == np.uint8 and arrays["train_images"].shape == (
+        20000,
+        28,
+        28,
+    )
+    assert arrays["train_labels"].dtype == np.uint8 and arrays["train_labels"].shape == (20000, 14)
+    prevalence = arrays["train_labels"].mean(0)
+    assert np.abs(prevalence - PREVALENCE).max() < 0.01  # NIH rates, within sampling noise
+    assert (arrays["train_labels"].sum(1) >= 2).mean() > 0.03  # several findings per image happen
+    assert 1 - arrays["train_labels"].mean() == pytest.approx(
+        0.948, abs=0.003
+    )  # the all-negative ACC
+    assert (
+        arrays["val_labels"].sum(0) >= 2
+    ).all()  # every label has positives, even in a tiny split
+    again = make_synthetic(n_train=20000, n_val=10, n_test=10, seed=3)
+    assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
+
+
+def test_synthetic_labels_live_in_the_pixels():
+    """Each finding brightens its own place: the mean image of positives differs there."""
+    arrays = make_synthetic(n_train=4000, n_val=10, n_test=10, seed=1)
+    images, labels = arrays["train_images"].astype(float), arrays["train_labels"]
+    for k in range(len(LABELS)):
+        difference = images[labels[:, k] == 1].mean(0) - images[labels[:, k] == 0].mean(0)
+        assert difference.max() > 15, LABELS[k]
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_synthetic_larger_sizes(tmp_path, size):
+    path = write_synthetic(tmp_path / f"s{size}.npz", n_train=8, n_val=4, n_test=4, size=size)
+    splits = read_npz(path, "chestmnist", size)
+    assert splits["train"][0].shape == (8, size, size)
+
+
+# --- bad input: each gets a message that names the file or key -------------------------------
+
+
+def _write(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _good_arrays(n=4, size=28, labels=14):
+    return {
+        f"{s}_{k}": (
+            np.zeros((n, size, size), np.uint8)
+            if k == "images"
+            else np.zeros((n, labels), np.uint8)
+        )
+        for s in ("train", "val", "test")
+        for k in ("images", "labels")
+    }
+
+
+def test_not_a_zip(tmp_path):
+    path = tmp_path / "chestmnist.npz"
+    path.write_text("this is not a zip file")
+    with pytest.raises(UserError, match=f"{path}.*not a readable .npz"):
+        read_npz(path, "chestmnist", 28)
+    assert path.read_text() == "this is not a zip file"  # the user's file is left alone
+
+
+def test_truncated_zip(tmp_path):
+    good = write_synthetic(tmp_path / "good.npz", n_train=8, n_val=4, n_test=4)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(UserError, match="bad.npz"):
+        read_npz(bad, "chestmnist", 28)
+
+
+def test_missing_key(tmp_path):
+    arrays = _good_arrays()
+    del arrays["val_labels"]
+    with pytest.raises(UserError, match="has no key 'val_labels'"):
+        read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
+
+
+def test_wrong_image_shape(tmp_path):
+    arrays = _good_arrays()
+    arrays["train_images"] = np.zeros((4, 32, 32), np.uint8)
+    with pytest.raises(
+        UserError, match=r"train_images is uint8 \(4, 32, 32\), expected uint8 \(N, 28, 28\)"
+    ):
+        read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
+
+
+def test_wrong_number_of_label_columns(tmp_path):
+    arrays = _good_arrays()
+    arrays["test_labels"] = np.zeros((4, 13), np.uint8)
+    with pytest.raises(
+        UserError, match=r"test_labels has shape \(4, 13\), expected \(4, 14\).*14 labels"
+    ):
+        read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
+
+
+def test_labels_not_zero_one(tmp_path):
+    arrays = _good_arrays()
+    arrays["train_labels"][0, 3] = 2
+    with pytest.raises(UserError, match=r"train_labels holds values outside 0..1"):
+        read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
+
+
+@pytest.mark.parametrize("size", [0, 32, 100, 256])
+def test_size_not_a_medmnist_size(size):
+    with pytest.raises(
+        UserError, match=f"data.size={size} is not a MedMNIST size; choose one of 28, 64, 128, 224"
+    ):
+        MedMNISTDataModule(size=size)
+
+
+def test_root_that_does_not_exist(tmp_path):
+    dm = MedMNISTDataModule(root=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=f"data.root={tmp_path / 'nowhere'} does not exist"):
+        dm.prepare_data()
+
+
+def test_root_that_cannot_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        data_module.os, "access", lambda path, mode: False
+    )  # tests run as root: fake it
+    with pytest.raises(UserError, match=f"data.root={tmp_path} cannot be written"):
+        MedMNISTDataModule(root=str(tmp_path)).prepare_data()
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match=f"data.path={tmp_path / 'x.npz'} does not exist"):
+        MedMNISTDataModule(path=str(tmp_path / "x.npz")).prepare_data()
+
+
+# --- the download, up to the network boundary -------------------------------------------------
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """An HTTP server on loopback serving tmp_path/server: the download's real code path."""
+    served = tmp_path / "server"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield served, f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+
+
+def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        INFO["chestmnist"], "url", "http://127.0.0.1:9/chestmnist.npz"
+    )  # nothing listens
+    with pytest.raises(UserError) as error:
+        fetch_official("chestmnist", 28, tmp_path)
+    message = str(error.value)
+    assert "Could not download chestmnist.npz" in message
+    assert "http://127.0.0.1:9/chestmnist.npz" in message and INFO["chestmnist"]["MD5"] in message
+    assert str(tmp_path / "chestmnist.npz") in message and "data=synthetic" in message
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_download_with_wrong_md5_is_deleted(tmp_path, monkeypatch, file_server):
+    served, url = file_server
+    source = write_synthetic(served / "file.npz", n_train=8, n_val=4, n_test=4)
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setitem(INFO["chestmnist"], "url", f"{url}/file.npz")
+    with pytest.raises(
+        UserError, match=f"has MD5 {_md5(source)}, not the official {INFO['chestmnist']['MD5']}"
+    ):
+        fetch_official("chestmnist", 28, root)
+    assert list(root.iterdir()) == []
+
+
+def test_download_with_right_md5_lands_in_root(tmp_path, monkeypatch, file_server):
+    served, url = file_server
+    source = write_synthetic(served / "file_64.npz", n_train=8, n_val=4, n_test=4, size=64)
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setitem(INFO["chestmnist"], "url_64", f"{url}/file_64.npz")
+    monkeypatch.setitem(INFO["chestmnist"], "MD5_64", _md5(source))
+    path = fetch_official("chestmnist", 64, root)
+    assert path == root / "chestmnist_64.npz" and _md5(path) == _md5(source)
+    assert [p.name for p in root.iterdir()] == ["chestmnist_64.npz"]
+    assert (
+        fetch_official("chestmnist", 64, root, download=False) == path
+    )  # found, not fetched again
+
+
+def test_existing_file_with_wrong_md5_is_kept_and_named(tmp_path):
+    path = write_synthetic(tmp_path / "chestmnist.npz", n_train=8, n_val=4, n_test=4)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=f"{path} has MD5 .* not the official .* left as it is"):
+        fetch_official("chestmnist", 28, tmp_path)
+    assert path.read_bytes() == before
+    assert fetch_official("chestmnist", 28, tmp_path, verify=False) == path
+
+
+def test_missing_file_without_download(tmp_path):
+    with pytest.raises(
+        UserError, match=f"{tmp_path / 'chestmnist_128.npz'} does not exist and data.download=false"
+    ):
+        fetch_official("chestmnist", 128, tmp_path, download=False)
+
+
+def test_download_of_a_missing_url(tmp_path, monkeypatch, file_server):
+    _, url = file_server
+    monkeypatch.setitem(INFO["chestmnist"], "url", f"{url}/gone.npz")  # the server answers 404
+    with pytest.raises(UserError, match="Could not download chestmnist.npz .*HTTP Error 404"):
+        fetch_official("chestmnist", 28, tmp_path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "server"]

@@ -1,0 +1,171 @@
+"""train() through the real Hydra config, and the command line."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra.errors import ConfigCompositionException
+from matplotlib.image import imread
+from medmnist import INFO
+
+from chest_mnist.train import train
+from tests.conftest import ROOT, compose_train
+
+LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
+
+
+def check_report(report_dir, n_test):
+    """Every file of report/ exists and is well formed."""
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    for key in (
+        "test/auroc",
+        "test/acc",
+        "test/f1_macro",
+        "test/f1_micro",
+        "test/precision_micro",
+        "test/recall_macro",
+        "test/acc_all_negative",
+        "test/loss",
+        "test/auroc/hernia",
+    ):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["test/auroc"] <= 1.0 and metrics["test/n_images"] == n_test
+
+    with open(report_dir / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["label"] for row in rows] == LABELS
+    for row in rows:
+        values = {k: float(v) for k, v in row.items() if k != "label"}
+        assert all(math.isfinite(v) for v in values.values())
+        assert values["tn"] + values["fp"] + values["fn"] + values["tp"] == n_test
+        assert values["support"] == values["tp"] + values["fn"]
+        assert metrics[f"test/auroc/{row['label']}"] == pytest.approx(values["auroc"])
+
+    predictions = np.load(report_dir / "predictions.npz")
+    assert predictions["scores"].shape == (n_test, 14) and predictions["labels"].shape == (
+        n_test,
+        14,
+    )
+    assert ((predictions["scores"] >= 0) & (predictions["scores"] <= 1)).all()
+    assert list(predictions["label_names"]) == LABELS
+
+    for name, min_size in (
+        ("loss_curves.png", (400, 600)),
+        ("confusion_matrices.png", (800, 1200)),
+    ):
+        image = imread(report_dir / name)
+        assert image.shape[0] >= min_size[0] and image.shape[1] >= min_size[1], name
+        assert image.std() > 0.01, f"{name} is blank"
+    return metrics
+
+
+@pytest.mark.slow
+def test_fit_test_and_report(cfg_tiny, tmp_path):
+    metrics = train(cfg_tiny)
+    assert {"train/loss", "val/loss", "val/auroc", "test/auroc"} <= set(metrics)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(
+        name.startswith("epoch000-val_auroc") for name in checkpoints
+    )
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    reported = check_report(tmp_path / "report", n_test=256)
+    assert reported["test/auroc"] == pytest.approx(metrics["test/auroc"])
+
+
+@pytest.mark.slow
+def test_learning_happens(tiny_overrides, tmp_path):
+    """A short run reaches a val AUROC that guessing (0.5) and a broken pipeline cannot."""
+    cfg = compose_train(
+        tiny_overrides
+        + [
+            "trainer.max_epochs=4",
+            "trainer.limit_train_batches=1.0",
+            "data.batch_size=64",
+            "data.path=" + str(tmp_path / "learn.npz"),
+            "+data.synthetic={n_train: 2000, n_val: 500, n_test: 500, seed: 1}",
+        ]
+    )
+    metrics = train(cfg)
+    assert metrics["val/auroc"] > 0.85
+    assert metrics["test/auroc"] > 0.85
+    assert metrics["train/loss"] < 0.2
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="Could not override 'data.colour'"):
+        compose_train(["data.colour=red"])
+
+
+def run_cli(*args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "chest_mnist.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
+    """The README's offline command, with the default cifar stem, 2 epochs."""
+    result = run_cli(
+        "data=synthetic",
+        f"data.path={synthetic_npz}",
+        "data.subset=128",
+        "data.batch_size=64",
+        "trainer.max_epochs=2",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = list((tmp_path / "train" / "runs").iterdir())
+    assert (run / ".hydra" / "config.yaml").exists() and (
+        run / ".hydra" / "overrides.yaml"
+    ).exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    metrics = check_report(run / "report", n_test=128)
+    assert metrics["epochs_trained"] == 2 and metrics["best_checkpoint"].startswith(
+        str(run / "checkpoints")
+    )
+
+    from chest_mnist.report import read_loss_curves
+
+    curves = read_loss_curves(run / "tensorboard")
+    assert curves["train/loss"][0] == [0, 1] and curves["val/loss"][0] == [0, 1]
+
+
+@pytest.mark.slow
+def test_cli_without_network_fails_fast_with_the_message(tmp_path):
+    # a proxy that refuses: offline even where the machine has a network
+    result = run_cli(
+        f"data.root={tmp_path}",
+        f"paths.log_dir={tmp_path}",
+        env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: Could not download chestmnist.npz" in result.stderr
+    assert INFO["chestmnist"]["MD5"] in result.stderr and "data=synthetic" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_bad_size_names_the_key(tmp_path):
+    result = run_cli("data.size=100", f"paths.log_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert (
+        "error: data.size=100 is not a MedMNIST size" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+@pytest.mark.slow
+def test_cli_unknown_key(tmp_path):
+    result = run_cli("data.colour=red", f"paths.log_dir={tmp_path}", timeout=120)
+    assert result.returncode != 0 and "Could not override 'data.colour'" in result.stderr
