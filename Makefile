@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint format tensorboard clean
+.PHONY: help install train test bench lint format tensorboard clean
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ train: install ## train ResNet-18 on ChestMNIST, 100 epochs (downloads the data 
 
 test: install ## run the test suite (offline, CPU)
 	$(BIN)/python -m pytest $(ARGS)
+
+bench: install ## time our pipeline against the classic per-sample loop; options: make bench ARGS="--size 224 --steps 10"
+	$(BIN)/python -m chest_mnist.bench $(ARGS)
 
 lint: install ## ruff: lint and format check
 	$(BIN)/ruff check chest_mnist tests

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -191,6 +192,57 @@ class SplitDataset(Dataset):
         return self.images[index], self.labels[index]
 
 
+class DeviceBatches:
+    """Batches cut from a split that sits whole in one place (GPU memory, or host memory when
+    training on the CPU): a shuffle is one `randperm` there, a batch one indexing operation.
+
+    Under DDP each rank takes its own slice of the (shared, seeded) permutation. Training
+    slices are equal (the last `len % world_size` images of a shuffled epoch sit out, as
+    with DistributedSampler(drop_last=True)); evaluation slices cover every image exactly
+    once, so no test image is counted twice or dropped.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def _indices(self) -> torch.Tensor:
+        n, device = len(self.images), self.images.device
+        if not self.shuffle:
+            return torch.arange(
+                n * self.rank // self.world_size,
+                n * (self.rank + 1) // self.world_size,
+                device=device,
+            )
+        # the same permutation on every rank: the global seed is the same everywhere
+        order = torch.randperm(n, device=device)
+        return order[: n - n % self.world_size].view(-1, self.world_size)[:, self.rank]
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        per_rank = (
+            n // self.world_size
+            if self.shuffle
+            else n * (self.rank + 1) // self.world_size - n * self.rank // self.world_size
+        )
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        indices = self._indices()
+        for start in range(0, len(indices), self.batch_size):
+            index = indices[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
 def keep_batch(batch):
     """collate_fn for SplitDataset: the batch is already stacked."""
     return batch
@@ -238,6 +290,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         subset: keep the first N images of each split (quick runs); None keeps all.
         augment: random shifts of up to `max_shift` pixels on the device, training only.
         mean, std: normalisation of [0, 1] pixels (MedMNIST's examples use 0.5 and 0.5).
+        on_device: keep each split whole on the training device and cut batches there
+            ("auto": when it takes under a quarter of the free GPU memory; always on the CPU);
+            false streams batches from host memory through a DataLoader.
     """
 
     def __init__(
@@ -257,6 +312,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         mean: float = 0.5,
         std: float = 0.5,
         num_workers: int = 0,
+        on_device: bool | str = "auto",
     ):
         super().__init__()
         if flag not in INFO:
@@ -274,11 +330,22 @@ class MedMNISTDataModule(L.LightningDataModule):
             raise UserError(
                 f"data.subset={subset!r} must be a positive whole number or null (all images)."
             )
+        if on_device not in (True, False, "auto"):
+            raise UserError(f"data.on_device={on_device!r} must be true, false or auto.")
         self.save_hyperparameters()
         self.info = INFO[flag]
-        self.labels = [self.info["label"][str(i)] for i in range(len(self.info["label"]))]
         self.task = self.info["task"]
+        names = [self.info["label"][str(i)] for i in range(len(self.info["label"]))]
+        if self.task == "multi-label, binary-class":
+            self.labels = names  # one sigmoid output per finding
+        elif self.task == "binary-class":
+            self.labels = names[1:]  # one sigmoid output: the positive class
+        else:
+            raise UserError(
+                f"data.flag={flag} is a {self.task} task; only multi-label and binary tasks are supported so far."
+            )
         self.splits: dict[str, SplitDataset] = {}
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def file(self) -> Path:
@@ -331,7 +398,27 @@ class MedMNISTDataModule(L.LightningDataModule):
         """Fraction of positive images per label in `split` (multi-label and binary tasks)."""
         return self.splits[split].labels.float().mean(0)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _keep_on_device(self, device: torch.device) -> bool:
+        if self.hparams.on_device != "auto":
+            return bool(self.hparams.on_device)
+        if device.type != "cuda":
+            return True  # the splits already sit in host memory: batches are cut in place
+        free, _ = torch.cuda.mem_get_info(device)
+        return sum(d.images.nbytes + d.labels.nbytes for d in self.splits.values()) < free / 4
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool):
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self._keep_on_device(device):
+            if split not in self._on_device:
+                data = self.splits[split]
+                self._on_device[split] = (data.images.to(device), data.labels.to(device))
+            rank, world = (
+                (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            )
+            return DeviceBatches(
+                *self._on_device[split], batch_size, shuffle, rank=rank, world_size=world
+            )
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,

@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryConfusionMatrix,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
     MultilabelAccuracy,
     MultilabelAUROC,
     MultilabelConfusionMatrix,
@@ -23,36 +29,45 @@ from torchmetrics.classification import (
 THRESHOLD = 0.5  # MedMNIST's ACC: score > 0.5 is positive
 
 
+def _classes(num_labels: int) -> dict:
+    """torchmetrics' multilabel classes, or the binary ones for a single label (a binary task:
+    torchmetrics' multilabel metrics need two labels or more). Same definitions either way."""
+    if num_labels == 1:
+        kw = {"threshold": THRESHOLD}
+        return {
+            "auroc": lambda average: BinaryAUROC(),
+            "acc": lambda average: BinaryAccuracy(**kw),
+            "precision": lambda average: BinaryPrecision(**kw),
+            "recall": lambda average: BinaryRecall(**kw),
+            "f1": lambda average: BinaryF1Score(**kw),
+            "confusion": lambda: BinaryConfusionMatrix(**kw),
+        }
+    kw = {"num_labels": num_labels, "threshold": THRESHOLD}
+    return {
+        "auroc": lambda average: MultilabelAUROC(num_labels=num_labels, average=average),
+        "acc": lambda average: MultilabelAccuracy(average=average, **kw),
+        "precision": lambda average: MultilabelPrecision(average=average, **kw),
+        "recall": lambda average: MultilabelRecall(average=average, **kw),
+        "f1": lambda average: MultilabelF1Score(average=average, **kw),
+        "confusion": lambda: MultilabelConfusionMatrix(**kw),
+    }
+
+
 def scalar_metrics(num_labels: int) -> MetricCollection:
     """The epoch numbers for val and test: one collection, `.clone(prefix=...)` per stage."""
-    kw = {"num_labels": num_labels, "threshold": THRESHOLD}
-    return MetricCollection(
-        {
-            "auroc": MultilabelAUROC(num_labels=num_labels, average="macro"),
-            "acc": MultilabelAccuracy(average="macro", **kw),
-            "precision_micro": MultilabelPrecision(average="micro", **kw),
-            "precision_macro": MultilabelPrecision(average="macro", **kw),
-            "recall_micro": MultilabelRecall(average="micro", **kw),
-            "recall_macro": MultilabelRecall(average="macro", **kw),
-            "f1_micro": MultilabelF1Score(average="micro", **kw),
-            "f1_macro": MultilabelF1Score(average="macro", **kw),
-        }
-    )
+    make = _classes(num_labels)
+    metrics = {"auroc": make["auroc"]("macro"), "acc": make["acc"]("macro")}
+    for name in ("precision", "recall", "f1"):
+        for average in ("micro", "macro"):
+            metrics[f"{name}_{average}"] = make[name](average)
+    return MetricCollection(metrics)
 
 
 def per_label_metrics(num_labels: int) -> MetricCollection:
     """One value per label, plus the (num_labels, 2, 2) confusion matrices [[tn, fp], [fn, tp]]."""
-    kw = {"num_labels": num_labels, "threshold": THRESHOLD}
-    return MetricCollection(
-        {
-            "auroc": MultilabelAUROC(num_labels=num_labels, average=None),
-            "acc": MultilabelAccuracy(average=None, **kw),
-            "precision": MultilabelPrecision(average=None, **kw),
-            "recall": MultilabelRecall(average=None, **kw),
-            "f1": MultilabelF1Score(average=None, **kw),
-            "confusion": MultilabelConfusionMatrix(**kw),
-        }
-    )
+    make = _classes(num_labels)
+    metrics = {name: make[name](None) for name in ("auroc", "acc", "precision", "recall", "f1")}
+    return MetricCollection({**metrics, "confusion": make["confusion"]()})
 
 
 def all_negative_accuracy(targets: torch.Tensor) -> float:
@@ -75,8 +90,8 @@ def evaluate_predictions(scores: torch.Tensor, targets: torch.Tensor, labels: li
 
     per_label = per_label_metrics(len(labels)).to(scores.device)
     per_label.update(scores, targets)
-    per = {name: value.cpu() for name, value in per_label.compute().items()}
-    confusion = per.pop("confusion").long()
+    per = {name: value.cpu().reshape(-1) for name, value in per_label.compute().items()}
+    confusion = per.pop("confusion").long().reshape(-1, 2, 2)
     rows = []
     for k, label in enumerate(labels):
         (tn, fp), (fn, tp) = confusion[k].tolist()

@@ -66,6 +66,7 @@ class MedMNISTClassifier(L.LightningModule):
         optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
             parameters and the optimizer. Not saved in the checkpoint's hyperparameters: the run's
             whole config is in `.hydra/` and TensorBoard.
+        compile: `torch.compile` the backbone in place (checkpoints keep their keys).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class MedMNISTClassifier(L.LightningModule):
         pos_weight: str | list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -90,6 +92,8 @@ class MedMNISTClassifier(L.LightningModule):
         self.head = net.fc
         net.fc = nn.Identity()
         self.backbone = net.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.compile()
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.val_metrics = scalar_metrics(len(labels)).clone(prefix="val/")
         self._test_scores: list[torch.Tensor] = []

@@ -132,14 +132,14 @@ def make_synthetic(
     return arrays
 
 
-def write_synthetic(path: str | Path, **kwargs) -> Path:
+def write_synthetic(path: str | Path, compress: bool = True, **kwargs) -> Path:
     """Write a synthetic ChestMNIST npz to `path` (atomically: a half-written file never
-    stands at `path`) and return the path."""
+    stands at `path`) and return the path. `compress=False` writes a large file much faster."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = make_synthetic(**kwargs)
     partial = path.with_name(path.name + ".part.npz")
-    np.savez_compressed(partial, **arrays)
+    (np.savez_compressed if compress else np.savez)(partial, **arrays)
     partial.replace(path)
     return path
 
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="store the arrays uncompressed (faster for large files)",
+    )
     args = parser.parse_args(argv)
     counts = (
         INFO["chestmnist"]["n_samples"]
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     path = write_synthetic(
         args.out,
+        compress=not args.no_compress,
         n_train=counts["train"],
         n_val=counts["val"],
         n_test=counts["test"],

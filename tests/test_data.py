@@ -12,6 +12,7 @@ from medmnist import INFO
 from chest_mnist import UserError
 from chest_mnist import data as data_module
 from chest_mnist.data import (
+    DeviceBatches,
     MedMNISTDataModule,
     fetch_official,
     random_shift,
@@ -45,23 +46,54 @@ def test_normalisation_end_points():
     assert x[0, :, 0, 0].tolist() == [-1.0] * 3 and x[0, :, 0, 1].tolist() == [1.0] * 3
 
 
-def test_a_batch_is_one_indexing_operation(synthetic_npz):
-    """No per-sample __getitem__ on the hot path."""
-    dm = MedMNISTDataModule(path=str(synthetic_npz), batch_size=64)
+@pytest.mark.parametrize("on_device", ["auto", False])
+def test_a_batch_is_one_indexing_operation(synthetic_npz, on_device):
+    """No per-sample __getitem__ on the hot path, whether batches are cut in place or by a DataLoader."""
+    dm = MedMNISTDataModule(path=str(synthetic_npz), batch_size=64, on_device=on_device)
     dm.setup("fit")
     calls = []
     dataset = dm.splits["train"]
     original = type(dataset).__getitem__
     type(dataset).__getitem__ = lambda self, i: calls.append(i) or original(self, i)
     try:
-        batches = list(dm.train_dataloader())
+        loader = dm.train_dataloader()
+        batches = list(loader)
     finally:
         type(dataset).__getitem__ = original
-    assert calls == []
+    assert isinstance(loader, DeviceBatches) == (on_device == "auto")
+    assert calls == [] and len(batches) == len(loader) == 8
     assert sum(len(b[0]) for b in batches) == 512
-    assert sorted(torch.cat([b[1] for b in batches]).sum(0).tolist()) == sorted(
-        dataset.labels.sum(0).tolist()
-    )
+    # a shuffled epoch: every image once
+    assert torch.equal(torch.cat([b[1] for b in batches]).sum(0), dataset.labels.sum(0))
+    assert not torch.equal(batches[0][0], dataset.images[:64])
+
+
+def test_device_batches_shard_exactly_across_ranks():
+    images = torch.arange(103).view(103, 1, 1).to(torch.uint8)
+    labels = torch.arange(103)
+    world = 4
+    evaluation = [
+        DeviceBatches(images, labels, 10, shuffle=False, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    seen = torch.cat([b[1] for shard in evaluation for b in shard])
+    assert sorted(seen.tolist()) == list(range(103))  # every test image exactly once, none padded
+    assert sum(len(shard) for shard in evaluation) == sum(len(list(shard)) for shard in evaluation)
+    training = []
+    for r in range(world):
+        torch.manual_seed(7)  # every rank holds the same seed
+        training.append(
+            torch.cat(
+                [
+                    b[1]
+                    for b in DeviceBatches(
+                        images, labels, 10, shuffle=True, rank=r, world_size=world
+                    )
+                ]
+            )
+        )
+    assert {len(t) for t in training} == {25}  # equal steps on every rank
+    assert len(set(torch.cat(training).tolist())) == 100  # disjoint slices of one permutation
 
 
 def test_subset_keeps_first_n_of_each_split(synthetic_npz):
@@ -102,7 +134,7 @@ def test_official_split_sizes_from_info(tmp_path):
 def test_real_pneumoniamnist_file_reads(tmp_path):
     dm = MedMNISTDataModule(flag="pneumoniamnist", path=str(PNEUMONIA_NPZ))
     dm.setup()
-    assert dm.labels == ["normal", "pneumonia"]
+    assert dm.labels == ["pneumonia"]  # binary: one sigmoid output, the positive class
     assert {s: len(d) for s, d in dm.splits.items()} == {"train": 4707, "val": 524, "test": 624}
     assert (
         dm.splits["test"].labels.sum().item() == 390

@@ -79,3 +79,16 @@ def test_report_of_all_negative_model_shows_its_emptiness():
     )
     assert report["scalars"]["recall_micro"] == 0.0
     assert report["scalars"]["auroc"] == pytest.approx(0.5)
+
+
+def test_binary_task_equals_medmnist_evaluator():
+    """A binary task (PneumoniaMNIST) has one output: the binary metrics, same definitions."""
+    scores, targets = _predictions(n=300, labels=1, seed=4)
+    report = evaluate_predictions(scores, targets, ["pneumonia"])
+    y, s = targets.numpy(), scores.numpy()
+    assert report["scalars"]["auroc"] == pytest.approx(getAUC(y, s, "binary-class"), abs=1e-6)
+    assert report["scalars"]["acc"] == pytest.approx(getACC(y, s, "binary-class"), abs=1e-6)
+    assert report["per_label"][0]["f1"] == pytest.approx(
+        f1_score(y[:, 0], (s[:, 0] > 0.5).astype(int)), abs=1e-6
+    )
+    assert report["confusion"].shape == (1, 2, 2) and report["confusion"].sum() == 300

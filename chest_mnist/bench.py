@@ -1,0 +1,318 @@
+"""Training throughput: our pipeline against the classic per-sample loop, in one process.
+
+    python -m chest_mnist.bench                            # 28px, the best device here, 20 steps
+    python -m chest_mnist.bench --size 224 --stem imagenet --steps 10 --device cuda
+    make bench ARGS="--steps 5"
+
+Both train the same ResNet-18 (same initial weights) on the same synthetic ChestMNIST-shaped
+data, at the same batch size, for the same number of optimisation steps after a warm-up:
+
+- reference: what MedMNIST's own examples do. A Dataset returns one PIL image at a time
+  (`Image.fromarray(...).convert("RGB")`, as `medmnist.ChestMNIST(as_rgb=True)`), through
+  torchvision's ToTensor and Normalize(0.5, 0.5), batched by a DataLoader (no workers, as in
+  their notebook), plain fp32 training;
+- ours: `python -m chest_mnist.train`'s code path, a Lightning Trainer with
+  MedMNISTDataModule and MedMNISTClassifier (bf16 mixed precision on a GPU, fp32 on the
+  CPU), validation off.
+
+It prints images/s for each, the ratio, and one ChestMNIST training epoch (78,468 images)
+extrapolated from each; `--out` writes the same as JSON. The peak host memory (RSS) of our
+run is measured against the size of the uint8 training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from chest_mnist.data import SIZES
+
+CHESTMNIST_TRAIN = 78_468
+
+
+class PILDataset(Dataset):
+    """One PIL image per item, as `medmnist.dataset.MedMNIST2D.__getitem__` with as_rgb=True."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        return self.transform(image), self.labels[index].astype(np.float32)
+
+
+def reference_transform():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=[0.5], std=[0.5])])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_reference(images, labels, net, device, batch_size, warmup, steps) -> float:
+    """Seconds for `steps` optimisation steps of the classic loop, after `warmup` steps."""
+    loader = DataLoader(
+        PILDataset(images, labels, reference_transform()),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+    net = net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    criterion = torch.nn.BCEWithLogitsLoss()
+    done, started = 0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            if done == warmup:
+                _sync(device)
+                started = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = criterion(net(x), y)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup + steps:
+                break
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def time_ours(
+    npz: Path, size: int, stem: str, device: torch.device, batch_size: int, warmup: int, steps: int
+):
+    """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
+    precision it used, and the peak RSS (MB) once the data was loaded, before training."""
+    import functools
+
+    import lightning as L
+
+    from chest_mnist.data import MedMNISTDataModule
+    from chest_mnist.model import MedMNISTClassifier
+    from chest_mnist.train import _precision_for
+
+    class StepTimer(L.Callback):
+        started = finished = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                _sync(device)
+                self.started = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            _sync(device)
+            self.finished = time.perf_counter()
+
+    datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size)
+    model = MedMNISTClassifier(
+        datamodule.labels, stem=stem, optimizer=functools.partial(torch.optim.Adam, lr=1e-3)
+    )
+    datamodule.setup("fit")  # load here, to measure memory with the data in and before training
+    rss_loaded_mb = peak_rss_mb()
+    timer = StepTimer()
+    precision = _precision_for(device.type)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        benchmark=True,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return timer.finished - timer.started, precision, rss_loaded_mb
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --device {name}, but this machine has no CUDA GPU that torch can use "
+            f"(torch.cuda.is_available() is False). Use --device cpu or --device auto."
+        )
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise SystemExit(f"error: --device {name} is unknown; use auto, cpu, cuda or cuda:N.")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size", type=int, default=28, choices=SIZES, help="image side (a MedMNIST size)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed optimisation steps, each pipeline"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="training images in the synthetic file (default: just enough for the steps; "
+        "78468 measures memory at ChestMNIST's size)",
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
+
+    n_train = args.n_train or (args.warmup + args.steps) * args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / f"chestmnist_{args.size}.npz"
+        # a child process writes the file, so that its float buffers never count in our peak memory
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chest_mnist.synthetic",
+                str(npz),
+                "--train",
+                str(n_train),
+                "--val",
+                "16",
+                "--test",
+                "16",
+                "--size",
+                str(args.size),
+                "--no-compress",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        dataset_mb = n_train * args.size * args.size / 2**20
+        measured_peak = reset_peak_rss()
+        rss_before_mb = peak_rss_mb()
+        ours_s, precision, rss_loaded_mb = time_ours(
+            npz, args.size, args.stem, device, args.batch_size, args.warmup, args.steps
+        )
+        rss_peak_mb = peak_rss_mb()
+
+        result = {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "torch": torch.__version__,
+            "size": args.size,
+            "stem": args.stem,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "n_train": n_train,
+            "ours": {
+                "seconds": ours_s,
+                "images_per_s": args.steps * args.batch_size / ours_s,
+                "precision": precision,
+            },
+            "memory": {
+                "train_split_uint8_mb": dataset_mb,
+                "rss_before_data_mb": rss_before_mb,
+                "peak_rss_data_loaded_mb": rss_loaded_mb,
+                "loading_over_split": (rss_loaded_mb - rss_before_mb) / dataset_mb,
+                "peak_rss_training_mb": rss_peak_mb,
+                "peak_measured": measured_peak,
+            },
+        }
+        if not args.skip_reference:
+            data = np.load(npz)
+            torch.manual_seed(0)
+            from chest_mnist.model import build_resnet18
+
+            net = build_resnet18(args.stem, num_classes=14)
+            ref_s = time_reference(
+                data["train_images"],
+                data["train_labels"],
+                net,
+                device,
+                args.batch_size,
+                args.warmup,
+                args.steps,
+            )
+            result["reference"] = {
+                "seconds": ref_s,
+                "images_per_s": args.steps * args.batch_size / ref_s,
+                "precision": "32-true",
+            }
+            result["speedup"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    for name in ("ours", "reference"):
+        if name in result:
+            result[name]["chestmnist_epoch_s"] = CHESTMNIST_TRAIN / result[name]["images_per_s"]
+
+    print(
+        f"{result['device']}, torch {result['torch']}, {args.size}px, stem {args.stem}, batch {args.batch_size}, "
+        f"{args.steps} steps after {args.warmup} warm-up"
+    )
+    print(f"{'pipeline':<10} {'images/s':>10} {'ChestMNIST epoch (s)':>22} {'precision':>11}")
+    for name in ("reference", "ours"):
+        if name in result:
+            r = result[name]
+            print(
+                f"{name:<10} {r['images_per_s']:>10.1f} {r['chestmnist_epoch_s']:>22.1f} {r['precision']:>11}"
+            )
+    if "speedup" in result:
+        print(f"speedup (ours / reference): {result['speedup']:.2f}x")
+    m = result["memory"]
+    print(
+        f"memory: train split {m['train_split_uint8_mb']:.0f} MB as uint8; peak RSS {m['rss_before_data_mb']:.0f} MB "
+        f"before loading, {m['peak_rss_data_loaded_mb']:.0f} MB loaded ({m['loading_over_split']:.2f}x the split "
+        f"added), {m['peak_rss_training_mb']:.0f} MB training (on the CPU this includes the activations)"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
