@@ -98,7 +98,8 @@ def time_reference(images, labels, net, device, batch_size, warmup, steps) -> fl
 
 
 def time_ours(
-    npz: Path, size: int, stem: str, device: torch.device, batch_size: int, warmup: int, steps: int
+    npz: Path, size: int, stem: str, device: torch.device, batch_size: int, warmup: int, steps: int,
+    compile: bool | str = False,
 ):
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
     precision it used, and the peak RSS (MB) once the data was loaded, before training."""
@@ -124,7 +125,7 @@ def time_ours(
 
     datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size)
     model = MedMNISTClassifier(
-        datamodule.labels, stem=stem, optimizer=functools.partial(torch.optim.Adam, lr=1e-3)
+        datamodule.labels, stem=stem, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), compile=compile
     )
     datamodule.setup("fit")  # load here, to measure memory with the data in and before training
     rss_loaded_mb = peak_rss_mb()
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="training images in the synthetic file (default: just enough for the steps; "
         "78468 measures memory at ChestMNIST's size)",
     )
+    parser.add_argument("--compile", default=None, help="torch.compile our backbone: default, reduce-overhead, max-autotune")
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         measured_peak = reset_peak_rss()
         rss_before_mb = peak_rss_mb()
         ours_s, precision, rss_loaded_mb = time_ours(
-            npz, args.size, args.stem, device, args.batch_size, args.warmup, args.steps
+            npz, args.size, args.stem, device, args.batch_size, args.warmup, args.steps,
+            compile={None: False, "default": True}.get(args.compile, args.compile),
         )
         rss_peak_mb = peak_rss_mb()
 
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "n_train": n_train,
+            "compile": args.compile,
             "ours": {
                 "seconds": ours_s,
                 "images_per_s": args.steps * args.batch_size / ours_s,

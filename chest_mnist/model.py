@@ -66,7 +66,8 @@ class MedMNISTClassifier(L.LightningModule):
         optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
             parameters and the optimizer. Not saved in the checkpoint's hyperparameters: the run's
             whole config is in `.hydra/` and TensorBoard.
-        compile: `torch.compile` the backbone in place (checkpoints keep their keys).
+        compile: `torch.compile` the backbone in place (checkpoints keep their keys); true, or
+            a torch.compile mode ("reduce-overhead" adds CUDA graphs, "max-autotune").
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class MedMNISTClassifier(L.LightningModule):
         pos_weight: str | list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -93,7 +94,7 @@ class MedMNISTClassifier(L.LightningModule):
         net.fc = nn.Identity()
         self.backbone = net.to(memory_format=torch.channels_last)
         if compile:
-            self.backbone.compile()
+            self.backbone.compile(mode=None if compile is True else compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.val_metrics = scalar_metrics(len(labels)).clone(prefix="val/")
         self._test_scores: list[torch.Tensor] = []
