@@ -98,7 +98,13 @@ def time_reference(images, labels, net, device, batch_size, warmup, steps) -> fl
 
 
 def time_ours(
-    npz: Path, size: int, stem: str, device: torch.device, batch_size: int, warmup: int, steps: int,
+    npz: Path,
+    size: int,
+    stem: str,
+    device: torch.device,
+    batch_size: int,
+    warmup: int,
+    steps: int,
     compile: bool | str = False,
 ):
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
@@ -107,9 +113,9 @@ def time_ours(
 
     import lightning as L
 
+    from chest_mnist.config import precision_for
     from chest_mnist.data import MedMNISTDataModule
     from chest_mnist.model import MedMNISTClassifier
-    from chest_mnist.train import _precision_for
 
     class StepTimer(L.Callback):
         started = finished = None
@@ -125,12 +131,15 @@ def time_ours(
 
     datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size)
     model = MedMNISTClassifier(
-        datamodule.labels, stem=stem, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), compile=compile
+        datamodule.labels,
+        stem=stem,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        compile=compile,
     )
     datamodule.setup("fit")  # load here, to measure memory with the data in and before training
     rss_loaded_mb = peak_rss_mb()
     timer = StepTimer()
-    precision = _precision_for(device.type)
+    precision = precision_for(device.type)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -201,7 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="training images in the synthetic file (default: just enough for the steps; "
         "78468 measures memory at ChestMNIST's size)",
     )
-    parser.add_argument("--compile", default=None, help="torch.compile our backbone: default, reduce-overhead, max-autotune")
+    parser.add_argument(
+        "--compile",
+        default=None,
+        help="torch.compile our backbone: default, reduce-overhead, max-autotune",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -237,7 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
         measured_peak = reset_peak_rss()
         rss_before_mb = peak_rss_mb()
         ours_s, precision, rss_loaded_mb = time_ours(
-            npz, args.size, args.stem, device, args.batch_size, args.warmup, args.steps,
+            npz,
+            args.size,
+            args.stem,
+            device,
+            args.batch_size,
+            args.warmup,
+            args.steps,
             compile={None: False, "default": True}.get(args.compile, args.compile),
         )
         rss_peak_mb = peak_rss_mb()

@@ -442,6 +442,11 @@ class MedMNISTDataModule(L.LightningDataModule):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
     @override
+    def predict_dataloader(self) -> list:
+        """Validation and test, in this order: what the report is made of."""
+        return [self.val_dataloader(), self.test_dataloader()]
+
+    @override
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         x = to_model_input(images, self.hparams.mean, self.hparams.std)

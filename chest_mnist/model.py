@@ -21,7 +21,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
 from chest_mnist import UserError
-from chest_mnist.metrics import evaluate_predictions, scalar_metrics
+from chest_mnist.metrics import scalar_metrics
 
 STEMS = ("cifar", "imagenet")
 
@@ -97,10 +97,7 @@ class MedMNISTClassifier(L.LightningModule):
             self.backbone.compile(mode=None if compile is True else compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.val_metrics = scalar_metrics(len(labels)).clone(prefix="val/")
-        self._test_scores: list[torch.Tensor] = []
-        self._test_targets: list[torch.Tensor] = []
-        self.test_report: dict | None = None
-        self.test_predictions: dict[str, torch.Tensor] | None = None
+        self.test_metrics = scalar_metrics(len(labels)).clone(prefix="test/")
 
     @override
     def setup(self, stage: str) -> None:
@@ -155,33 +152,22 @@ class MedMNISTClassifier(L.LightningModule):
         self.val_metrics.reset()
 
     @override
-    def on_test_epoch_start(self) -> None:
-        self._test_scores.clear()
-        self._test_targets.clear()
-
-    @override
     def test_step(self, batch, batch_idx: int) -> None:
         scores, targets = self._eval_step(batch, "test")
-        self._test_scores.append(scores)
-        self._test_targets.append(targets)
+        self.test_metrics.update(scores, targets)
 
     @override
     def on_test_epoch_end(self) -> None:
-        scores, targets = torch.cat(self._test_scores), torch.cat(self._test_targets)
-        self._test_scores.clear()
-        self._test_targets.clear()
-        report = evaluate_predictions(scores, targets, list(self.hparams.labels))
-        self.log_dict({f"test/{name}": float(value) for name, value in report["scalars"].items()})
-        # per-label values straight to the loggers: 70 rows would drown the printed summary
-        per_label = {
-            f"test/{name}/{row['label']}": row[name]
-            for row in report["per_label"]
-            for name in ("auroc", "acc", "precision", "recall", "f1")
-        }
-        for logger in self.loggers:
-            logger.log_metrics(per_label, step=self.global_step)
-        self.test_report = report
-        self.test_predictions = {"scores": scores.cpu(), "labels": targets.cpu()}
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    @override
+    def predict_step(
+        self, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, targets) of a batch: the raw material of the report."""
+        x, targets = batch
+        return self(x).sigmoid(), targets
 
     @override
     def configure_optimizers(self):

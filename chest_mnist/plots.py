@@ -63,3 +63,59 @@ def plot_confusion_matrices(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _curve_grid(n: int):
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def plot_roc_curves(
+    curves: list[tuple[np.ndarray, np.ndarray]], labels: list[str], aurocs: list[float], path: Path
+) -> Path:
+    """One ROC curve per label: (false positive rate, true positive rate), with its AUROC."""
+    fig, axes = _curve_grid(len(labels))
+    for ax, (fpr, tpr), label, auroc in zip(axes, curves, labels, aurocs, strict=False):
+        ax.plot(fpr, tpr, lw=1.5)
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")  # chance
+        ax.set_title(f"{label}\nAUROC {auroc:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("false positive rate")
+    fig.supylabel("true positive rate")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curves(
+    curves: list[tuple[np.ndarray, np.ndarray]],
+    labels: list[str],
+    aps: list[float],
+    prevalences: list[float],
+    path: Path,
+) -> Path:
+    """One precision-recall curve per label, with its average precision; the dashed line is the
+    label's prevalence, the precision of a model that guesses."""
+    fig, axes = _curve_grid(len(labels))
+    for ax, (recall, precision), label, ap, prevalence in zip(
+        axes, curves, labels, aps, prevalences, strict=False
+    ):
+        ax.plot(recall, precision, lw=1.5)
+        ax.axhline(prevalence, ls="--", lw=0.8, color="grey")
+        ax.set_title(f"{label}\nAP {ap:.3f}, prevalence {prevalence:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,4 +1,17 @@
-"""The `report/` folder of a run: metrics.json, per_class.csv, figures and predictions."""
+"""The `report/` folder of a run, written the same way by `train` and `evaluate`.
+
+From the validation and test predictions of one checkpoint: per-label thresholds are tuned
+on validation (never on test) and applied to test; every decision metric is reported at 0.5
+(MedMNIST's ACC) and at the tuned thresholds, next to the all-negative baseline.
+
+    metrics.json       every test number, and the run's facts (checkpoint, epochs)
+    per_class.csv      one row per label
+    thresholds.json    the tuned thresholds, for `predict`
+    predictions.npz    val and test scores and labels
+    report.md          a summary to read, with the figures:
+    confusion_matrices.png, roc_curves.png, pr_curves.png, loss_curves.png
+    <flag>_test_[AUC]..._[ACC]...@<run>.csv   MedMNIST's standard result file
+"""
 
 from __future__ import annotations
 
@@ -8,8 +21,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from chest_mnist.plots import plot_confusion_matrices, plot_loss_curves
+from chest_mnist.metrics import DECISIONS, THRESHOLD, evaluate_predictions, tune_thresholds
+from chest_mnist.plots import (
+    plot_confusion_matrices,
+    plot_loss_curves,
+    plot_pr_curves,
+    plot_roc_curves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +44,8 @@ def read_loss_curves(tensorboard_dir: Path) -> dict[str, tuple[list[int], list[f
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not Path(tensorboard_dir).is_dir():
+        raise FileNotFoundError(f"{tensorboard_dir} does not exist")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs every file it opens
     events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0}).Reload()
     tags = set(events.Tags()["scalars"])
@@ -40,49 +63,205 @@ def read_loss_curves(tensorboard_dir: Path) -> dict[str, tuple[list[int], list[f
     return curves
 
 
+def build_report(
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    labels: list[str],
+    prevalence_train: torch.Tensor | None = None,
+    rule: str = "f1",
+) -> dict:
+    """Thresholds tuned on `val` = (scores, targets), every metric on `test`, at 0.5 and tuned."""
+    thresholds = tune_thresholds(*val, rule=rule)
+    at_half = evaluate_predictions(*test, labels)
+    tuned = evaluate_predictions(*test, labels, thresholds)
+    scalars = dict(at_half["scalars"])
+    for name, value in tuned["scalars"].items():
+        if name not in ("auroc", "ap_macro", "acc_all_negative", "n_images"):
+            scalars[f"{name}_tuned"] = value
+    rows = []
+    for k, (half, best) in enumerate(zip(at_half["per_label"], tuned["per_label"], strict=True)):
+        row = {"label": half["label"]}
+        if prevalence_train is not None:
+            row["prevalence_train"] = float(prevalence_train[k])
+        row |= {
+            "prevalence_test": half["prevalence"],
+            "support": half["support"],
+            "auroc": half["auroc"],
+            "ap": half["ap"],
+        }
+        row |= {name: half[name] for name in DECISIONS}
+        row["threshold"] = best["threshold"]
+        row |= {f"{name}_tuned": best[name] for name in DECISIONS}
+        row |= {name: best[name] for name in ("tn", "fp", "fn", "tp")}  # at the tuned threshold
+        rows.append(row)
+    return {
+        "scalars": scalars,
+        "per_label": rows,
+        "thresholds": thresholds,
+        "rule": rule,
+        "confusion_tuned": tuned["confusion"],
+        "confusion": at_half["confusion"],
+    }
+
+
+def flat_metrics(report: dict, split: str = "test") -> dict[str, float]:
+    """The report's numbers under TensorBoard-style names: test/auroc, test/f1/<label>, ..."""
+    metrics = {f"{split}/{name}": value for name, value in report["scalars"].items()}
+    for row in report["per_label"]:
+        for name in ("auroc", "ap", *DECISIONS, "threshold", *(f"{d}_tuned" for d in DECISIONS)):
+            metrics[f"{split}/{name}/{row['label']}"] = row[name]
+    return metrics
+
+
+def medmnist_result_name(flag: str, size: int, split: str, auc: float, acc: float, run: str) -> str:
+    """The file name `medmnist.Evaluator` writes and `python -m medmnist evaluate` parses."""
+    size_flag = "" if size == 28 else f"_{size}"
+    return f"{flag}{size_flag}_{split}_[AUC]{auc:.3f}_[ACC]{acc:.3f}@{run}.csv"
+
+
+def write_medmnist_result(path: Path, scores: np.ndarray) -> Path:
+    """One row per image: its index, then its scores; no header (MedMNIST's format)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        for index, row in enumerate(scores.astype(np.float64)):
+            writer.writerow([index, *(repr(float(v)) for v in row)])
+    return path
+
+
+def _summary(report: dict, figures: list[str], loss_note: str | None, context: dict) -> str:
+    s = report["scalars"]
+    lines = [f"# Report: {context.get('flag', '')} test split ({s['n_images']:,} images)", ""]
+    if context.get("checkpoint"):
+        lines += [f"Checkpoint: `{context['checkpoint']}`.", ""]
+    lines += [
+        "## Summary",
+        "",
+        "| | at threshold 0.5 | at thresholds tuned on validation |",
+        "| --- | --- | --- |",
+        f"| ACC (MedMNIST) | {s['acc']:.4f} | {s['acc_tuned']:.4f} |",
+        f"| F1 macro / micro | {s['f1_macro']:.4f} / {s['f1_micro']:.4f} | {s['f1_macro_tuned']:.4f} / {s['f1_micro_tuned']:.4f} |",
+        f"| precision macro / micro | {s['precision_macro']:.4f} / {s['precision_micro']:.4f} | "
+        f"{s['precision_macro_tuned']:.4f} / {s['precision_micro_tuned']:.4f} |",
+        f"| recall macro / micro | {s['recall_macro']:.4f} / {s['recall_micro']:.4f} | "
+        f"{s['recall_macro_tuned']:.4f} / {s['recall_micro_tuned']:.4f} |",
+        "",
+        f"AUC (MedMNIST, macro over labels): **{s['auroc']:.4f}**; macro average precision: {s['ap_macro']:.4f}.",
+        "",
+        f"**Baseline:** a model that predicts no finding for every label scores ACC "
+        f"**{s['acc_all_negative']:.4f}** on this split. This model's ACC is {s['acc'] - s['acc_all_negative']:+.4f} "
+        f"from it: on an imbalanced task, ACC says little; read AUROC, AP and the per-label recall.",
+        "",
+        f"Thresholds were chosen per label on the validation split (rule: {report['rule']}) and only then "
+        f"applied to test.",
+        "",
+        "## Per label",
+        "",
+        "| label | test prevalence | support | AUROC | AP | F1 @0.5 | threshold | precision | recall | F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["per_label"]:
+        lines.append(
+            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {r['auroc']:.4f} | {r['ap']:.4f} | "
+            f"{r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
+            f"{r['f1_tuned']:.4f} |"
+        )
+    weakest = sorted(report["per_label"], key=lambda r: r["auroc"])[:3]
+    never = [r["label"] for r in report["per_label"] if r["tp"] + r["fp"] == 0]
+    lines += ["", "## Where the model is weak", ""]
+    lines.append(
+        "Lowest AUROC: " + ", ".join(f"{r['label']} ({r['auroc']:.3f})" for r in weakest) + "."
+    )
+    silent = [r["label"] for r in report["per_label"] if r["recall"] == 0 and r["support"] > 0]
+    if silent:
+        lines.append(f"Never found at threshold 0.5: {', '.join(silent)}.")
+    if never:
+        lines.append(f"Never predicted even at the tuned threshold: {', '.join(never)}.")
+    lines += ["", "## Figures", ""]
+    lines += [f"- [{name}]({name})" for name in figures]
+    if loss_note:
+        lines.append(f"- loss curves: not drawn ({loss_note})")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     out_dir: Path,
     report: dict,
-    predictions: dict,
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
     labels: list[str],
+    flag: str,
+    size: int,
     tensorboard_dir: Path | None = None,
     extra: dict | None = None,
-    split: str = "test",
+    run: str = "chest_mnist",
 ) -> Path:
-    """Write the report files for one split into `out_dir` and return it.
-
-    `report` is `metrics.evaluate_predictions`'s result, `predictions` holds the (N, L)
-    `scores` and `labels` it came from. A missing TensorBoard log costs only the loss curves.
-    """
+    """Write every report file into `out_dir`. A missing TensorBoard log costs only the loss
+    curves (said in report.md); everything else is still written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {f"{split}/{name}": value for name, value in report["scalars"].items()}
-    for row in report["per_label"]:
-        for name in ("auroc", "acc", "precision", "recall", "f1"):
-            metrics[f"{split}/{name}/{row['label']}"] = row[name]
-    metrics.update(extra or {})
+    metrics = flat_metrics(report) | (extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report["per_label"][0]))
         writer.writeheader()
         writer.writerows(report["per_label"])
-
+    thresholds = {
+        "rule": report["rule"],
+        "chosen_on": "val",
+        "default": THRESHOLD,
+        "labels": {label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)},
+    }
+    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     np.savez_compressed(
         out_dir / "predictions.npz",
-        scores=predictions["scores"].float().numpy(),
-        labels=predictions["labels"].numpy().astype(np.uint8),
+        scores=test[0].float().numpy(),
+        labels=test[1].numpy().astype(np.uint8),
+        val_scores=val[0].float().numpy(),
+        val_labels=val[1].numpy().astype(np.uint8),
         label_names=np.array(labels),
+        thresholds=report["thresholds"].numpy(),
     )
+    scores, targets = test[0].float(), test[1].int()
+    result = medmnist_result_name(
+        flag, size, "test", report["scalars"]["auroc"], report["scalars"]["acc"], run
+    )
+    write_medmnist_result(out_dir / result, scores.numpy())
+
+    figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png"]
     plot_confusion_matrices(
-        report["confusion"].numpy(),
+        report["confusion_tuned"].numpy(),
         labels,
         out_dir / "confusion_matrices.png",
-        title=f"{split} confusion matrices at threshold 0.5 (rows: truth, columns: prediction)",
+        title=f"test confusion matrices at thresholds tuned on validation ({report['rule']}); rows: truth",
     )
-    if tensorboard_dir is not None:
+    rocs, prs = [], []
+    for k in range(len(labels)):
+        fpr, tpr, _ = binary_roc(scores[:, k], targets[:, k])
+        precision, recall, _ = binary_precision_recall_curve(scores[:, k], targets[:, k])
+        rocs.append((fpr.numpy(), tpr.numpy()))
+        prs.append((recall.numpy(), precision.numpy()))
+    rows = report["per_label"]
+    plot_roc_curves(rocs, labels, [r["auroc"] for r in rows], out_dir / "roc_curves.png")
+    plot_pr_curves(
+        prs,
+        labels,
+        [r["ap"] for r in rows],
+        [r["prevalence_test"] for r in rows],
+        out_dir / "pr_curves.png",
+    )
+    loss_note = None
+    if tensorboard_dir is None:
+        loss_note = "no TensorBoard log given"
+    else:
         try:
             plot_loss_curves(read_loss_curves(tensorboard_dir), out_dir / "loss_curves.png")
+            figures.insert(0, "loss_curves.png")
         except FileNotFoundError as e:
-            log.warning("No loss curves: %s", e)
+            loss_note = str(e)
+            log.warning("No loss curves: %s. The rest of the report is written.", e)
+    context = {
+        "flag": flag,
+        "checkpoint": (extra or {}).get("best_checkpoint") or (extra or {}).get("checkpoint"),
+    }
+    (out_dir / "report.md").write_text(_summary(report, figures, loss_note, context))
     log.info("Report written to %s", out_dir)
     return out_dir

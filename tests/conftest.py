@@ -25,17 +25,15 @@ def synthetic_npz(tmp_path_factory) -> Path:
     )
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
+def compose_train(overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path, synthetic_npz) -> list[str]:
-    """The real config on synthetic data with a budget of seconds."""
+def tiny_training_overrides(npz: Path, out: Path) -> list[str]:
     return [
         "data=synthetic",
-        f"data.path={synthetic_npz}",
+        f"data.path={npz}",
         "data.batch_size=32",
         "data.eval_batch_size=256",
         "model.stem=imagenet",  # 16x fewer FLOPs than the cifar stem at 28px: fast on 2 cores
@@ -45,9 +43,25 @@ def tiny_overrides(tmp_path, synthetic_npz) -> list[str]:
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
-        f"paths.output_dir={tmp_path}",
-        f"paths.data_dir={tmp_path}/data",
+        f"paths.output_dir={out}",
+        f"paths.data_dir={out}/data",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_npz) -> Path:
+    """The directory of one tiny training run (2 epochs), shared by the tests that read it."""
+    from chest_mnist.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(compose_train(tiny_training_overrides(synthetic_npz, out) + ["trainer.max_epochs=2"]))
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, synthetic_npz) -> list[str]:
+    """The real config on synthetic data with a budget of seconds."""
+    return tiny_training_overrides(synthetic_npz, tmp_path)
 
 
 @pytest.fixture

@@ -19,7 +19,20 @@ from tests.conftest import ROOT, compose_train
 LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
 
 
-def check_report(report_dir, n_test):
+REPORT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "thresholds.json",
+    "predictions.npz",
+    "report.md",
+    "loss_curves.png",
+    "confusion_matrices.png",
+    "roc_curves.png",
+    "pr_curves.png",
+)
+
+
+def check_report(report_dir, n_test, loss_curves=True):
     """Every file of report/ exists and is well formed."""
     metrics = json.loads((report_dir / "metrics.json").read_text())
     for key in (
@@ -29,9 +42,12 @@ def check_report(report_dir, n_test):
         "test/f1_micro",
         "test/precision_micro",
         "test/recall_macro",
+        "test/ap_macro",
         "test/acc_all_negative",
-        "test/loss",
+        "test/f1_macro_tuned",
+        "test/recall_micro_tuned",
         "test/auroc/hernia",
+        "test/threshold/hernia",
     ):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["test/auroc"] <= 1.0 and metrics["test/n_images"] == n_test
@@ -44,8 +60,14 @@ def check_report(report_dir, n_test):
         assert all(math.isfinite(v) for v in values.values())
         assert values["tn"] + values["fp"] + values["fn"] + values["tp"] == n_test
         assert values["support"] == values["tp"] + values["fn"]
+        assert values["f1_tuned"] == pytest.approx(
+            2 * values["tp"] / max(2 * values["tp"] + values["fp"] + values["fn"], 1)
+        )
         assert metrics[f"test/auroc/{row['label']}"] == pytest.approx(values["auroc"])
+        assert 0 < values["prevalence_train"] < 1
 
+    thresholds = json.loads((report_dir / "thresholds.json").read_text())
+    assert thresholds["chosen_on"] == "val" and list(thresholds["labels"]) == LABELS
     predictions = np.load(report_dir / "predictions.npz")
     assert predictions["scores"].shape == (n_test, 14) and predictions["labels"].shape == (
         n_test,
@@ -53,14 +75,24 @@ def check_report(report_dir, n_test):
     )
     assert ((predictions["scores"] >= 0) & (predictions["scores"] <= 1)).all()
     assert list(predictions["label_names"]) == LABELS
+    (result,) = report_dir.glob("chestmnist_test_[[]AUC[]]*_[[]ACC[]]*@*.csv")
+    assert f"[AUC]{metrics['test/auroc']:.3f}_[ACC]{metrics['test/acc']:.3f}" in result.name
 
-    for name, min_size in (
-        ("loss_curves.png", (400, 600)),
-        ("confusion_matrices.png", (800, 1200)),
-    ):
+    summary = (report_dir / "report.md").read_text()
+    assert f"{metrics['test/acc_all_negative']:.4f}" in summary and "## Per label" in summary
+    assert all(f"| {label} |" in summary for label in LABELS)
+    figures = {
+        "confusion_matrices.png": (800, 1200),
+        "roc_curves.png": (800, 1200),
+        "pr_curves.png": (800, 1200),
+    }
+    if loss_curves:
+        figures["loss_curves.png"] = (400, 600)
+    for name, min_size in figures.items():
         image = imread(report_dir / name)
         assert image.shape[0] >= min_size[0] and image.shape[1] >= min_size[1], name
         assert image.std() > 0.01, f"{name} is blank"
+        assert f"]({name})" in summary
     return metrics
 
 

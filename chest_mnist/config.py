@@ -1,0 +1,46 @@
+"""What every command line entry point shares: the config resolvers, and turning a UserError
+into one clear line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from chest_mnist import UserError
+
+
+def precision_for(accelerator: str) -> str:
+    """bf16 mixed precision where a GPU will be used, full fp32 on the CPU."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def epochs_at(total: int, *fractions: float) -> list[int]:
+    """Epoch numbers at fractions of the run: MultiStepLR milestones that follow max_epochs."""
+    return [int(total * fraction) for fraction in fractions]
+
+
+OmegaConf.register_new_resolver("precision_for", precision_for, replace=True)
+OmegaConf.register_new_resolver("epochs_at", epochs_at, replace=True)
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`, also when Hydra's instantiate wrapped it."""
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def report_user_errors(run: Callable[[], object]) -> object:
+    """Run `run()`; a UserError anywhere inside becomes `error: <message>` and exit code 2."""
+    try:
+        return run()
+    except Exception as e:
+        user_error = find_user_error(e)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,166 @@
+"""Evaluate a checkpoint: test metrics, thresholds tuned on validation, the full report.
+
+    python -m chest_mnist.evaluate ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+    python -m chest_mnist.evaluate ckpt_path=... data=synthetic        # other data, same labels
+    python -m chest_mnist.evaluate ckpt_path=... thresholds.rule=youden
+
+The data and model config travel inside the checkpoint; `data=...` replaces the data. The
+report goes to this evaluation's own run directory (logs/evaluate/runs/<time>/report/), so a
+training run's report is never overwritten; `evaluate_model` is also what `train` calls at
+its end: one code path for both.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from chest_mnist import UserError
+from chest_mnist.config import report_user_errors
+from chest_mnist.data import MedMNISTDataModule
+from chest_mnist.model import MedMNISTClassifier
+from chest_mnist.report import build_report, flat_metrics, write_report
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
+
+
+def _first_error_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+    return lines[0] if lines else str(error).splitlines()[0]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A chest_mnist checkpoint as a dict, loaded with `weights_only=True`: a file that holds
+    code to run is refused, not executed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"ckpt_path={path} does not exist. Checkpoints are in <run>/checkpoints/ "
+            f"(best: epochNNN-val_auroc*.ckpt, latest: last.ckpt)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(
+                f"ckpt_path={path} holds objects other than weights and plain values, which are "
+                f"refused so that a checkpoint cannot run code ({_first_error_line(e)})."
+            ) from e
+        raise UserError(
+            f"ckpt_path={path} is not a readable PyTorch checkpoint; it may be truncated "
+            f"or not a checkpoint at all ({e})."
+        ) from e
+    except Exception as e:  # a damaged file fails in many ways (zip, pickle, storage errors)
+        raise UserError(
+            f"ckpt_path={path} is not a readable PyTorch checkpoint; it may be truncated "
+            f"or not a checkpoint at all ({type(e).__name__}: {e})."
+        ) from e
+    missing = [
+        key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint
+    ]
+    if missing:
+        raise UserError(
+            f"ckpt_path={path} is not a chest_mnist checkpoint (no {', '.join(missing)}); "
+            f"use one written by python -m chest_mnist.train."
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
+    model = MedMNISTClassifier(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def evaluate_model(
+    trainer: L.Trainer,
+    model: MedMNISTClassifier,
+    datamodule: MedMNISTDataModule,
+    out_dir: Path,
+    ckpt_path: str | None = None,
+    rule: str = "f1",
+    tensorboard_dir: Path | None = None,
+    extra: dict | None = None,
+    run: str = "chest_mnist",
+) -> dict:
+    """Test `model` (or the weights at `ckpt_path`), predict val and test, write the report;
+    return the report's flat metrics."""
+    if list(model.hparams.labels) != list(datamodule.labels):
+        raise UserError(
+            f"The model predicts {len(model.hparams.labels)} labels ({', '.join(model.hparams.labels)}) but "
+            f"data.flag={datamodule.hparams.flag} has {len(datamodule.labels)} ({', '.join(datamodule.labels)}): "
+            f"evaluate a checkpoint on the task it was trained for."
+        )
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    val_batches, test_batches = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    val, test = (
+        (torch.cat([b[0] for b in batches]).float().cpu(), torch.cat([b[1] for b in batches]).cpu())
+        for batches in (val_batches, test_batches)
+    )
+    report = build_report(val, test, datamodule.labels, datamodule.prevalence("train"), rule=rule)
+    if trainer.is_global_zero:
+        write_report(
+            out_dir,
+            report,
+            val,
+            test,
+            datamodule.labels,
+            datamodule.hparams.flag,
+            datamodule.hparams.size,
+            tensorboard_dir=tensorboard_dir,
+            extra=extra,
+            run=run,
+        )
+    metrics = flat_metrics(report)
+    per_label = {k: v for k, v in metrics.items() if k.count("/") == 2 or k.endswith("_tuned")}
+    for (
+        logger
+    ) in trainer.loggers:  # per-label and tuned numbers: to TensorBoard, not the printed table
+        logger.log_metrics(per_label, step=trainer.global_step)
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            "ckpt_path is missing: python -m chest_mnist.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt"
+        )
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = load_checkpoint(ckpt_path)
+    if cfg.get("data"):
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    else:
+        datamodule = MedMNISTDataModule(**checkpoint["datamodule_hyper_parameters"])
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=False, enable_checkpointing=False
+    )
+    run_dir = ckpt_path.parent.parent
+    return evaluate_model(
+        trainer,
+        model,
+        datamodule,
+        Path(cfg.paths.output_dir) / "report",
+        rule=cfg.thresholds.rule,
+        tensorboard_dir=run_dir / "tensorboard",
+        extra={"checkpoint": str(ckpt_path)},
+        run=run_dir.name,
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    report_user_errors(lambda: evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

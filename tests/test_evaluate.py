@@ -1,0 +1,215 @@
+"""evaluate: thresholds tuned on val, the report, MedMNIST's evaluator, and bad checkpoints."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from medmnist.evaluator import Evaluator
+
+from chest_mnist import UserError
+from chest_mnist.evaluate import evaluate, load_checkpoint
+from chest_mnist.metrics import evaluate_predictions, tune_thresholds
+from chest_mnist.report import build_report
+from chest_mnist.synthetic import LABELS
+from tests.conftest import compose_train
+from tests.test_train import check_report
+
+
+def _predictions(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, 14, generator=g) < 0.1).int()
+    targets[:2] = 1
+    scores = torch.sigmoid(
+        1.5 * targets + torch.randn(n, 14, generator=g) - 2.5
+    )  # rarely above 0.5
+    return scores, targets
+
+
+@pytest.mark.parametrize("rule", ["f1", "youden"])
+def test_tuned_thresholds_reproduce_their_cut(rule):
+    scores, targets = _predictions(400, seed=0)
+    thresholds = tune_thresholds(scores, targets, rule=rule)
+    assert thresholds.shape == (14,) and ((thresholds > 0) & (thresholds < 1)).all()
+    assert not (scores == thresholds).any()  # placed between two scores, never on one
+
+
+def test_tuned_thresholds_never_lose_f1_on_val():
+    scores, targets = _predictions(500, seed=1)
+    at_half = evaluate_predictions(scores, targets, LABELS)
+    tuned = evaluate_predictions(scores, targets, LABELS, tune_thresholds(scores, targets, "f1"))
+    for half, best in zip(at_half["per_label"], tuned["per_label"], strict=True):
+        assert best["f1"] >= half["f1"] - 1e-7, half["label"]
+    assert (
+        tuned["scalars"]["f1_macro"] > at_half["scalars"]["f1_macro"] + 0.1
+    )  # and here gains a lot
+
+
+def test_fixed_rule_keeps_one_half_and_unknown_rule_is_refused():
+    scores, targets = _predictions(100, seed=2)
+    assert torch.equal(tune_thresholds(scores, targets, "fixed"), torch.full((14,), 0.5))
+    with pytest.raises(UserError, match="thresholds.rule='best' is unknown"):
+        tune_thresholds(scores, targets, "best")
+
+
+def test_test_labels_never_influence_thresholds():
+    val, test = _predictions(300, seed=3), _predictions(300, seed=4)
+    report = build_report(val, test, LABELS)
+    flipped = (test[0], 1 - test[1])
+    assert torch.equal(build_report(val, flipped, LABELS)["thresholds"], report["thresholds"])
+    assert not torch.equal(build_report(flipped, test, LABELS)["thresholds"], report["thresholds"])
+
+
+def compose_evaluate(overrides):
+    return compose_train(overrides, config_name="evaluate")
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_same_complete_report(trained_run, tmp_path, synthetic_npz):
+    cfg = compose_evaluate(
+        [
+            f"ckpt_path={trained_run}/checkpoints/last.ckpt",
+            "trainer=cpu",
+            "+trainer.enable_progress_bar=false",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    metrics = evaluate(cfg)
+    written = check_report(tmp_path / "report", n_test=256)
+    assert written["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    assert written["checkpoint"] == f"{trained_run}/checkpoints/last.ckpt"
+    # last.ckpt of a 2-epoch run is not necessarily the best one: compare with a fresh evaluation of
+    # the best checkpoint instead, which train's own report came from
+    best = json.loads((trained_run / "report" / "metrics.json").read_text())["best_checkpoint"]
+    again = evaluate(
+        compose_evaluate(
+            [
+                f"ckpt_path={best}",
+                "trainer=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path}/best",
+            ]
+        )
+    )
+    trained = json.loads((trained_run / "report" / "metrics.json").read_text())
+    for name in ("test/auroc", "test/acc", "test/f1_macro_tuned", "test/threshold/effusion"):
+        assert again[name] == pytest.approx(trained[name], abs=1e-6), name
+
+    # MedMNIST's own evaluator reads our result file and agrees with metrics.json
+    root = tmp_path / "medmnist_root"
+    root.mkdir()
+    shutil.copy(synthetic_npz, root / "chestmnist.npz")
+    (result,) = (tmp_path / "report").glob("chestmnist_test_*.csv")
+    rows = np.loadtxt(result, delimiter=",")
+    assert rows.shape == (256, 15) and (rows[:, 0] == np.arange(256)).all()
+    auc, acc = Evaluator("chestmnist", "test", root=str(root)).evaluate(rows[:, 1:])
+    assert auc == pytest.approx(written["test/auroc"], abs=1e-6)
+    assert acc == pytest.approx(written["test/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_without_logs_still_writes_the_rest(trained_run, tmp_path):
+    run = tmp_path / "moved_run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    evaluate(
+        compose_evaluate(
+            [
+                f"ckpt_path={run}/checkpoints/last.ckpt",
+                "trainer=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path}/out",
+            ]
+        )
+    )
+    report = tmp_path / "out" / "report"
+    check_report(report, n_test=256, loss_curves=False)
+    assert not (report / "loss_curves.png").exists()
+    assert (
+        f"loss curves: not drawn ({run}/tensorboard does not exist)"
+        in (report / "report.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_evaluate_on_another_task_is_refused(trained_run, tmp_path):
+    from tests.conftest import PNEUMONIA_NPZ
+
+    cfg = compose_evaluate(
+        [
+            f"ckpt_path={trained_run}/checkpoints/last.ckpt",
+            "data=chestmnist",
+            "data.flag=pneumoniamnist",
+            f"data.path={PNEUMONIA_NPZ}",
+            "trainer=cpu",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(
+        UserError,
+        match=r"The model predicts 14 labels .* but data.flag=pneumoniamnist has 1 \(pneumonia\)",
+    ):
+        evaluate(cfg)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(UserError, match=f"ckpt_path={tmp_path / 'nope.ckpt'} does not exist"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_checkpoint_that_is_not_one(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("hello")
+    with pytest.raises(UserError, match="is not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint(trained_run, tmp_path):
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes()[:100_000])
+    with pytest.raises(
+        UserError, match="is not a readable PyTorch checkpoint; it may be truncated"
+    ):
+        load_checkpoint(path)
+
+
+def test_checkpoint_of_something_else(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="is not a chest_mnist checkpoint .*state_dict"):
+        load_checkpoint(path)
+
+
+class Payload:
+    """Unpickling this would run code: a weights_only load must refuse it."""
+
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-chest-mnist-test",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": Payload(), "datamodule_hyper_parameters": {}}, path
+    )
+    with pytest.raises(UserError, match="refused so that a checkpoint cannot run code"):
+        load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_cli_without_ckpt_path(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "chest_mnist.evaluate", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "error: ckpt_path is missing" in result.stderr
