@@ -213,3 +213,22 @@ def test_cli_without_ckpt_path(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "error: ckpt_path is missing" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["chestmnist", "pneumoniamnist"])
+def test_notebook_runs_top_to_bottom(trained_run, synthetic_npz, flag, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.conftest import PNEUMONIA_NPZ, ROOT
+
+    monkeypatch.setenv("CHEST_MNIST_FLAG", flag)
+    monkeypatch.setenv("CHEST_MNIST_NPZ", str(synthetic_npz if flag == "chestmnist" else PNEUMONIA_NPZ))
+    monkeypatch.setenv("CHEST_MNIST_REPORT", str(trained_run / "report"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "all-negative ACC on test" in outputs and "test/acc_all_negative" in outputs
+    assert "Traceback" not in outputs
