@@ -224,11 +224,23 @@ def test_notebook_runs_top_to_bottom(trained_run, synthetic_npz, flag, monkeypat
     from tests.conftest import PNEUMONIA_NPZ, ROOT
 
     monkeypatch.setenv("CHEST_MNIST_FLAG", flag)
-    monkeypatch.setenv("CHEST_MNIST_NPZ", str(synthetic_npz if flag == "chestmnist" else PNEUMONIA_NPZ))
+    monkeypatch.setenv(
+        "CHEST_MNIST_NPZ", str(synthetic_npz if flag == "chestmnist" else PNEUMONIA_NPZ)
+    )
     monkeypatch.setenv("CHEST_MNIST_REPORT", str(trained_run / "report"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    ).execute()
+    outputs = "".join(
+        o.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
     assert "all-negative ACC on test" in outputs and "test/acc_all_negative" in outputs
     assert "Traceback" not in outputs
