@@ -336,14 +336,10 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.info = INFO[flag]
         self.task = self.info["task"]
         names = [self.info["label"][str(i)] for i in range(len(self.info["label"]))]
-        if self.task == "multi-label, binary-class":
-            self.labels = names  # one sigmoid output per finding
-        elif self.task == "binary-class":
+        if self.task == "binary-class":
             self.labels = names[1:]  # one sigmoid output: the positive class
         else:
-            raise UserError(
-                f"data.flag={flag} is a {self.task} task; only multi-label and binary tasks are supported so far."
-            )
+            self.labels = names  # one output per finding (sigmoid) or per class (softmax)
         self.splits: dict[str, SplitDataset] = {}
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -395,8 +391,14 @@ class MedMNISTDataModule(L.LightningDataModule):
             self.splits[split] = SplitDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
     def prevalence(self, split: str = "train") -> torch.Tensor:
-        """Fraction of positive images per label in `split` (multi-label and binary tasks)."""
-        return self.splits[split].labels.float().mean(0)
+        """Fraction of the images of `split` that are positive for each output: per label, or
+        per class for a multi-class task."""
+        labels = self.splits[split].labels
+        if self.task in ("multi-class", "ordinal-regression"):
+            return torch.bincount(
+                labels.reshape(-1).long(), minlength=len(self.labels)
+            ).float() / len(labels)
+        return labels.float().mean(0)
 
     def _keep_on_device(self, device: torch.device) -> bool:
         if self.hparams.on_device != "auto":

@@ -105,7 +105,14 @@ def evaluate_model(
         (torch.cat([b[0] for b in batches]).float().cpu(), torch.cat([b[1] for b in batches]).cpu())
         for batches in (val_batches, test_batches)
     )
-    report = build_report(val, test, datamodule.labels, datamodule.prevalence("train"), rule=rule)
+    report = build_report(
+        val,
+        test,
+        datamodule.labels,
+        datamodule.prevalence("train"),
+        rule=rule,
+        task=datamodule.task,
+    )
     if trainer.is_global_zero:
         write_report(
             out_dir,

@@ -1,10 +1,12 @@
-"""Multi-label metrics with torchmetrics, by the MedMNIST definitions.
+"""Metrics with torchmetrics, by the MedMNIST definitions, for the three kinds of task.
 
-AUC is the macro mean of the per-label ROC AUCs and ACC the macro mean of the per-label
-accuracies, a score strictly above 0.5 counting as positive: exactly `medmnist.evaluator`'s
+Multi-label (ChestMNIST) and binary: AUC is the macro mean of the per-label ROC AUCs and ACC
+the macro mean of the per-label accuracies, a score strictly above 0.5 counting as positive.
+Multi-class (and ordinal regression, treated as multi-class): AUC is the macro mean of the
+one-vs-rest AUCs and ACC the accuracy of the arg-max class. Exactly `medmnist.evaluator`'s
 `getAUC` and `getACC`, so our numbers compare with the published tables. Precision, recall
-and F1 come micro (pooled over labels, dominated by the common ones) and macro (each label
-equal). Inputs are probabilities, not logits.
+and F1 come micro (pooled, dominated by the common labels) and macro (each label equal).
+Inputs are probabilities (sigmoid, or softmax for multi-class), not logits.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from torchmetrics.classification import (
     BinaryF1Score,
     BinaryPrecision,
     BinaryRecall,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassAveragePrecision,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
     MultilabelAccuracy,
     MultilabelAUROC,
     MultilabelAveragePrecision,
@@ -31,11 +40,32 @@ from torchmetrics.classification import (
 from chest_mnist import UserError
 
 THRESHOLD = 0.5  # MedMNIST's ACC: score > 0.5 is positive
+MULTI_LABEL = "multi-label, binary-class"
 
 
-def _classes(num_labels: int) -> dict:
-    """torchmetrics' multilabel classes, or the binary ones for a single label (a binary task:
-    torchmetrics' multilabel metrics need two labels or more). Same definitions either way."""
+def is_multiclass(task: str) -> bool:
+    """One class per image, chosen by arg-max (ordinal regression is treated the same way)."""
+    return task in ("multi-class", "ordinal-regression")
+
+
+def _classes(num_labels: int, task: str = MULTI_LABEL) -> dict:
+    """torchmetrics' multilabel classes, the binary ones for a single label (torchmetrics'
+    multilabel metrics need two labels or more; same definitions), or the multiclass ones."""
+    if is_multiclass(task):
+        kw = {"num_classes": num_labels}
+        return {
+            "auroc": lambda average: MulticlassAUROC(average=average, **kw),
+            "ap": lambda average: MulticlassAveragePrecision(average=average, **kw),
+            # MedMNIST's ACC of a multi-class task is the overall accuracy (micro); per class,
+            # evaluate_predictions derives one-vs-rest accuracy from the confusion matrix
+            "acc": lambda average: MulticlassAccuracy(
+                average="micro" if average == "macro" else average, **kw
+            ),
+            "precision": lambda average: MulticlassPrecision(average=average, **kw),
+            "recall": lambda average: MulticlassRecall(average=average, **kw),
+            "f1": lambda average: MulticlassF1Score(average=average, **kw),
+            "confusion": lambda: MulticlassConfusionMatrix(**kw),
+        }
     if num_labels == 1:
         kw = {"threshold": THRESHOLD}
         return {
@@ -59,10 +89,10 @@ def _classes(num_labels: int) -> dict:
     }
 
 
-def scalar_metrics(num_labels: int) -> MetricCollection:
-    """The epoch numbers for val and test at threshold 0.5: one collection,
+def scalar_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection:
+    """The epoch numbers for val and test (at threshold 0.5, or arg-max): one collection,
     `.clone(prefix=...)` per stage."""
-    make = _classes(num_labels)
+    make = _classes(num_labels, task)
     metrics = {"auroc": make["auroc"]("macro"), "acc": make["acc"]("macro")}
     for name in ("precision", "recall", "f1"):
         for average in ("micro", "macro"):
@@ -70,11 +100,11 @@ def scalar_metrics(num_labels: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def decision_metrics(num_labels: int) -> MetricCollection:
-    """Metrics of 0/1 decisions (integer preds: torchmetrics applies no threshold to them):
-    macro ACC, micro and macro precision/recall/F1, the same per label, and the confusion
-    matrices (num_labels, 2, 2) [[tn, fp], [fn, tp]]."""
-    make = _classes(num_labels)
+def decision_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection:
+    """Metrics of decisions (integer preds: torchmetrics applies no threshold to them): ACC,
+    micro and macro precision/recall/F1, the same per label, and the confusion matrices:
+    (num_labels, 2, 2) [[tn, fp], [fn, tp]], or one (C, C) matrix for a multi-class task."""
+    make = _classes(num_labels, task)
     metrics = {"acc": make["acc"]("macro")}
     for name in ("precision", "recall", "f1"):
         for average in ("micro", "macro"):
@@ -92,42 +122,73 @@ def all_negative_accuracy(targets: torch.Tensor) -> float:
     return (targets == 0).float().mean(0).mean().item()
 
 
+def majority_accuracy(targets: torch.Tensor, task: str = MULTI_LABEL) -> float:
+    """MedMNIST ACC of the best constant answer on this split: each label's majority value (for
+    ChestMNIST that is "no finding", the all-negative model), or the most frequent class."""
+    if is_multiclass(task):
+        return torch.bincount(targets.reshape(-1).long()).max().item() / targets.numel()
+    positive = targets.float().mean(0)
+    return torch.maximum(positive, 1 - positive).mean().item()
+
+
+def as_targets(targets: torch.Tensor, task: str) -> torch.Tensor:
+    """What torchmetrics expects: (N,) class indices for multi-class, (N, L) 0/1 ints otherwise."""
+    return targets.reshape(-1).long() if is_multiclass(task) else targets.int()
+
+
 def evaluate_predictions(
     scores: torch.Tensor,
     targets: torch.Tensor,
     labels: list[str],
     thresholds: torch.Tensor | None = None,
+    task: str = MULTI_LABEL,
 ) -> dict:
-    """Everything the report needs from one split's (N, L) probabilities and 0/1 targets.
+    """Everything the report needs from one split's (N, L) probabilities and targets.
 
     Ranking metrics (AUROC, average precision) use the scores; decisions are `score >
-    threshold`, per label (0.5 when `thresholds` is None, MedMNIST's ACC). Returns
-    {"scalars": {name: float}, "per_label": [{label, support, prevalence, auroc, ap, acc,
-    precision, recall, f1, tn, fp, fn, tp}], "confusion": (L, 2, 2) int tensor}.
+    threshold` per label (0.5 when `thresholds` is None, MedMNIST's ACC), or the arg-max class
+    for a multi-class task. Returns {"scalars": {name: float}, "per_label": [{label, support,
+    prevalence, auroc, ap, acc, precision, recall, f1, threshold, tn, fp, fn, tp}],
+    "confusion": (L, 2, 2), or (C, C) for multi-class, int tensor}.
     """
-    targets = targets.int()
-    make = _classes(len(labels))
+    multiclass = is_multiclass(task)
+    targets = as_targets(targets, task)
+    make = _classes(len(labels), task)
     ranking = MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)}).to(
         scores.device
     )
     ranking.update(scores, targets)
     per = {name: value.cpu().reshape(-1) for name, value in ranking.compute().items()}
-    threshold = torch.full((len(labels),), THRESHOLD) if thresholds is None else thresholds
-    decisions = (scores > threshold.to(scores.device)).int()
-    decided = decision_metrics(len(labels)).to(scores.device)
+    if multiclass:
+        threshold = torch.full((len(labels),), float("nan"))  # arg-max: no threshold
+        decisions = scores.argmax(-1)
+    else:
+        threshold = torch.full((len(labels),), THRESHOLD) if thresholds is None else thresholds
+        decisions = (scores > threshold.to(scores.device)).int()
+    decided = decision_metrics(len(labels), task).to(scores.device)
     decided.update(decisions, targets)
     values = {name: value.cpu() for name, value in decided.compute().items()}
-    confusion = values.pop("confusion").long().reshape(-1, 2, 2)
+    confusion = values.pop("confusion").long()
     for name in DECISIONS:
         per[name] = values.pop(f"per_label_{name}").reshape(-1)
+    if multiclass:  # one-vs-rest counts per class, from the (C, C) matrix (rows: truth)
+        tp = confusion.diagonal()
+        fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+        counts = torch.stack([confusion.sum() - tp - fp - fn, fp, fn, tp], dim=1)
+        per["acc"] = (counts[:, 0] + counts[:, 3]).double() / len(targets)
+    else:
+        confusion = confusion.reshape(-1, 2, 2)
+        counts = confusion.reshape(-1, 4)  # tn, fp, fn, tp
 
     scalars = {"auroc": per["auroc"].mean().item(), "ap_macro": per["ap"].mean().item()}
     scalars |= {name: value.item() for name, value in values.items()}
-    scalars["acc_all_negative"] = all_negative_accuracy(targets)
+    scalars["acc_majority"] = majority_accuracy(targets, task)
+    if not multiclass:
+        scalars["acc_all_negative"] = all_negative_accuracy(targets)
     scalars["n_images"] = len(targets)
     rows = []
     for k, label in enumerate(labels):
-        (tn, fp), (fn, tp) = confusion[k].tolist()
+        tn, fp, fn, tp = counts[k].tolist()
         rows.append(
             {
                 "label": label,

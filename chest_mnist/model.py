@@ -21,7 +21,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
 from chest_mnist import UserError
-from chest_mnist.metrics import scalar_metrics
+from chest_mnist.metrics import MULTI_LABEL, as_targets, is_multiclass, scalar_metrics
 
 STEMS = ("cifar", "imagenet")
 
@@ -57,15 +57,18 @@ def build_resnet18(
 
 
 class MedMNISTClassifier(L.LightningModule):
-    """ResNet-18 with one sigmoid output per label (multi-label, as ChestMNIST).
+    """ResNet-18 with one sigmoid output per label (multi-label, as ChestMNIST, or binary), or
+    one softmax output per class (multi-class and ordinal regression: cross-entropy).
 
     Args:
-        labels: the label names, in the dataset's order (from `medmnist.INFO`).
+        labels: the output names, in the dataset's order (`MedMNISTDataModule.labels`).
+        task: the `medmnist.INFO` task, which decides loss, scores and metrics.
         stem, pretrained: see `build_resnet18`.
         pos_weight: None, "auto" ((1 - p) / p of the train prevalence), or one weight per label.
         optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
             parameters and the optimizer. Not saved in the checkpoint's hyperparameters: the run's
             whole config is in `.hydra/` and TensorBoard.
+        label_smoothing: spread this much of each target's weight over the other answers.
         compile: `torch.compile` the backbone in place (checkpoints keep their keys); true, or
             a torch.compile mode ("reduce-overhead" adds CUDA graphs, "max-autotune").
     """
@@ -73,17 +76,26 @@ class MedMNISTClassifier(L.LightningModule):
     def __init__(
         self,
         labels: list[str],
+        task: str = MULTI_LABEL,
         stem: str = "cifar",
         pretrained: bool = False,
         pos_weight: str | list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        label_smoothing: float = 0.0,
         compile: bool | str = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         labels = list(labels)
+        if pos_weight is not None and is_multiclass(task):
+            raise UserError(
+                "model.pos_weight weights the positives of sigmoid outputs; a multi-class task has none. "
+                "Set model.pos_weight=null."
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         if pos_weight not in (None, "auto") and len(pos_weight) != len(labels):
             raise UserError(
                 f"model.pos_weight has {len(pos_weight)} values but there are {len(labels)} labels; "
@@ -96,8 +108,9 @@ class MedMNISTClassifier(L.LightningModule):
         if compile:
             self.backbone.compile(mode=None if compile is True else compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
-        self.val_metrics = scalar_metrics(len(labels)).clone(prefix="val/")
-        self.test_metrics = scalar_metrics(len(labels)).clone(prefix="test/")
+        self.multiclass = is_multiclass(task)
+        self.val_metrics = scalar_metrics(len(labels), task).clone(prefix="val/")
+        self.test_metrics = scalar_metrics(len(labels), task).clone(prefix="test/")
 
     @override
     def setup(self, stage: str) -> None:
@@ -119,9 +132,15 @@ class MedMNISTClassifier(L.LightningModule):
             return self.head(features.float())
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(
-            logits, targets.float(), pos_weight=self.pos_weight
-        )
+        smoothing = self.hparams.label_smoothing
+        if self.multiclass:
+            return F.cross_entropy(logits, targets.reshape(-1).long(), label_smoothing=smoothing)
+        soft = targets.float() * (1 - smoothing) + smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, soft, pos_weight=self.pos_weight)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities: softmax over classes, or a sigmoid per label."""
+        return logits.softmax(-1) if self.multiclass else logits.sigmoid()
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -137,7 +156,7 @@ class MedMNISTClassifier(L.LightningModule):
         x, targets = batch
         logits = self(x)
         self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, batch_size=len(x))
-        return logits.sigmoid(), targets.int()
+        return self.scores(logits), as_targets(targets, self.hparams.task)
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -167,7 +186,7 @@ class MedMNISTClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, targets) of a batch: the raw material of the report."""
         x, targets = batch
-        return self(x).sigmoid(), targets
+        return self.scores(self(x)), targets
 
     @override
     def configure_optimizers(self):

@@ -119,3 +119,30 @@ def plot_pr_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_class_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
+    """One (C, C) matrix for a multi-class task, with counts (rows: truth, columns: prediction)."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n), dpi=110)
+    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(
+            j,
+            i,
+            f"{count:,}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if share[i, j] > 0.5 else "black",
+        )
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

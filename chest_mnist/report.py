@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from chest_mnist.metrics import DECISIONS, THRESHOLD, evaluate_predictions, tune_thresholds
+from chest_mnist.metrics import (
+    DECISIONS,
+    MULTI_LABEL,
+    THRESHOLD,
+    evaluate_predictions,
+    is_multiclass,
+    tune_thresholds,
+)
 from chest_mnist.plots import (
+    plot_class_confusion,
     plot_confusion_matrices,
     plot_loss_curves,
     plot_pr_curves,
@@ -69,17 +77,20 @@ def build_report(
     labels: list[str],
     prevalence_train: torch.Tensor | None = None,
     rule: str = "f1",
+    task: str = MULTI_LABEL,
 ) -> dict:
-    """Thresholds tuned on `val` = (scores, targets), every metric on `test`, at 0.5 and tuned."""
-    thresholds = tune_thresholds(*val, rule=rule)
-    at_half = evaluate_predictions(*test, labels)
-    tuned = evaluate_predictions(*test, labels, thresholds)
+    """Every metric on `test` = (scores, targets): at 0.5 and at thresholds tuned on `val`, or
+    at the arg-max class for a multi-class task (no thresholds to tune)."""
+    multiclass = is_multiclass(task)
+    thresholds = None if multiclass else tune_thresholds(*val, rule=rule)
+    at_half = evaluate_predictions(*test, labels, task=task)
+    tuned = None if multiclass else evaluate_predictions(*test, labels, thresholds, task=task)
     scalars = dict(at_half["scalars"])
-    for name, value in tuned["scalars"].items():
-        if name not in ("auroc", "ap_macro", "acc_all_negative", "n_images"):
+    for name, value in (tuned["scalars"] if tuned else {}).items():
+        if name not in ("auroc", "ap_macro", "acc_all_negative", "acc_majority", "n_images"):
             scalars[f"{name}_tuned"] = value
     rows = []
-    for k, (half, best) in enumerate(zip(at_half["per_label"], tuned["per_label"], strict=True)):
+    for k, half in enumerate(at_half["per_label"]):
         row = {"label": half["label"]}
         if prevalence_train is not None:
             row["prevalence_train"] = float(prevalence_train[k])
@@ -90,16 +101,22 @@ def build_report(
             "ap": half["ap"],
         }
         row |= {name: half[name] for name in DECISIONS}
-        row["threshold"] = best["threshold"]
-        row |= {f"{name}_tuned": best[name] for name in DECISIONS}
-        row |= {name: best[name] for name in ("tn", "fp", "fn", "tp")}  # at the tuned threshold
+        counts = half
+        if tuned:
+            best = counts = tuned["per_label"][k]
+            row["threshold"] = best["threshold"]
+            row |= {f"{name}_tuned": best[name] for name in DECISIONS}
+        row |= {
+            name: counts[name] for name in ("tn", "fp", "fn", "tp")
+        }  # at the tuned threshold, if any
         rows.append(row)
     return {
         "scalars": scalars,
         "per_label": rows,
+        "task": task,
         "thresholds": thresholds,
-        "rule": rule,
-        "confusion_tuned": tuned["confusion"],
+        "rule": "argmax" if multiclass else rule,
+        "confusion_tuned": tuned["confusion"] if tuned else None,
         "confusion": at_half["confusion"],
     }
 
@@ -108,8 +125,18 @@ def flat_metrics(report: dict, split: str = "test") -> dict[str, float]:
     """The report's numbers under TensorBoard-style names: test/auroc, test/f1/<label>, ..."""
     metrics = {f"{split}/{name}": value for name, value in report["scalars"].items()}
     for row in report["per_label"]:
-        for name in ("auroc", "ap", *DECISIONS, "threshold", *(f"{d}_tuned" for d in DECISIONS)):
-            metrics[f"{split}/{name}/{row['label']}"] = row[name]
+        for name, value in row.items():
+            if name not in (
+                "label",
+                "support",
+                "prevalence_train",
+                "prevalence_test",
+                "tn",
+                "fp",
+                "fn",
+                "tp",
+            ):
+                metrics[f"{split}/{name}/{row['label']}"] = value
     return metrics
 
 
@@ -129,52 +156,82 @@ def write_medmnist_result(path: Path, scores: np.ndarray) -> Path:
 
 
 def _summary(report: dict, figures: list[str], loss_note: str | None, context: dict) -> str:
-    s = report["scalars"]
+    s, rows = report["scalars"], report["per_label"]
+    multiclass = report["thresholds"] is None
     lines = [f"# Report: {context.get('flag', '')} test split ({s['n_images']:,} images)", ""]
     if context.get("checkpoint"):
         lines += [f"Checkpoint: `{context['checkpoint']}`.", ""]
+    lines += ["## Summary", ""]
+    if multiclass:
+        lines += ["| | arg-max class |", "| --- | --- |", f"| ACC (MedMNIST) | {s['acc']:.4f} |"]
+        lines += [
+            f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} |"
+            for name in ("f1", "precision", "recall")
+        ]
+    else:
+        lines += [
+            "| | at threshold 0.5 | at thresholds tuned on validation |",
+            "| --- | --- | --- |",
+            f"| ACC (MedMNIST) | {s['acc']:.4f} | {s['acc_tuned']:.4f} |",
+        ]
+        lines += [
+            f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} | "
+            f"{s[name + '_macro_tuned']:.4f} / {s[name + '_micro_tuned']:.4f} |"
+            for name in ("f1", "precision", "recall")
+        ]
+    constant = "the most frequent class" if multiclass else "each label's more frequent value"
+    if "acc_all_negative" in s and abs(s["acc_all_negative"] - s["acc_majority"]) < 1e-12:
+        constant = "no finding for every label"
+    over = "classes, one against the rest" if multiclass else "labels"
     lines += [
-        "## Summary",
         "",
-        "| | at threshold 0.5 | at thresholds tuned on validation |",
-        "| --- | --- | --- |",
-        f"| ACC (MedMNIST) | {s['acc']:.4f} | {s['acc_tuned']:.4f} |",
-        f"| F1 macro / micro | {s['f1_macro']:.4f} / {s['f1_micro']:.4f} | {s['f1_macro_tuned']:.4f} / {s['f1_micro_tuned']:.4f} |",
-        f"| precision macro / micro | {s['precision_macro']:.4f} / {s['precision_micro']:.4f} | "
-        f"{s['precision_macro_tuned']:.4f} / {s['precision_micro_tuned']:.4f} |",
-        f"| recall macro / micro | {s['recall_macro']:.4f} / {s['recall_micro']:.4f} | "
-        f"{s['recall_macro_tuned']:.4f} / {s['recall_micro_tuned']:.4f} |",
+        f"AUC (MedMNIST, macro over {over}): **{s['auroc']:.4f}**; macro average precision: {s['ap_macro']:.4f}.",
         "",
-        f"AUC (MedMNIST, macro over labels): **{s['auroc']:.4f}**; macro average precision: {s['ap_macro']:.4f}.",
+        f"**Baseline:** a model that always answers {constant} scores ACC **{s['acc_majority']:.4f}** on this "
+        f"split. This model's ACC is {s['acc'] - s['acc_majority']:+.4f} from it: where the answers are "
+        f"imbalanced, ACC says little; read AUROC, AP and the per-label recall.",
         "",
-        f"**Baseline:** a model that predicts no finding for every label scores ACC "
-        f"**{s['acc_all_negative']:.4f}** on this split. This model's ACC is {s['acc'] - s['acc_all_negative']:+.4f} "
-        f"from it: on an imbalanced task, ACC says little; read AUROC, AP and the per-label recall.",
-        "",
-        f"Thresholds were chosen per label on the validation split (rule: {report['rule']}) and only then "
-        f"applied to test.",
-        "",
-        "## Per label",
-        "",
-        "| label | test prevalence | support | AUROC | AP | F1 @0.5 | threshold | precision | recall | F1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in report["per_label"]:
-        lines.append(
+    if not multiclass:
+        lines += [
+            f"Thresholds were chosen per label on the validation split (rule: {report['rule']}) and only "
+            f"then applied to test.",
+            "",
+        ]
+    lines += ["## Per label", ""]
+    if multiclass:
+        lines += [
+            "| class | test prevalence | support | AUROC | AP | precision | recall | F1 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {r['auroc']:.4f} | {r['ap']:.4f} | "
+            f"{r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
+            for r in rows
+        ]
+    else:
+        lines += [
+            "| label | test prevalence | support | AUROC | AP | F1 @0.5 | threshold | precision | recall | F1 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
             f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {r['auroc']:.4f} | {r['ap']:.4f} | "
             f"{r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
             f"{r['f1_tuned']:.4f} |"
-        )
-    weakest = sorted(report["per_label"], key=lambda r: r["auroc"])[:3]
-    never = [r["label"] for r in report["per_label"] if r["tp"] + r["fp"] == 0]
+            for r in rows
+        ]
+    weakest = sorted(rows, key=lambda r: r["auroc"])[:3]
     lines += ["", "## Where the model is weak", ""]
     lines.append(
         "Lowest AUROC: " + ", ".join(f"{r['label']} ({r['auroc']:.3f})" for r in weakest) + "."
     )
-    silent = [r["label"] for r in report["per_label"] if r["recall"] == 0 and r["support"] > 0]
+    silent = [r["label"] for r in rows if r["recall"] == 0 and r["support"] > 0]
     if silent:
-        lines.append(f"Never found at threshold 0.5: {', '.join(silent)}.")
-    if never:
+        lines.append(
+            f"Never found{'' if multiclass else ' at threshold 0.5'}: {', '.join(silent)}."
+        )
+    never = [r["label"] for r in rows if r["tp"] + r["fp"] == 0]
+    if never and not multiclass:
         lines.append(f"Never predicted even at the tuned threshold: {', '.join(never)}.")
     lines += ["", "## Figures", ""]
     lines += [f"- [{name}]({name})" for name in figures]
@@ -204,22 +261,27 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=list(report["per_label"][0]))
         writer.writeheader()
         writer.writerows(report["per_label"])
+    multiclass = report["thresholds"] is None
     thresholds = {
         "rule": report["rule"],
-        "chosen_on": "val",
+        "chosen_on": None if multiclass else "val",
         "default": THRESHOLD,
-        "labels": {label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)},
     }
+    if not multiclass:
+        thresholds["labels"] = {
+            label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)
+        }
     (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    np.savez_compressed(
-        out_dir / "predictions.npz",
-        scores=test[0].float().numpy(),
-        labels=test[1].numpy().astype(np.uint8),
-        val_scores=val[0].float().numpy(),
-        val_labels=val[1].numpy().astype(np.uint8),
-        label_names=np.array(labels),
-        thresholds=report["thresholds"].numpy(),
-    )
+    arrays = {
+        "scores": test[0].float().numpy(),
+        "labels": test[1].numpy().astype(np.uint8),
+        "val_scores": val[0].float().numpy(),
+        "val_labels": val[1].numpy().astype(np.uint8),
+        "label_names": np.array(labels),
+    }
+    if not multiclass:
+        arrays["thresholds"] = report["thresholds"].numpy()
+    np.savez_compressed(out_dir / "predictions.npz", **arrays)
     scores, targets = test[0].float(), test[1].int()
     result = medmnist_result_name(
         flag, size, "test", report["scalars"]["auroc"], report["scalars"]["acc"], run
@@ -227,16 +289,27 @@ def write_report(
     write_medmnist_result(out_dir / result, scores.numpy())
 
     figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png"]
-    plot_confusion_matrices(
-        report["confusion_tuned"].numpy(),
-        labels,
-        out_dir / "confusion_matrices.png",
-        title=f"test confusion matrices at thresholds tuned on validation ({report['rule']}); rows: truth",
-    )
+    if multiclass:
+        plot_class_confusion(
+            report["confusion"].numpy(),
+            labels,
+            out_dir / "confusion_matrices.png",
+            title="test confusion matrix, arg-max class (rows: truth, columns: prediction)",
+        )
+    else:
+        plot_confusion_matrices(
+            report["confusion_tuned"].numpy(),
+            labels,
+            out_dir / "confusion_matrices.png",
+            title=f"test confusion matrices at thresholds tuned on validation ({report['rule']}); rows: truth",
+        )
     rocs, prs = [], []
     for k in range(len(labels)):
-        fpr, tpr, _ = binary_roc(scores[:, k], targets[:, k])
-        precision, recall, _ = binary_precision_recall_curve(scores[:, k], targets[:, k])
+        truth = (
+            (targets.reshape(-1) == k).int() if multiclass else targets[:, k]
+        )  # one against the rest
+        fpr, tpr, _ = binary_roc(scores[:, k], truth)
+        precision, recall, _ = binary_precision_recall_curve(scores[:, k], truth)
         rocs.append((fpr.numpy(), tpr.numpy()))
         prs.append((recall.numpy(), precision.numpy()))
     rows = report["per_label"]

@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model: L.LightningModule = hydra.utils.instantiate(
-        cfg.model, labels=datamodule.labels, _convert_="all"
+        cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))

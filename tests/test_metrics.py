@@ -92,3 +92,27 @@ def test_binary_task_equals_medmnist_evaluator():
         f1_score(y[:, 0], (s[:, 0] > 0.5).astype(int)), abs=1e-6
     )
     assert report["confusion"].shape == (1, 2, 2) and report["confusion"].sum() == 300
+
+
+def test_multiclass_task_equals_medmnist_evaluator():
+    """Multi-class (BloodMNIST-like, 8 classes): one-vs-rest AUC, arg-max ACC, per-class scores."""
+    g = torch.Generator().manual_seed(6)
+    targets = torch.randint(0, 8, (400, 1), generator=g)
+    logits = torch.randn(400, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(targets[:, 0], 8)
+    scores = logits.softmax(-1)
+    names = [f"c{k}" for k in range(8)]
+    report = evaluate_predictions(scores, targets, names, task="multi-class")
+    y, s = targets.numpy(), scores.numpy()
+    assert report["scalars"]["auroc"] == pytest.approx(getAUC(y, s, "multi-class"), abs=1e-6)
+    assert report["scalars"]["acc"] == pytest.approx(getACC(y, s, "multi-class"), abs=1e-6)
+    predicted = s.argmax(1)
+    for average in ("micro", "macro"):
+        assert report["scalars"][f"f1_{average}"] == pytest.approx(
+            f1_score(y[:, 0], predicted, average=average), abs=1e-6
+        )
+    for k, row in enumerate(report["per_label"]):
+        assert row["recall"] == pytest.approx(recall_score(y[:, 0] == k, predicted == k), abs=1e-6)
+        assert row["acc"] == pytest.approx(((y[:, 0] == k) == (predicted == k)).mean(), abs=1e-6)
+        assert row["tp"] + row["fn"] == (y[:, 0] == k).sum()
+    assert report["confusion"].shape == (8, 8) and report["confusion"].sum() == 400
+    assert report["scalars"]["acc_majority"] == pytest.approx(np.bincount(y[:, 0]).max() / 400)

@@ -1,0 +1,74 @@
+"""Any MedMNIST 2D task end to end: binary (real PneumoniaMNIST) and multi-class RGB (a
+BloodMNIST-format file), each to a complete report that medmnist's Evaluator agrees with."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from medmnist import INFO
+from medmnist.evaluator import Evaluator
+
+from chest_mnist.train import train
+from tests.conftest import PNEUMONIA_NPZ, compose_train, tiny_training_overrides
+
+
+def check_task_report(report_dir, flag, npz, labels, n_test):
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    with open(report_dir / "per_class.csv") as f:
+        assert [row["label"] for row in csv.DictReader(f)] == labels
+    for name in (
+        "report.md",
+        "thresholds.json",
+        "predictions.npz",
+        "confusion_matrices.png",
+        "roc_curves.png",
+        "pr_curves.png",
+        "loss_curves.png",
+    ):
+        assert (report_dir / name).stat().st_size > 50, name
+    assert metrics["test/n_images"] == n_test
+    root = report_dir.parent / "medmnist_root"
+    root.mkdir()
+    shutil.copy(npz, root / f"{flag}.npz")
+    (result,) = report_dir.glob(f"{flag}_test_*.csv")
+    rows = np.loadtxt(result, delimiter=",", ndmin=2)
+    auc, acc = Evaluator(flag, "test", root=str(root)).evaluate(rows[:, 1:])
+    assert auc == pytest.approx(metrics["test/auroc"], abs=1e-6)
+    assert acc == pytest.approx(metrics["test/acc"], abs=1e-6)
+    return metrics
+
+
+@pytest.mark.slow
+def test_binary_task_on_real_xrays(tmp_path):
+    overrides = tiny_training_overrides(PNEUMONIA_NPZ, tmp_path) + ["data.flag=pneumoniamnist"]
+    train(compose_train(overrides))
+    metrics = check_task_report(
+        tmp_path / "report", "pneumoniamnist", PNEUMONIA_NPZ, ["pneumonia"], 624
+    )
+    assert metrics["test/acc_majority"] == pytest.approx(390 / 624)  # "pneumonia" for everyone
+    assert metrics["test/acc_all_negative"] == pytest.approx(234 / 624)
+    assert "test/f1_macro_tuned" in metrics
+
+
+@pytest.mark.slow
+def test_multiclass_rgb_task(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 160), ("val", 64), ("test", 96)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 8, (n, 1), dtype=np.uint8)
+    npz = tmp_path / "blood.npz"
+    np.savez(npz, **arrays)
+    train(compose_train(tiny_training_overrides(npz, tmp_path) + ["data.flag=bloodmnist"]))
+    labels = [INFO["bloodmnist"]["label"][str(k)] for k in range(8)]
+    metrics = check_task_report(tmp_path / "report", "bloodmnist", npz, labels, 96)
+    assert json.loads((tmp_path / "report" / "thresholds.json").read_text())["rule"] == "argmax"
+    assert metrics["test/acc_majority"] == pytest.approx(
+        np.bincount(arrays["test_labels"][:, 0]).max() / 96
+    )
+    assert (
+        "Baseline:** a model that always answers the most frequent class"
+        in (tmp_path / "report" / "report.md").read_text()
+    )
