@@ -29,12 +29,12 @@ bench: install ## time our pipeline against the classic per-sample loop; options
 	$(BIN)/python -m chest_mnist.bench $(ARGS)
 
 lint: install ## ruff: lint and format check
-	$(BIN)/ruff check chest_mnist tests
-	$(BIN)/ruff format --check chest_mnist tests
+	$(BIN)/ruff check chest_mnist tests benchmarks
+	$(BIN)/ruff format --check chest_mnist tests benchmarks
 
 format: install ## ruff: fix what can be fixed, format
-	$(BIN)/ruff check --fix chest_mnist tests
-	$(BIN)/ruff format chest_mnist tests
+	$(BIN)/ruff check --fix chest_mnist tests benchmarks
+	$(BIN)/ruff format chest_mnist tests benchmarks
 
 tensorboard: install ## TensorBoard on every run and sweep under logs/
 	$(BIN)/tensorboard --logdir logs

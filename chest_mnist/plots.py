@@ -30,6 +30,15 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Pat
     return path
 
 
+def _draw_counts(ax, matrix: np.ndarray, fontsize: int) -> None:
+    """A confusion matrix with its counts, coloured by each true row's share."""
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if share[i, j] > 0.5 else "black"
+        ax.text(j, i, f"{count:,}", ha="center", va="center", color=color, fontsize=fontsize)
+
+
 def plot_confusion_matrices(
     confusion: np.ndarray, labels: list[str], path: Path, title: str
 ) -> Path:
@@ -41,20 +50,7 @@ def plot_confusion_matrices(
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, matrix, label in zip(axes.flat, confusion, labels, strict=False):
-        share = matrix / np.maximum(
-            matrix.sum(axis=1, keepdims=True), 1
-        )  # colour: share of each true row
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(
-                j,
-                i,
-                f"{count:,}",
-                ha="center",
-                va="center",
-                color="white" if share[i, j] > 0.5 else "black",
-                fontsize=9,
-            )
+        _draw_counts(ax, matrix, fontsize=9)
         ax.set_title(label, fontsize=10)
         ax.set_xticks([0, 1], ["pred 0", "pred 1"], fontsize=8)
         ax.set_yticks([0, 1], ["true 0", "true 1"], fontsize=8)
@@ -125,18 +121,7 @@ def plot_class_confusion(confusion: np.ndarray, labels: list[str], path: Path, t
     """One (C, C) matrix for a multi-class task, with counts (rows: truth, columns: prediction)."""
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n), dpi=110)
-    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in np.ndenumerate(confusion):
-        ax.text(
-            j,
-            i,
-            f"{count:,}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="white" if share[i, j] > 0.5 else "black",
-        )
+    _draw_counts(ax, confusion, fontsize=8)
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     ax.set_xlabel("prediction")

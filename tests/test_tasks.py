@@ -72,3 +72,23 @@ def test_multiclass_rgb_task(tmp_path):
         "Baseline:** a model that always answers the most frequent class"
         in (tmp_path / "report" / "report.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_real_xrays_are_learned(tmp_path):
+    """Two epochs of the CPU experiment on the real PneumoniaMNIST train split (about 30 s on
+    2 cores): a test AUROC that a broken pipeline (labels shuffled, channels wrong, no
+    learning) cannot reach. MedMNIST v2's ResNet-18 (28) reaches 0.944 after 100 epochs."""
+    cfg = compose_train(
+        [
+            "experiment=pneumonia_cpu",
+            f"data.path={PNEUMONIA_NPZ}",
+            "trainer.max_epochs=2",
+            "+trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    metrics = train(cfg)
+    assert metrics["test/auroc"] > 0.93
+    assert metrics["val/auroc"] > 0.95

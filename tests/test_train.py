@@ -201,3 +201,13 @@ def test_cli_bad_size_names_the_key(tmp_path):
 def test_cli_unknown_key(tmp_path):
     result = run_cli("data.colour=red", f"paths.log_dir={tmp_path}", timeout=120)
     assert result.returncode != 0 and "Could not override 'data.colour'" in result.stderr
+
+
+@pytest.mark.slow
+def test_ema_callback_config_runs(tiny_overrides, tmp_path):
+    cfg = compose_train(
+        tiny_overrides + ["callbacks=ema", "callbacks.ema.update_starting_at_step=1"]
+    )
+    assert cfg.callbacks.ema.decay == 0.999
+    metrics = train(cfg)
+    assert math.isfinite(metrics["test/auroc"])
