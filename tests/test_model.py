@@ -59,3 +59,26 @@ def test_head_runs_in_float32_under_bf16_autocast():
 def test_pos_weight_must_have_one_value_per_label():
     with pytest.raises(UserError, match="model.pos_weight has 2 values but there are 14 labels"):
         MedMNISTClassifier(LABELS, pos_weight=[1.0, 2.0])
+
+
+def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
+    from types import SimpleNamespace
+
+    from chest_mnist.data import MedMNISTDataModule
+
+    datamodule = MedMNISTDataModule(path=str(synthetic_npz))
+    datamodule.setup()
+    model = MedMNISTClassifier(LABELS, stem="imagenet", pos_weight="auto")
+    model._trainer = SimpleNamespace(datamodule=datamodule)
+    model.setup("fit")
+    positives = datamodule.splits["train"].labels.float().sum(0)
+    expected = (len(datamodule.splits["train"]) - positives) / positives
+    torch.testing.assert_close(model.pos_weight, expected)
+    # and the loss weighs a missed positive by it
+    logits, targets = torch.zeros(1, 14), torch.zeros(1, 14)
+    targets[0, 13] = 1  # hernia, the rarest
+    weighted = model._loss(logits, targets)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert weighted.item() == pytest.approx(
+        plain.item() * (13 + expected[13].item()) / 14, rel=1e-5
+    )
