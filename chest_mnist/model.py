@@ -69,6 +69,7 @@ class MedMNISTClassifier(L.LightningModule):
             parameters and the optimizer. Not saved in the checkpoint's hyperparameters: the run's
             whole config is in `.hydra/` and TensorBoard.
         label_smoothing: spread this much of each target's weight over the other answers.
+        tta_flip: at evaluation, average the logits of each image and its left-right mirror.
         compile: `torch.compile` the backbone in place (checkpoints keep their keys); true, or
             a torch.compile mode ("reduce-overhead" adds CUDA graphs, "max-autotune").
     """
@@ -83,6 +84,7 @@ class MedMNISTClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         label_smoothing: float = 0.0,
+        tta_flip: bool = False,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -152,9 +154,14 @@ class MedMNISTClassifier(L.LightningModule):
         )
         return loss
 
+    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.tta_flip:
+            return (self(x) + self(x.flip(-1))) / 2
+        return self(x)
+
     def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, targets = batch
-        logits = self(x)
+        logits = self._eval_logits(x)
         self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, batch_size=len(x))
         return self.scores(logits), as_targets(targets, self.hparams.task)
 
@@ -186,7 +193,7 @@ class MedMNISTClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, targets) of a batch: the raw material of the report."""
         x, targets = batch
-        return self.scores(self(x)), targets
+        return self.scores(self._eval_logits(x)), targets
 
     @override
     def configure_optimizers(self):

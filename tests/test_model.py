@@ -82,3 +82,17 @@ def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
     assert weighted.item() == pytest.approx(
         plain.item() * (13 + expected[13].item()) / 14, rel=1e-5
     )
+
+
+def test_tta_flip_makes_evaluation_mirror_invariant():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 28, 28)
+    plain = MedMNISTClassifier(LABELS, stem="imagenet").eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain._eval_logits(x), plain._eval_logits(x.flip(-1)), atol=1e-4)
+        tta = MedMNISTClassifier(LABELS, stem="imagenet", tta_flip=True).eval()
+        tta.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(
+            tta._eval_logits(x), tta._eval_logits(x.flip(-1)), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(tta._eval_logits(x), (plain(x) + plain(x.flip(-1))) / 2)
