@@ -66,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         extra = {
             "best_checkpoint": best or None,
-            "best_val_auroc": float(checkpoint.best_model_score)
+            # the value of the metric the checkpoint was chosen by (val/auroc by default)
+            f"best_{checkpoint.monitor}": float(checkpoint.best_model_score)
             if best and checkpoint.best_model_score is not None
             else None,
             "epochs_trained": trainer.current_epoch,

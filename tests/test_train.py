@@ -165,11 +165,25 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
     assert metrics["epochs_trained"] == 2 and metrics["best_checkpoint"].startswith(
         str(run / "checkpoints")
     )
+    best = metrics["best_val/auroc"]  # named after the metric the checkpoint was chosen by
+    assert 0 < best <= 1 and f"val_auroc{best:.4f}" in metrics["best_checkpoint"]
 
     from chest_mnist.report import read_loss_curves
 
     curves = read_loss_curves(run / "tensorboard")
     assert curves["train/loss"][0] == [0, 1] and curves["val/loss"][0] == [0, 1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"])
+    assert {
+        "val/auroc",
+        "val/acc",
+        "val/f1_macro",
+        "test/auroc",
+        "test/auroc/hernia",
+        "test/f1_tuned/effusion",
+        "lr-Adam",
+    } <= tags
 
 
 @pytest.mark.slow
