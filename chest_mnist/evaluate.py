@@ -80,6 +80,19 @@ def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
     return model
 
 
+def gather_in_rank_order(trainer: L.Trainer, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's predictions, concatenated in rank order, on every rank. Each rank predicted
+    its own contiguous slice of the split (DeviceBatches), so this is the split, in order, each
+    image once."""
+    if trainer.world_size == 1:
+        return tensors
+    import torch.distributed as dist
+
+    parts: list = [None] * trainer.world_size
+    dist.all_gather_object(parts, tensors)
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(tensors)))
+
+
 def evaluate_model(
     trainer: L.Trainer,
     model: MedMNISTClassifier,
@@ -102,7 +115,11 @@ def evaluate_model(
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
     val_batches, test_batches = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
     val, test = (
-        (torch.cat([b[0] for b in batches]).float().cpu(), torch.cat([b[1] for b in batches]).cpu())
+        gather_in_rank_order(
+            trainer,
+            torch.cat([b[0] for b in batches]).float().cpu(),
+            torch.cat([b[1] for b in batches]).cpu(),
+        )
         for batches in (val_batches, test_batches)
     )
     report = build_report(

@@ -136,6 +136,13 @@ def as_targets(targets: torch.Tensor, task: str) -> torch.Tensor:
     return targets.reshape(-1).long() if is_multiclass(task) else targets.int()
 
 
+def _local(collection: MetricCollection) -> MetricCollection:
+    """No sync across DDP ranks on compute: the caller passes a whole split already."""
+    for metric in collection.values():
+        metric.sync_on_compute = False
+    return collection
+
+
 def evaluate_predictions(
     scores: torch.Tensor,
     targets: torch.Tensor,
@@ -154,7 +161,7 @@ def evaluate_predictions(
     multiclass = is_multiclass(task)
     targets = as_targets(targets, task)
     make = _classes(len(labels), task)
-    ranking = MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)}).to(
+    ranking = _local(MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)})).to(
         scores.device
     )
     ranking.update(scores, targets)
@@ -165,7 +172,7 @@ def evaluate_predictions(
     else:
         threshold = torch.full((len(labels),), THRESHOLD) if thresholds is None else thresholds
         decisions = (scores > threshold.to(scores.device)).int()
-    decided = decision_metrics(len(labels), task).to(scores.device)
+    decided = _local(decision_metrics(len(labels), task)).to(scores.device)
     decided.update(decisions, targets)
     values = {name: value.cpu() for name, value in decided.compute().items()}
     confusion = values.pop("confusion").long()

@@ -1,0 +1,62 @@
+"""Lightning DDP on the CPU (two processes, gloo): exact test metrics, each image once."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chest_mnist.evaluate import evaluate
+from tests.conftest import ROOT, compose_train
+
+
+@pytest.mark.slow
+def test_two_process_ddp_report_equals_single_process_evaluation(tmp_path, synthetic_npz):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chest_mnist.train",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.sync_batchnorm=false",
+            "data=synthetic",
+            f"data.path={synthetic_npz}",
+            "data.subset=200",
+            "data.batch_size=32",
+            "data.eval_batch_size=64",
+            "model.stem=imagenet",
+            "trainer.max_epochs=1",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    distributed = json.loads((run / "report" / "metrics.json").read_text())
+
+    cfg = compose_train(
+        [
+            f"ckpt_path={distributed['best_checkpoint']}",
+            "trainer=cpu",
+            "+trainer.enable_progress_bar=false",
+            f"paths.output_dir={tmp_path}/single",
+        ],
+        config_name="evaluate",
+    )
+    single = evaluate(cfg)
+    assert (
+        distributed["test/n_images"] == single["test/n_images"] == 200
+    )  # none twice, none dropped
+    for name, value in single.items():
+        assert distributed[name] == pytest.approx(value, abs=1e-6), name
+    ours = np.load(run / "report" / "predictions.npz")
+    again = np.load(tmp_path / "single" / "report" / "predictions.npz")
+    np.testing.assert_array_equal(ours["labels"], again["labels"])  # same images, same order
+    np.testing.assert_allclose(ours["scores"], again["scores"], atol=1e-6)
