@@ -35,7 +35,10 @@ def find_user_error(error: BaseException | None) -> UserError | None:
 
 
 def report_user_errors(run: Callable[[], object]) -> object:
-    """Run `run()`; a UserError anywhere inside becomes `error: <message>` and exit code 2."""
+    """Run `run()`; a UserError anywhere inside becomes `error: <message>` and exit code 2.
+
+    In a multirun the error is raised on instead: Hydra marks that job failed and runs the
+    others (an exit would end the whole sweep)."""
     try:
         return run()
     except Exception as e:
@@ -43,4 +46,13 @@ def report_user_errors(run: Callable[[], object]) -> object:
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
+        if _in_multirun():
+            raise user_error from None
         raise SystemExit(2) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
