@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "epochs_trained": trainer.current_epoch,
             "train_seconds": round(time.perf_counter() - started, 1),
         }
+        metrics |= {name: value for name, value in extra.items() if isinstance(value, float)}
         metrics |= evaluate_model(
             trainer,
             model,
@@ -91,8 +92,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = report_user_errors(lambda: train(cfg))
-    # the value a Hydra sweeper (e.g. Optuna) optimises
-    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    # the value a Hydra sweeper (e.g. Optuna) optimises: the best epoch's, when the
+    # checkpoint was chosen by that metric, else the last epoch's
+    name = cfg.get("optimized_metric")
+    return metrics.get(f"best_{name}", metrics.get(name)) if name else None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from matplotlib.image import imread
 
 from tests.conftest import ROOT
@@ -50,3 +51,58 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
         and 0 <= float(rows[2]["best_val_auroc"]) <= 1
     )
     assert imread(sweep / "sweep_summary.png").shape[0] > 300
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_two_trials(tmp_path, synthetic_npz):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chest_mnist.train",
+            "hparams_search=lr_optuna",
+            "hydra.sweeper.n_trials=2",
+            "data=synthetic",
+            f"data.path={synthetic_npz}",
+            "data.subset=128",
+            "data.batch_size=64",
+            "model.stem=imagenet",
+            "trainer.max_epochs=1",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay"}
+    assert 1e-5 <= results["best_params"]["model.optimizer.lr"] <= 1e-2
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert results["best_value"] == pytest.approx(max(float(r["best_val_auroc"]) for r in rows))
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_task=4",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
+    assert (launcher.partition, launcher.gpus_per_task, launcher.timeout_min) == ("gpu", 4, 120)
