@@ -70,6 +70,15 @@ def _curve_grid(n: int):
     return fig, axes.flat
 
 
+def _save_grid(fig, xlabel: str, ylabel: str, path: Path) -> Path:
+    fig.supxlabel(xlabel)
+    fig.supylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_roc_curves(
     curves: list[tuple[np.ndarray, np.ndarray]], labels: list[str], aurocs: list[float], path: Path
 ) -> Path:
@@ -82,12 +91,7 @@ def plot_roc_curves(
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
-    fig.supxlabel("false positive rate")
-    fig.supylabel("true positive rate")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, "false positive rate", "true positive rate", path)
 
 
 def plot_pr_curves(
@@ -109,12 +113,7 @@ def plot_pr_curves(
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
-    fig.supxlabel("recall")
-    fig.supylabel("precision")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, "recall", "precision", path)
 
 
 def plot_class_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> Path:

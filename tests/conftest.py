@@ -3,6 +3,9 @@ tiny budgets, on the CPU, writing into tmp_path."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,18 @@ def synthetic_npz(tmp_path_factory) -> Path:
     """A small synthetic ChestMNIST file: 512 / 256 / 256 images at 28px."""
     return write_synthetic(
         tmp_path_factory.mktemp("data") / "chest.npz", n_train=512, n_val=256, n_test=256, seed=0
+    )
+
+
+def run_module(module: str, *args: str, timeout: int = 300, env: dict | None = None):
+    """`python -m module args...` from the repository root, as a user would type it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from chest_mnist.bench import PILDataset, reference_transform
 from chest_mnist.data import to_model_input
 from chest_mnist.model import build_resnet18
 from chest_mnist.synthetic import make_synthetic
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 
 def test_fast_and_reference_paths_give_the_same_loss():
@@ -34,13 +32,7 @@ def test_fast_and_reference_paths_give_the_same_loss():
 
 
 def run_bench(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "chest_mnist.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("chest_mnist.bench", *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -1,40 +1,30 @@
 """Lightning DDP on the CPU (two processes, gloo): exact test metrics, each image once."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from chest_mnist.evaluate import evaluate
-from tests.conftest import ROOT, compose_train
+from tests.conftest import compose_train, run_module
 
 
 @pytest.mark.slow
 def test_two_process_ddp_report_equals_single_process_evaluation(tmp_path, synthetic_npz):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chest_mnist.train",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.sync_batchnorm=false",
-            "data=synthetic",
-            f"data.path={synthetic_npz}",
-            "data.subset=200",
-            "data.batch_size=32",
-            "data.eval_batch_size=64",
-            "model.stem=imagenet",
-            "trainer.max_epochs=1",
-            f"paths.log_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_module(
+        "chest_mnist.train",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.sync_batchnorm=false",
+        "data=synthetic",
+        f"data.path={synthetic_npz}",
+        "data.subset=200",
+        "data.batch_size=32",
+        "data.eval_batch_size=64",
+        "model.stem=imagenet",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout

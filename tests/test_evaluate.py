@@ -200,18 +200,9 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_cli_without_ckpt_path(tmp_path):
-    import subprocess
-    import sys
+    from tests.conftest import run_module
 
-    from tests.conftest import ROOT
-
-    result = subprocess.run(
-        [sys.executable, "-m", "chest_mnist.evaluate", f"paths.log_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("chest_mnist.evaluate", f"paths.log_dir={tmp_path}", timeout=120)
     assert result.returncode == 2 and "error: ckpt_path is missing" in result.stderr
 
 

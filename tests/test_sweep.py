@@ -1,37 +1,30 @@
 """Hydra multirun: one directory per job, a summary, and a failing job that loses nothing."""
 
 import csv
-import subprocess
-import sys
 
 import pytest
 import yaml
 from matplotlib.image import imread
 
-from tests.conftest import ROOT
+from tests.conftest import run_module
+
+
+def tiny(npz, log_dir):
+    return [
+        "data=synthetic",
+        f"data.path={npz}",
+        "data.subset=128",
+        "data.batch_size=64",
+        "model.stem=imagenet",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={log_dir}",
+    ]
 
 
 @pytest.mark.slow
 def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chest_mnist.train",
-            "-m",
-            "data=synthetic",
-            f"data.path={synthetic_npz}",
-            "data.subset=128",
-            "data.batch_size=64",
-            "model.stem=imagenet",
-            "trainer.max_epochs=1",
-            "model.optimizer.lr=1e-3,-1,1e-2",
-            f"paths.log_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_module(
+        "chest_mnist.train", "-m", "model.optimizer.lr=1e-3,-1,1e-2", *tiny(synthetic_npz, tmp_path)
     )
     assert result.returncode != 0  # Hydra reports the failed job at the end...
     assert "Invalid learning rate: -1" in result.stderr
@@ -55,25 +48,11 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
 
 @pytest.mark.slow
 def test_optuna_search_runs_two_trials(tmp_path, synthetic_npz):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chest_mnist.train",
-            "hparams_search=lr_optuna",
-            "hydra.sweeper.n_trials=2",
-            "data=synthetic",
-            f"data.path={synthetic_npz}",
-            "data.subset=128",
-            "data.batch_size=64",
-            "model.stem=imagenet",
-            "trainer.max_epochs=1",
-            f"paths.log_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_module(
+        "chest_mnist.train",
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=2",
+        *tiny(synthetic_npz, tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()

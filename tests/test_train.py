@@ -3,9 +3,6 @@
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from matplotlib.image import imread
 from medmnist import INFO
 
 from chest_mnist.train import train
-from tests.conftest import ROOT, compose_train
+from tests.conftest import compose_train, run_module
 
 LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
 
@@ -134,14 +131,7 @@ def test_unknown_config_key_is_refused():
 
 
 def run_cli(*args, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "chest_mnist.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    return run_module("chest_mnist.train", *args, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
