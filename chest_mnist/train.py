@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from chest_mnist import UserError
 from chest_mnist.config import report_user_errors
 from chest_mnist.evaluate import evaluate_model
 
@@ -35,12 +36,28 @@ def _instantiate_all(group: DictConfig | None) -> list:
     ]
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Values that would fail later, or silently do nothing, refused before any data is loaded.
+    (The data module checks its own keys, e.g. data.size, when it is built.)"""
+    lr = cfg.model.get("optimizer", {}).get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise UserError(
+            f"model.optimizer.lr={lr!r} must be a number above 0 (the protocol's is 1e-3)."
+        )
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and epochs != -1 and (not isinstance(epochs, int) or epochs < 1):
+        raise UserError(
+            f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write `report/`; return the logged metrics.
 
     The order is fixed: datamodule, model, callbacks, loggers, trainer. Tests call this directly.
     """
     started = time.perf_counter()
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

@@ -27,7 +27,7 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
         "chest_mnist.train", "-m", "model.optimizer.lr=1e-3,-1,1e-2", *tiny(synthetic_npz, tmp_path)
     )
     assert result.returncode != 0  # Hydra reports the failed job at the end...
-    assert "Invalid learning rate: -1" in result.stderr
+    assert "error: model.optimizer.lr=-1 must be a number above 0" in result.stderr
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     for job in ("0", "2"):  # ...after running the others to completion
         assert (sweep / job / "report" / "metrics.json").exists()

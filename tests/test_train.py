@@ -215,3 +215,23 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path):
     assert cfg.callbacks.ema.decay == 0.999
     metrics = train(cfg)
     assert math.isfinite(metrics["test/auroc"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.optimizer.lr=0", "model.optimizer.lr=0 must be a number above 0"),
+        ("model.optimizer.lr=-0.1", "model.optimizer.lr=-0.1 must be a number above 0"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be a whole number of at least 1"),
+        ("data.batch_size=0", "data.batch_size=0 must be a positive whole number"),
+        ("model.stem=vit", "model.stem='vit' is unknown"),
+    ],
+)
+def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, override, message):
+    cfg = compose_train(tiny_overrides + [override, f"data.path={tmp_path}/never_written.npz"])
+    with pytest.raises(Exception) as error:
+        train(cfg)
+    from chest_mnist.config import find_user_error
+
+    assert message in str(find_user_error(error.value))
+    assert not (tmp_path / "never_written.npz").exists()  # refused before any data was made
