@@ -381,3 +381,21 @@ def test_download_of_a_missing_url(tmp_path, monkeypatch, file_server):
     with pytest.raises(UserError, match="Could not download chestmnist.npz .*HTTP Error 404"):
         fetch_official("chestmnist", 28, tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "server"]
+
+
+def test_augmentation_is_applied_in_training_and_off_at_eval(synthetic_npz):
+    from types import SimpleNamespace
+
+    dm = MedMNISTDataModule(path=str(synthetic_npz), augment=True, max_shift=2)
+    images, labels = (
+        torch.from_numpy(read_npz(synthetic_npz, "chestmnist", 28)["train"][0][:64]),
+        torch.zeros(64, 14),
+    )
+    plain = to_model_input(images, 0.5, 0.5)
+    dm.trainer = SimpleNamespace(training=False)
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(x, plain) and y is labels
+    dm.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert x.shape == plain.shape and y is labels and not torch.equal(x, plain)
