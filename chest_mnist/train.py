@@ -103,7 +103,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             run=output_dir.name,
         )
         metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
+    _end_distributed()
     return metrics
+
+
+def _end_distributed() -> None:
+    """Under DDP, wait for every rank (rank 0 writes the report), then close the process group:
+    a rank that exits with gloo's threads still up can abort ("terminate called without an
+    active exception") and take the others down with it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
