@@ -33,8 +33,13 @@ SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 
 
+def size_suffix(size: int) -> str:
+    """MedMNIST's name suffix for a size: "" at 28, "_64" at 64 (files, INFO's url_64 / MD5_64)."""
+    return "" if size == 28 else f"_{size}"
+
+
 def official_filename(flag: str, size: int) -> str:
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    return f"{flag}{size_suffix(size)}.npz"
 
 
 def md5sum(path: Path, chunk: int = 1 << 22) -> str:
@@ -46,7 +51,7 @@ def md5sum(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _download_help(flag: str, size: int, root: Path) -> str:
-    suffix = "" if size == 28 else f"_{size}"
+    suffix = size_suffix(size)
     return (
         f"Download it by hand from {INFO[flag]['url' + suffix]} (MD5 {INFO[flag]['MD5' + suffix]}) "
         f"and put it at {root / official_filename(flag, size)}, "
@@ -63,7 +68,7 @@ def fetch_official(
     so a broken download never stands where a good file is expected. A file that is already
     there and fails the MD5 check is left untouched: it may be the user's.
     """
-    suffix = "" if size == 28 else f"_{size}"
+    suffix = size_suffix(size)
     url, md5 = INFO[flag]["url" + suffix], INFO[flag]["MD5" + suffix]
     path = root / official_filename(flag, size)
     if path.exists():

@@ -89,14 +89,20 @@ def _classes(num_labels: int, task: str = MULTI_LABEL) -> dict:
     }
 
 
+def _micro_and_macro(make: dict) -> dict:
+    return {
+        f"{name}_{average}": make[name](average)
+        for name in ("precision", "recall", "f1")
+        for average in ("micro", "macro")
+    }
+
+
 def scalar_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection:
     """The epoch numbers for val and test (at threshold 0.5, or arg-max): one collection,
     `.clone(prefix=...)` per stage."""
     make = _classes(num_labels, task)
     metrics = {"auroc": make["auroc"]("macro"), "acc": make["acc"]("macro")}
-    for name in ("precision", "recall", "f1"):
-        for average in ("micro", "macro"):
-            metrics[f"{name}_{average}"] = make[name](average)
+    metrics |= _micro_and_macro(make)
     return MetricCollection(metrics)
 
 
@@ -106,9 +112,7 @@ def decision_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollecti
     (num_labels, 2, 2) [[tn, fp], [fn, tp]], or one (C, C) matrix for a multi-class task."""
     make = _classes(num_labels, task)
     metrics = {"acc": make["acc"]("macro")}
-    for name in ("precision", "recall", "f1"):
-        for average in ("micro", "macro"):
-            metrics[f"{name}_{average}"] = make[name](average)
+    metrics |= _micro_and_macro(make)
     for name in DECISIONS:
         metrics[f"per_label_{name}"] = make[name](None)
     return MetricCollection({**metrics, "confusion": make["confusion"]()})

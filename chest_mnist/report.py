@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
+from chest_mnist.data import size_suffix
 from chest_mnist.metrics import (
     DECISIONS,
     MULTI_LABEL,
@@ -142,8 +143,7 @@ def flat_metrics(report: dict, split: str = "test") -> dict[str, float]:
 
 def medmnist_result_name(flag: str, size: int, split: str, auc: float, acc: float, run: str) -> str:
     """The file name `medmnist.Evaluator` writes and `python -m medmnist evaluate` parses."""
-    size_flag = "" if size == 28 else f"_{size}"
-    return f"{flag}{size_flag}_{split}_[AUC]{auc:.3f}_[ACC]{acc:.3f}@{run}.csv"
+    return f"{flag}{size_suffix(size)}_{split}_[AUC]{auc:.3f}_[ACC]{acc:.3f}@{run}.csv"
 
 
 def write_medmnist_result(path: Path, scores: np.ndarray) -> Path:
