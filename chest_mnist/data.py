@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from medmnist import INFO
 from medmnist.info import DEFAULT_ROOT
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from chest_mnist import UserError
@@ -223,22 +223,15 @@ class DeviceBatches:
     def _indices(self) -> torch.Tensor:
         n, device = len(self.images), self.images.device
         if not self.shuffle:
-            return torch.arange(
-                n * self.rank // self.world_size,
-                n * (self.rank + 1) // self.world_size,
-                device=device,
-            )
+            return torch.arange(*shard_bounds(n, self.rank, self.world_size), device=device)
         # the same permutation on every rank: the global seed is the same everywhere
         order = torch.randperm(n, device=device)
         return order[: n - n % self.world_size].view(-1, self.world_size)[:, self.rank]
 
     def __len__(self) -> int:
         n = len(self.images)
-        per_rank = (
-            n // self.world_size
-            if self.shuffle
-            else n * (self.rank + 1) // self.world_size - n * self.rank // self.world_size
-        )
+        start, stop = shard_bounds(n, self.rank, self.world_size)
+        per_rank = n // self.world_size if self.shuffle else stop - start
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self):
@@ -246,6 +239,28 @@ class DeviceBatches:
         for start in range(0, len(indices), self.batch_size):
             index = indices[start : start + self.batch_size]
             yield self.images[index], self.labels[index]
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous slice [start, stop) of n items that rank `rank` evaluates: every item once."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation under DDP for the DataLoader path: each rank reads its own contiguous slice,
+    with no padding (Lightning's default DistributedSampler repeats images to even out the
+    ranks, and interleaves them). Being a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.start, self.stop = shard_bounds(len(dataset), rank, world_size)
+        self.num_samples = self.total_size = self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 def keep_batch(batch):
@@ -416,20 +431,23 @@ class MedMNISTDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self._keep_on_device(device):
             if split not in self._on_device:
                 data = self.splits[split]
                 self._on_device[split] = (data.images.to(device), data.labels.to(device))
-            rank, world = (
-                (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            )
             return DeviceBatches(
                 *self._on_device[split], batch_size, shuffle, rank=rank, world_size=world
             )
+        # training under DDP: Lightning's DistributedSampler; evaluation: our exact shards
+        sampler = (
+            ShardSampler(self.splits[split], rank, world) if world > 1 and not shuffle else None
+        )
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -82,7 +82,7 @@ def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
 
 def gather_in_rank_order(trainer: L.Trainer, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every rank's predictions, concatenated in rank order, on every rank. Each rank predicted
-    its own contiguous slice of the split (DeviceBatches), so this is the split, in order, each
+    its own contiguous slice of the split (DeviceBatches, or ShardSampler for a DataLoader), so this is the split, in order, each
     image once."""
     if trainer.world_size == 1:
         return tensors

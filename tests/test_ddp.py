@@ -10,7 +10,11 @@ from tests.conftest import compose_train, run_module
 
 
 @pytest.mark.slow
-def test_two_process_ddp_report_equals_single_process_evaluation(tmp_path, synthetic_npz):
+@pytest.mark.parametrize("on_device", ["true", "false"], ids=["device_batches", "dataloader"])
+def test_two_process_ddp_report_equals_single_process_evaluation(
+    tmp_path, synthetic_npz, on_device
+):
+    """201 images on 2 ranks: a padding sampler would count one twice (Lightning's default)."""
     result = run_module(
         "chest_mnist.train",
         "trainer=ddp",
@@ -19,7 +23,8 @@ def test_two_process_ddp_report_equals_single_process_evaluation(tmp_path, synth
         "trainer.sync_batchnorm=false",
         "data=synthetic",
         f"data.path={synthetic_npz}",
-        "data.subset=200",
+        "data.subset=201",
+        f"data.on_device={on_device}",
         "data.batch_size=32",
         "data.eval_batch_size=64",
         "model.stem=imagenet",
@@ -42,7 +47,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(tmp_path, synth
     )
     single = evaluate(cfg)
     assert (
-        distributed["test/n_images"] == single["test/n_images"] == 200
+        distributed["test/n_images"] == single["test/n_images"] == 201
     )  # none twice, none dropped
     for name, value in single.items():
         assert distributed[name] == pytest.approx(value, abs=1e-6), name
