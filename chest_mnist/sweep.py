@@ -8,6 +8,9 @@ it reads the job directories of the sweep (their `.hydra/overrides.yaml` and
 `report/metrics.json`) and writes `sweep_summary.csv` and `sweep_summary.png` in the sweep
 directory. Reading the directories, not memory, makes it work with any launcher, and a job
 that failed is listed as failed instead of being lost.
+
+`CheckSweep`, another Hydra callback, checks every swept value before the first job starts:
+a learning rate of the wrong type in job 7 of 8 is an error at once, not after six runs.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import csv
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +127,52 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._write(config.hydra.sweep.dir)
+
+
+def swept_configs(config: DictConfig) -> list[tuple[str, DictConfig]]:
+    """The multirun's base config, then one copy per value of each swept key (`key=a,b,c` or
+    `key=range(...)`), each value set alone: what the jobs will see of that key. Config-group
+    sweeps (`data=a,b`) are checked by Hydra itself when it composes the job; interval sweeps
+    (Optuna) draw their values later."""
+    base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    groups = set(config.hydra.runtime.choices)
+    configs = [("the sweep's shared overrides", base)]
+    for override in overrides:
+        key = override.key_or_group
+        if not override.is_sweep_override() or key in groups:
+            continue
+        if not isinstance(override.value(), ChoiceSweep | RangeSweep):
+            continue
+        for value in override.sweep_iterator():
+            job = base.copy()
+            OmegaConf.update(job, key, value, force_add=override.is_add())
+            configs.append((f"{key}={value}", job))
+    return configs
+
+
+class CheckSweep(Callback):
+    """Hydra callback: refuse a multirun before its first job when a swept value is invalid
+    (`train.check_job` on each), with `error: ...` and exit code 2, as a single run does.
+
+    The GPU count is checked only for launchers that run the jobs on this machine: a SLURM
+    job gets its GPUs on a node, not on the machine that submits it."""
+
+    LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from chest_mnist.train import check_job
+
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        local = launcher.endswith(self.LOCAL_LAUNCHERS)
+        for what, job in swept_configs(config):
+            try:
+                check_job(job, check_devices=local)
+            except Exception as e:
+                from chest_mnist.config import find_user_error
+
+                error = find_user_error(e)
+                if error is None:
+                    raise
+                print(f"error: {error} (in {what}; no job was started)", file=sys.stderr)
+                raise SystemExit(2) from None

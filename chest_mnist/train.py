@@ -13,12 +13,14 @@ chest_mnist/report.py).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.config import report_user_errors
@@ -36,9 +38,10 @@ def _instantiate_all(group: DictConfig | None) -> list:
     ]
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     """Values that would fail later, or silently do nothing, refused before any data is loaded.
-    (The data module checks its own keys, e.g. data.size, when it is built.)"""
+    (The data module and the model check their own keys, e.g. data.size, when they are built:
+    `check_job` builds them too.)"""
     lr = cfg.model.get("optimizer", {}).get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise UserError(
@@ -49,6 +52,52 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(
             f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
         )
+    if check_devices:
+        check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+
+
+def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
+    """`trainer.devices` asks for no more GPUs (or CPU processes) than this machine has."""
+    if isinstance(devices, str) and devices != "auto":
+        devices = int(devices) if devices.lstrip("-").isdigit() else [devices]
+    if devices == "auto" or devices == -1:
+        return
+    if isinstance(devices, bool) or not isinstance(devices, int | list | ListConfig):
+        raise UserError(
+            f"trainer.devices={devices!r} must be a number of devices, a list of device "
+            f"indices, or auto."
+        )
+    wanted = len(devices) if not isinstance(devices, int) else devices
+    if wanted < 1:
+        raise UserError(f"trainer.devices={devices!r} must ask for at least one device.")
+    gpus = torch.cuda.device_count()
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if on_gpu and wanted > gpus:
+        raise UserError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}. "
+            + (
+                f"Use trainer.devices={gpus} (or fewer)."
+                if gpus
+                else "Train on the CPU with trainer=cpu (or trainer.accelerator=cpu)."
+            )
+        )
+    cores = os.cpu_count() or 1
+    if not on_gpu and accelerator in ("cpu", "auto") and wanted > cores:
+        raise UserError(
+            f"trainer.devices={devices} asks for {wanted} CPU processes but this machine has "
+            f"{cores} cores. Use trainer.devices={cores} (or fewer)."
+        )
+
+
+def check_job(cfg: DictConfig, check_devices: bool = True) -> None:
+    """Everything `train` would refuse before loading data: `check_config`, then build the data
+    module and the model (which check their own keys; neither reads data). A sweep runs this on
+    each job's values before it starts any job."""
+    check_config(cfg, check_devices=check_devices)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    hydra.utils.instantiate(
+        cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -23,11 +23,19 @@ def tiny(npz, log_dir):
 
 @pytest.mark.slow
 def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz):
+    """Two learning rates x (a good file, a missing one): the jobs on the missing file fail when
+    they load their data, which no check before the sweep can know."""
+    missing = tmp_path / "missing.npz"
     result = run_module(
-        "chest_mnist.train", "-m", "model.optimizer.lr=1e-3,-1,1e-2", *tiny(synthetic_npz, tmp_path)
+        "chest_mnist.train",
+        "-m",
+        "model.optimizer.lr=1e-3,1e-2",
+        *tiny(synthetic_npz, tmp_path),
+        f"data.path={synthetic_npz},{missing}",
+        "data.synthetic=null",
     )
     assert result.returncode != 0  # Hydra reports the failed job at the end...
-    assert "error: model.optimizer.lr=-1 must be a number above 0" in result.stderr
+    assert f"error: data.path={missing} does not exist" in result.stderr
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     for job in ("0", "2"):  # ...after running the others to completion
         assert (sweep / job / "report" / "metrics.json").exists()
@@ -38,12 +46,65 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
         ("0", "completed"),
         ("1", "failed"),
         ("2", "completed"),
+        ("3", "failed"),
     ]
     assert (
         "model.optimizer.lr=0.01" in rows[2]["overrides"]
         and 0 <= float(rows[2]["best_val_auroc"]) <= 1
     )
     assert imread(sweep / "sweep_summary.png").shape[0] > 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        (
+            ["model.optimizer.lr=1e-3,abc"],
+            "error: model.optimizer.lr='abc' must be a number above 0 (the protocol's is 1e-3). "
+            "(in model.optimizer.lr=abc; no job was started)",
+        ),
+        (
+            ["data.size=28,100"],
+            "error: data.size=100 is not a MedMNIST size; choose one of 28, 64, 128, 224.",
+        ),
+        (
+            ["model.optimizer.lr=1e-3,1e-2", "trainer.accelerator=cpu", "trainer.devices=4096"],
+            "error: trainer.devices=4096 asks for 4096 CPU processes but this machine has",
+        ),
+    ],
+    ids=["wrong_type", "bad_size", "too_many_devices"],
+)
+def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, sweep, message):
+    result = run_module("chest_mnist.train", "-m", *sweep, *tiny(synthetic_npz, tmp_path))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("overrides.yaml"))  # no job directory was made
+
+
+def test_devices_are_checked_against_the_machine(monkeypatch):
+    from chest_mnist import UserError
+    from chest_mnist.train import check_devices_exist
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    check_devices_exist("gpu", 2)
+    check_devices_exist("auto", [0, 1])
+    with pytest.raises(
+        UserError,
+        match=r"trainer.devices=4 asks for 4 GPUs but this machine has 2\. Use trainer.devices=2",
+    ):
+        check_devices_exist("gpu", 4)
+    with pytest.raises(UserError, match=r"asks for 3 GPUs"):
+        check_devices_exist("auto", [0, 1, 2])
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(UserError, match=r"has 0\. Train on the CPU with trainer=cpu"):
+        check_devices_exist("gpu", 1)
+    check_devices_exist("cpu", 2)
+    check_devices_exist("auto", "auto")
+    with pytest.raises(UserError, match="must ask for at least one device"):
+        check_devices_exist("cpu", 0)
+    with pytest.raises(UserError, match="must be a number of devices"):
+        check_devices_exist("cpu", 1.5)
 
 
 @pytest.mark.slow
