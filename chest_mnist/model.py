@@ -159,6 +159,10 @@ class MedMNISTClassifier(L.LightningModule):
             return (self(x) + self(x.flip(-1))) / 2
         return self(x)
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """What evaluation and `chest_mnist.predict` report for model inputs `x`."""
+        return self.scores(self._eval_logits(x))
+
     def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, targets = batch
         logits = self._eval_logits(x)
@@ -193,7 +197,7 @@ class MedMNISTClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, targets) of a batch: the raw material of the report."""
         x, targets = batch
-        return self.scores(self._eval_logits(x)), targets
+        return self.probabilities(x), targets
 
     @override
     def configure_optimizers(self):

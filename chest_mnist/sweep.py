@@ -163,6 +163,8 @@ class CheckSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from chest_mnist.train import check_job
 
+        if config.get("task_name") != "train":
+            return  # evaluate / predict sweeps: nothing of train's to check
         launcher = str(config.hydra.launcher.get("_target_", ""))
         local = launcher.endswith(self.LOCAL_LAUNCHERS)
         for what, job in swept_configs(config):

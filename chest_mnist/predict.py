@@ -1,0 +1,326 @@
+"""Predict with a trained checkpoint on image files, folders of them, or MedMNIST npz files.
+
+    python -m chest_mnist.predict ckpt_path=<run>/checkpoints/last.ckpt inputs=[xray.png,scans/]
+    python -m chest_mnist.predict ckpt_path=... inputs=[data/chestmnist.npz] split=test
+    python -m chest_mnist.predict ckpt_path=... inputs=[scans/] format=json output=preds.json
+
+Each image is made what the model was trained on: read with Pillow, gray (or RGB for a colour
+dataset), center-cropped to a square and resized to the checkpoint's `data.size` with bicubic
+interpolation when it is not that size already, then normalised on the device exactly as in
+training (`chest_mnist.data.to_model_input`). The output has one row per image: its path, one
+probability per label, and the labels predicted at the per-label thresholds that evaluation
+tuned on validation (`<run>/report/thresholds.json`, found next to the checkpoint, or
+`thresholds=PATH`); without them the threshold is 0.5, and the output says so.
+
+A file that cannot be used (not an image, truncated, empty, missing, 4 channels, 16-bit, a
+folder with no images, an npz of another dataset) gets its own row with the reason, and a
+line on stderr; every other file is still predicted. Exit code 1 when any input failed, 2 for
+a usage error (no checkpoint, bad thresholds file, an output file that already exists).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from medmnist import INFO
+from omegaconf import DictConfig, ListConfig
+from PIL import Image, UnidentifiedImageError
+
+from chest_mnist import UserError
+from chest_mnist.config import report_user_errors
+from chest_mnist.data import SPLITS, read_npz, to_model_input
+from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
+from chest_mnist.model import MedMNISTClassifier, is_multiclass
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+THRESHOLD = 0.5
+# Pillow modes we read as they are; anything else (RGBA, LA, CMYK, 16-bit, float) is refused:
+# dropping an alpha channel or choosing a window for 16-bit pixels is the user's call.
+READABLE_MODES = {"1": "1-bit", "L": "8-bit gray", "P": "palette", "RGB": "8-bit RGB"}
+
+
+@dataclass
+class Item:
+    """One row of the output: an image to predict, or an input that failed."""
+
+    path: str
+    pixels: np.ndarray | None = None
+    error: str | None = None
+    scores: list[float] = field(default_factory=list)
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """uint8 (size, size) gray, or (size, size, 3) for a colour model, as MedMNIST made its
+    images: center-crop to a square, resize with bicubic interpolation. ValueError says why a
+    file cannot be used."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            mode = image.mode
+            if mode == "P" and "transparency" in image.info:
+                mode = "PA"
+            if mode not in READABLE_MODES:
+                bands = len(image.getbands())
+                kind = f"{bands} channels" if bands > 1 else "1 channel"
+                raise ValueError(
+                    f"unsupported pixel format {image.mode} ({kind}"
+                    + (", 16 or 32 bits per pixel" if mode in ("I", "I;16", "I;16B", "F") else "")
+                    + "): save it as 8-bit gray or RGB (no alpha channel)"
+                )
+            image = image.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can read") from None
+    except (OSError, SyntaxError) as e:  # Pillow's truncated / damaged file errors
+        raise ValueError(f"damaged or truncated image ({e})") from None
+    width, height = image.size
+    side = min(width, height)
+    if width != height:
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) -> list[Item]:
+    """Every input as rows: image files, the images of folders (recursively, sorted), the
+    `split` images of MedMNIST npz files. Failures become rows with an error."""
+    items: list[Item] = []
+    for name in inputs:
+        path = Path(name).expanduser()
+        if not path.exists():
+            items.append(Item(name, error="no such file or folder"))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                items.append(
+                    Item(name, error=f"folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+                )
+            items.extend(_image_item(p, size, channels) for p in files)
+        elif path.suffix.lower() == ".npz":
+            try:
+                images, _ = read_npz(path, flag, size)[split]
+            except UserError as e:
+                items.append(Item(name, error=str(e)))
+                continue
+            items.extend(Item(f"{name}:{split}[{i}]", pixels=p) for i, p in enumerate(images))
+        else:
+            items.append(_image_item(path, size, channels))
+    return items
+
+
+def _image_item(path: Path, size: int, channels: int) -> Item:
+    try:
+        return Item(str(path), pixels=load_image(path, size, channels))
+    except (ValueError, OSError) as e:
+        return Item(str(path), error=str(e))
+
+
+@torch.inference_mode()
+def predict_scores(
+    model: MedMNISTClassifier,
+    images: np.ndarray,
+    mean: float,
+    std: float,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Probabilities (N, labels) for uint8 images (N, H, W[, C]), in batches on `device`, with
+    the same input conversion as training; bf16 autocast on a GPU, as in training."""
+    model = model.to(device).eval()
+    device = torch.device(device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model.probabilities(to_model_input(batch, mean, std)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(model.hparams.labels))
+
+
+def read_thresholds(path: Path, labels: list[str]) -> list[float]:
+    """Per-label thresholds from an evaluation report's thresholds.json, checked against the
+    model's labels."""
+    try:
+        data = json.loads(path.read_text())
+        table = data["labels"]
+        return [float(table[label]) for label in labels]
+    except FileNotFoundError:
+        raise UserError(f"thresholds={path} does not exist.") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"thresholds={path} is not a thresholds.json for this model's labels "
+            f"({', '.join(labels)}): {type(e).__name__}: {e}. Use the one in the checkpoint "
+            f"run's report/, or thresholds=null for 0.5."
+        ) from None
+
+
+def choose_thresholds(
+    cfg_thresholds: str | None, ckpt_path: Path, labels: list[str], multiclass: bool
+) -> tuple[list[float] | None, str]:
+    """(thresholds, where they come from): the given file, else the checkpoint run's report,
+    else 0.5 for every label. A multi-class model takes the arg-max class: no thresholds."""
+    if multiclass:
+        return None, "arg-max class (multi-class task)"
+    if cfg_thresholds:
+        path = Path(cfg_thresholds).expanduser()
+        return read_thresholds(path, labels), f"tuned on validation ({path})"
+    beside = ckpt_path.parent.parent / "report" / "thresholds.json"
+    if beside.is_file():
+        return read_thresholds(beside, labels), f"tuned on validation ({beside})"
+    return [THRESHOLD] * len(labels), (
+        f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
+        f"run python -m chest_mnist.evaluate, or give thresholds=PATH)"
+    )
+
+
+def predicted_labels(
+    scores: list[float], labels: list[str], thresholds: list[float] | None
+) -> list[str]:
+    """The labels whose score is above their threshold (as in the report), or the arg-max class."""
+    if thresholds is None:
+        return [labels[int(np.argmax(scores))]]
+    return [label for label, s, t in zip(labels, scores, thresholds, strict=True) if s > t]
+
+
+def write_output(
+    path: Path,
+    fmt: str,
+    items: list[Item],
+    labels: list[str],
+    thresholds: list[float] | None,
+    source: str,
+    checkpoint: Path,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in items:
+        row = {"path": item.path, "error": item.error or ""}
+        if item.error is None:
+            row |= {f"p_{label}": s for label, s in zip(labels, item.scores, strict=True)}
+            row["predicted"] = ";".join(predicted_labels(item.scores, labels, thresholds))
+        rows.append(row)
+    if fmt == "json":
+        document = {
+            "checkpoint": str(checkpoint),
+            "labels": labels,
+            "thresholds": None
+            if thresholds is None
+            else dict(zip(labels, thresholds, strict=True)),
+            "thresholds_from": source,
+            "predictions": [
+                {
+                    "path": item.path,
+                    "error": item.error,
+                    "probabilities": None
+                    if item.error
+                    else dict(zip(labels, item.scores, strict=True)),
+                    "predicted": None
+                    if item.error
+                    else predicted_labels(item.scores, labels, thresholds),
+                }
+                for item in items
+            ],
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        return
+    columns = ["path", *(f"p_{label}" for label in labels), "predicted", "error", "thresholds"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(row | {"thresholds": source} for row in rows)
+
+
+def _inputs(value) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | ListConfig | tuple):
+        return [str(v) for v in value]
+    raise UserError(f"inputs={value!r} must be a path or a list of paths: inputs=[a.png,folder/]")
+
+
+def predict(cfg: DictConfig) -> dict:
+    """Predict every input; write the output file; return a summary (rows, failures, output)."""
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            "ckpt_path is missing: python -m chest_mnist.predict "
+            "ckpt_path=<run>/checkpoints/<file>.ckpt inputs=[image.png,folder/]"
+        )
+    inputs = _inputs(cfg.get("inputs"))
+    if not inputs:
+        raise UserError(
+            "inputs is empty: give image files, folders or npz files, inputs=[a.png,dir/]"
+        )
+    fmt = cfg.format
+    if fmt not in ("csv", "json"):
+        raise UserError(f"format={fmt!r} must be csv or json.")
+    if cfg.split not in SPLITS:
+        raise UserError(f"split={cfg.split!r} must be one of {', '.join(SPLITS)} (for npz inputs).")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size!r} must be a positive whole number.")
+    output = Path(cfg.output or Path(cfg.paths.output_dir) / f"predictions.{fmt}").expanduser()
+    if output.exists():
+        raise UserError(
+            f"output={output} already exists; it was left as it is. Choose another output."
+        )
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = load_checkpoint(ckpt_path)
+    data = checkpoint["datamodule_hyper_parameters"]
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint
+    labels = list(model.hparams.labels)
+    flag, size = data["flag"], data["size"]
+    thresholds, source = choose_thresholds(
+        cfg.get("thresholds"), ckpt_path, labels, is_multiclass(model.hparams.task)
+    )
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    items = collect(inputs, size, INFO[flag]["n_channels"], flag, cfg.split)
+    good = [item for item in items if item.error is None]
+    if good:
+        scores = predict_scores(
+            model,
+            np.stack([item.pixels for item in good]),
+            data["mean"],
+            data["std"],
+            batch_size=cfg.batch_size,
+            device=device,
+        )
+        for item, row in zip(good, scores.tolist(), strict=True):
+            item.scores = row
+    write_output(output, fmt, items, labels, thresholds, source, ckpt_path)
+    failed = [item for item in items if item.error is not None]
+    for item in failed:
+        print(f"error: {item.path}: {item.error}", file=sys.stderr)
+    print(
+        f"Predicted {len(good)} images ({', '.join(labels) if len(labels) < 5 else f'{len(labels)} labels'}), "
+        f"{len(failed)} failed; thresholds: {source}. Wrote {output}",
+        file=sys.stderr,
+    )
+    return {"output": output, "predicted": len(good), "failed": len(failed)}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    summary = report_user_errors(lambda: predict(cfg))
+    if summary["failed"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""chest_mnist.predict: images, folders and npz files in; one row per image out, bad files
+flagged one by one, probabilities equal to the model's and to evaluate's."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chest_mnist import UserError
+from chest_mnist.data import to_model_input
+from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
+from chest_mnist.predict import load_image, predict
+from tests.conftest import ROOT, compose_train, run_module
+
+
+def best_checkpoint(run: Path) -> Path:
+    return Path(json.loads((run / "report" / "metrics.json").read_text())["best_checkpoint"])
+
+
+def model_probabilities(ckpt: Path, images: np.ndarray) -> np.ndarray:
+    """The model's own output on uint8 images, without predict's code: the reference."""
+    checkpoint = load_checkpoint(ckpt)
+    data = checkpoint["datamodule_hyper_parameters"]
+    model = model_from_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        x = to_model_input(torch.from_numpy(images), data["mean"], data["std"])
+        return model.probabilities(x).numpy()
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, synthetic_npz) -> tuple[Path, np.ndarray]:
+    """Good PNGs, a JPEG, a big RGB image, and every kind of bad file, in one folder."""
+    images = np.load(synthetic_npz)["test_images"][:3]
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    (folder / "a_good.png").write_bytes(png_bytes(images[0]))
+    (folder / "b_good.png").write_bytes(png_bytes(images[1]))
+    Image.fromarray(images[2]).save(folder / "c_photo.jpg", quality=90)
+    big = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    Image.fromarray(big).save(folder / "d_big_rgb.png")
+    (folder / "e_notes.png").write_text("not a picture, only text\n")
+    good = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8))
+    (folder / "f_truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "g_empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((28, 28, 4), np.uint8), "RGBA").save(folder / "h_rgba.png")
+    Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(folder / "i_16bit.png")
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+    return folder, images
+
+
+@pytest.mark.slow
+def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tmp_path):
+    folder, images = mixed_folder
+    (tmp_path / "empty_folder").mkdir()
+    ckpt = best_checkpoint(trained_run)
+    out = tmp_path / "out.csv"
+    result = run_module(
+        "chest_mnist.predict",
+        f"ckpt_path={ckpt}",
+        f"inputs=[{folder},{tmp_path}/missing.png,{tmp_path}/empty_folder,"
+        f"{ROOT}/tests/data/pneumoniamnist.npz]",
+        f"output={out}",
+        f"paths.log_dir={tmp_path}/logs",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # some inputs failed...
+    with open(out) as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    # ...and every good one was predicted all the same
+    good = ["a_good.png", "b_good.png", "c_photo.jpg", "d_big_rgb.png"]
+    assert all(rows[name]["error"] == "" for name in good)
+    labels = load_checkpoint(ckpt)["hyper_parameters"]["labels"]
+    ours = np.array([[float(rows[name][f"p_{label}"]) for label in labels] for name in good])
+
+    jpeg = np.asarray(Image.open(folder / "c_photo.jpg").convert("L"))
+    big = Image.open(folder / "d_big_rgb.png").convert("L").crop((15, 0, 105, 90))
+    big = np.asarray(big.resize((28, 28), Image.Resampling.BICUBIC))
+    expected = model_probabilities(ckpt, np.stack([images[0], images[1], jpeg, big]))
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+    # the tuned thresholds of the run's report decide the predicted labels
+    tuned = json.loads((trained_run / "report" / "thresholds.json").read_text())["labels"]
+    for name, p in zip(good, ours, strict=True):
+        wanted = [label for label, value in zip(labels, p, strict=True) if value > tuned[label]]
+        assert rows[name]["predicted"] == ";".join(wanted)
+        assert rows[name]["thresholds"].startswith("tuned on validation")
+
+    errors = {
+        "e_notes.png": "not an image Pillow can read",
+        "f_truncated.png": "damaged or truncated image",
+        "g_empty.png": "empty file",
+        "h_rgba.png": "unsupported pixel format RGBA (4 channels)",
+        "i_16bit.png": "16 or 32 bits per pixel",
+        "missing.png": "no such file or folder",
+        "empty_folder": "folder with no images",
+        "pneumoniamnist.npz": "chestmnist has 14 labels",
+    }
+    for name, message in errors.items():
+        assert message in rows[name]["error"], (name, rows[name]["error"])
+        assert rows[name]["p_" + labels[0]] == ""
+        assert f"{name}: {message}" in result.stderr or message in result.stderr
+    assert "readme.txt" not in rows
+    assert len(rows) == len(good) + len(errors)
+    assert "Traceback" not in result.stderr
+    assert f"Predicted 4 images (14 labels), {len(errors)} failed" in result.stderr
+
+
+def predict_cfg(overrides: list[str], tmp_path: Path):
+    return compose_train([f"paths.output_dir={tmp_path}/predict_run", *overrides], "predict")
+
+
+def test_predict_on_the_test_npz_equals_evaluate(trained_run, synthetic_npz, tmp_path):
+    ckpt = best_checkpoint(trained_run)
+    summary = predict(
+        predict_cfg([f"ckpt_path={ckpt}", f"inputs=[{synthetic_npz}]", "format=json"], tmp_path)
+    )
+    assert summary["output"] == tmp_path / "predict_run" / "predictions.json"
+    document = json.loads(summary["output"].read_text())
+    labels = document["labels"]
+    scores = np.array(
+        [[row["probabilities"][label] for label in labels] for row in document["predictions"]]
+    )
+    reported = np.load(trained_run / "report" / "predictions.npz")
+    assert scores.shape == reported["scores"].shape == (256, 14)
+    np.testing.assert_allclose(scores, reported["scores"], atol=1e-6)
+    assert document["predictions"][5]["path"] == f"{synthetic_npz}:test[5]"
+    assert document["thresholds_from"].startswith("tuned on validation")
+
+
+def test_without_a_report_the_threshold_is_one_half_and_said(trained_run, synthetic_npz, tmp_path):
+    lonely = tmp_path / "elsewhere" / "checkpoints" / "model.ckpt"
+    lonely.parent.mkdir(parents=True)
+    shutil.copy(best_checkpoint(trained_run), lonely)
+    summary = predict(
+        predict_cfg([f"ckpt_path={lonely}", f"inputs={synthetic_npz}", "split=val"], tmp_path)
+    )
+    with open(summary["output"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 256 and summary["failed"] == 0
+    assert rows[0]["thresholds"].startswith("0.5 for every label (no thresholds.json")
+    for row in rows[:20]:
+        p = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_")}
+        assert row["predicted"] == ";".join(label for label, v in p.items() if v > 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "ckpt_path is missing"),
+        (["ckpt_path=CKPT"], "inputs is empty"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "format=xml"], "format='xml' must be csv or json"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "thresholds=/no/such.json"], "does not exist"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "output=EXISTING"], "already exists; it was left"),
+    ],
+)
+def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
+    existing = tmp_path / "mine.csv"
+    existing.write_text("precious\n")
+    ckpt = str(best_checkpoint(trained_run))
+    overrides = [o.replace("CKPT", ckpt).replace("EXISTING", str(existing)) for o in overrides]
+    with pytest.raises(UserError, match=message):
+        predict(predict_cfg(overrides, tmp_path))
+    assert existing.read_text() == "precious\n"
+
+
+def test_load_image_crops_to_the_centre_and_keeps_the_right_size(tmp_path):
+    wide = np.zeros((28, 56), np.uint8)
+    wide[:, 14:42] = 200  # the centre square is bright, the sides dark
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    pixels = load_image(tmp_path / "wide.png", size=28, channels=1)
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8 and (pixels == 200).all()
+    rgb = load_image(tmp_path / "wide.png", size=64, channels=3)
+    assert rgb.shape == (64, 64, 3)
