@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -23,7 +24,29 @@ def epochs_at(total: int, *fractions: float) -> list[int]:
     return [int(total * fraction) for fraction in fractions]
 
 
+def resumed_run(task_name: str, ckpt_path: str | None) -> str | None:
+    """The run directory that `train ckpt_path=<run>/checkpoints/<file>.ckpt` continues, or
+    None (a new run). Evaluate and predict always write into a directory of their own."""
+    if task_name != "train" or not ckpt_path:
+        return None
+    path = Path(ckpt_path).expanduser()
+    return str(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
+def run_dir(task_name: str, ckpt_path: str | None, fresh: str) -> str:
+    """hydra.run.dir: the resumed run's own directory, else `fresh`."""
+    return resumed_run(task_name, ckpt_path) or fresh
+
+
+def config_subdir(task_name: str, ckpt_path: str | None, now: str) -> str:
+    """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed, so the
+    config the run was started with is kept."""
+    return f".hydra/resumed_{now}" if resumed_run(task_name, ckpt_path) else ".hydra"
+
+
 OmegaConf.register_new_resolver("precision_for", precision_for, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("epochs_at", epochs_at, replace=True)
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
@@ -169,7 +171,10 @@ def _end_distributed() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = report_user_errors(lambda: train(cfg))
+    try:
+        metrics = report_user_errors(lambda: train(cfg))
+    except SIGTERMException:  # a SystemExit with no code: it would exit 0
+        raise SystemExit(128 + signal.SIGTERM) from None  # last.ckpt is saved (LastCheckpoint)
     # the value a Hydra sweeper (e.g. Optuna) optimises: the best epoch's, when the
     # checkpoint was chosen by that metric, else the last epoch's
     name = cfg.get("optimized_metric")

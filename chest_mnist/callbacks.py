@@ -1,0 +1,152 @@
+"""Lightning callbacks that make a long run safe to stop and to resume (conf/callbacks/default.yaml).
+
+- `LastCheckpoint`: `checkpoints/last.ckpt` at the end of every epoch (a SIGKILL loses at most
+  the epoch it hits), and once more when the run is stopped with Ctrl-C or SIGTERM. It is
+  Lightning's ModelCheckpoint with `save_on_exception`, except that it saves nothing after
+  any other error (a non-finite loss, say), so the last good checkpoint stays as it was.
+- `StopOnNonFiniteLoss`: stops training at the first NaN or infinite training loss, with the
+  epoch and step, before a checkpoint of the broken weights can be written.
+- `RestoreRNG`: puts the random generators' state in every checkpoint and restores it on
+  resume, so a resumed run shuffles (and augments) as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from chest_mnist import UserError
+
+log = logging.getLogger(__name__)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`dirpath/last.ckpt` every epoch, and when the run is interrupted (Ctrl-C, SIGTERM)."""
+
+    def __init__(self, dirpath: str, filename: str = "last", **kwargs: Any):
+        kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False} | kwargs
+        super().__init__(dirpath=dirpath, filename=filename, save_on_exception=True, **kwargs)
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return  # an error, not a stop: the weights now may be broken; keep the last good ones
+        super().on_exception(trainer, pl_module, exception)
+        what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        path = self.format_checkpoint_name({})
+        if trainer.is_global_zero:
+            log.warning(
+                "Stopped by %s at epoch %d, step %d; %s holds this state. Resume with the same "
+                "command and ckpt_path=%s",
+                what,
+                trainer.current_epoch,
+                trainer.global_step,
+                path,
+                path,
+            )
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop at the first NaN or infinite training loss.
+
+    The check runs on the device without waiting for it (no GPU sync per step); the result is
+    read every `check_every_n_steps` steps and always before validation and before the end of
+    the epoch, so no checkpoint is written after a bad step."""
+
+    def __init__(self, check_every_n_steps: int = 50):
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad: torch.Tensor | None = None  # (step, loss) of the first bad step
+        self._step: torch.Tensor | None = None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        self._first_bad = torch.tensor([-1.0, 0.0], device=device)
+        self._step = torch.tensor(float(trainer.global_step), device=device)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self._first_bad[0] < 0)
+        self._first_bad = torch.where(new, torch.stack([self._step, loss]), self._first_bad)
+        self._step += 1
+        if (batch_idx + 1) % self.check_every_n_steps == 0:
+            self._check(trainer)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._check(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._first_bad is None:
+            return
+        step, loss = self._first_bad.tolist()
+        if step < 0:
+            return
+        raise UserError(
+            f"The training loss is {loss} at epoch {trainer.current_epoch}, step {int(step)}: "
+            f"training stopped. The checkpoints written before it are kept "
+            f"({trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else 'none'}). "
+            f"Lower model.optimizer.lr, or check the data for broken images."
+        )
+
+
+class RestoreRNG(Callback):
+    """torch (CPU and CUDA), numpy and Python random states in each checkpoint; restored when
+    training resumes from it. Stored as tensors and plain values, so checkpoints still load
+    with `weights_only=True`."""
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            log.warning(
+                "The checkpoint has no random generator states: the data order will differ."
+            )
+            return
+        torch.set_rng_state(states["torch"])
+        if states["torch.cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["torch.cuda"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = states["python"]
+        random.setstate((version, tuple(internal), gauss_next))

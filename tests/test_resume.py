@@ -1,0 +1,148 @@
+"""A long run survives: SIGKILL loses at most one epoch and a resume ends where an uninterrupted
+run ends; SIGTERM saves last.ckpt first; a non-finite loss stops the run and keeps the good
+checkpoints; checkpoints keep loading with weights_only=True."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chest_mnist.config import find_user_error
+from chest_mnist.evaluate import load_checkpoint
+from chest_mnist.train import train
+from tests.conftest import ROOT, compose_train, run_module
+
+
+def command(npz: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        "data=synthetic",
+        f"data.path={npz}",
+        "data.batch_size=32",
+        "model.stem=imagenet",
+        "trainer=cpu",
+        "trainer.deterministic=true",
+        "trainer.benchmark=false",
+        "trainer.max_epochs=3",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"paths.log_dir={log_dir}",
+        *extra,
+    ]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "chest_mnist.train", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def only_run(log_dir: Path) -> Path:
+    (run,) = (log_dir / "train" / "runs").iterdir()
+    return run
+
+
+def test_metrics(run: Path) -> dict:
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k.startswith(("test/", "best_val"))}
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_npz):
+    whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = test_metrics(only_run(tmp_path / "whole"))
+
+    killed = start(command(synthetic_npz, tmp_path / "killed"))
+    wait_for(tmp_path / "killed" / "train" / "runs", killed)
+    run = only_run(tmp_path / "killed")
+    last = run / "checkpoints" / "last.ckpt"
+    wait_for(last, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (run / "report").exists()  # it really died before the end
+    epoch = load_checkpoint(last)["epoch"]
+    assert epoch < 3
+
+    resumed = run_module(
+        "chest_mnist.train",
+        *command(synthetic_npz, tmp_path / "killed", f"ckpt_path={last}"),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
+    assert only_run(tmp_path / "killed") == run  # the same run directory...
+    assert (run / ".hydra" / "config.yaml").exists()  # ...whose first config is kept
+    assert len(list((run / ".hydra").glob("resumed_*/config.yaml"))) == 1
+    assert len({p.name.rsplit(".", 1)[0] for p in (run / "tensorboard").glob("events.*")}) >= 2
+    assert test_metrics(run) == pytest.approx(expected, abs=1e-6)
+    assert len(expected) > 10
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_first(tmp_path, synthetic_npz):
+    process = start(command(synthetic_npz, tmp_path, "trainer.max_epochs=50"))
+    wait_for(tmp_path / "train" / "runs", process)
+    last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    wait_for(last, process)
+    saved_at_epoch_end = load_checkpoint(last)["global_step"]
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Stopped by SIGTERM at epoch" in stdout and f"ckpt_path={last}" in stdout
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["global_step"] > saved_at_epoch_end  # the state at the signal, not before
+    assert checkpoint["epoch"] < 49
+    assert "rng_states" in checkpoint and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, synthetic_npz):
+    # a sane first epoch, then the learning rate jumps by 1e30 and the weights blow up
+    cfg = compose_train(
+        command(synthetic_npz, tmp_path)[:-1]
+        + [
+            "trainer.max_epochs=4",
+            "model.scheduler.milestones=[1]",
+            "model.scheduler.gamma=1e30",
+            "callbacks.nonfinite_loss.check_every_n_steps=4",
+            f"paths.output_dir={tmp_path}/run",
+        ]
+    )
+    with pytest.raises(Exception) as error:
+        train(cfg)
+    message = str(find_user_error(error.value))
+    assert "The training loss is nan at epoch 1, step " in message or "is inf at epoch 1" in message
+    assert f"The checkpoints written before it are kept ({tmp_path}/run/checkpoints)" in message
+    step = int(message.split("step ")[1].split(":")[0])
+    assert 16 <= step < 32  # epoch 1 of 16-step epochs (512 images, batch 32)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and last["global_step"] == 16  # the end of the good epoch
+    weights = torch.cat([t.flatten().float() for t in last["state_dict"].values()])
+    assert torch.isfinite(weights).all()
+
+
+def test_rng_states_survive_a_weights_only_load(trained_run):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    states = load_checkpoint(ckpt)["rng_states"]
+    assert set(states) == {"torch", "torch.cuda", "numpy", "python"}
+    assert states["torch"].dtype == torch.uint8 and len(states["numpy"][1]) == 624
