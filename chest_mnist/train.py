@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.config import report_user_errors
-from chest_mnist.evaluate import evaluate_model
+from chest_mnist.evaluate import evaluate_model, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     started = time.perf_counter()
     check_config(cfg)
+    if cfg.get("ckpt_path"):  # resuming: a missing, damaged or unsafe file is refused up front
+        load_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -122,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):

@@ -141,6 +141,34 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, syntheti
     assert torch.isfinite(weights).all()
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (None, "does not exist"),
+        (b"", "is not a readable PyTorch checkpoint"),
+        ("pickled_code", "refused so that a checkpoint cannot run code"),
+    ],
+    ids=["missing", "empty", "pickled_code"],
+)
+def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_npz, make, message):
+    from tests.test_evaluate import Payload
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    if make == "pickled_code":
+        torch.save({"state_dict": {}, "hyper_parameters": Payload()}, ckpt)
+    elif make is not None:
+        ckpt.write_bytes(make)
+    cfg = compose_train(
+        command(tmp_path / "never_written.npz", tmp_path)
+        + [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}/out"]
+    )
+    with pytest.raises(Exception) as error:
+        train(cfg)
+    assert message in str(find_user_error(error.value))
+    assert not (tmp_path / "never_written.npz").exists()
+
+
 def test_rng_states_survive_a_weights_only_load(trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     states = load_checkpoint(ckpt)["rng_states"]

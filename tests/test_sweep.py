@@ -82,6 +82,15 @@ def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, swe
     assert not list(tmp_path.rglob("overrides.yaml"))  # no job directory was made
 
 
+@pytest.mark.slow
+def test_sweep_over_a_key_that_does_not_exist_is_refused(tmp_path, synthetic_npz):
+    result = run_module(
+        "chest_mnist.train", "-m", "model.optimizer.lrr=1e-3,1e-2", *tiny(synthetic_npz, tmp_path)
+    )
+    assert result.returncode != 0 and "Could not override 'model.optimizer.lrr'" in result.stderr
+    assert not list(tmp_path.rglob("overrides.yaml"))
+
+
 def test_devices_are_checked_against_the_machine(monkeypatch):
     from chest_mnist import UserError
     from chest_mnist.train import check_devices_exist
