@@ -235,3 +235,15 @@ def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, 
 
     assert message in str(find_user_error(error.value))
     assert not (tmp_path / "never_written.npz").exists()  # refused before any data was made
+
+
+@pytest.mark.parametrize("experiment", ["pneumonia_cpu", "medmnist_v2", "fast_gpu"])
+def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
+    from chest_mnist.train import check_job
+
+    cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    check_job(cfg, check_devices=False)  # builds the data module and the model: no data read
+    assert cfg.trainer.max_epochs in (10, 100)
+    if experiment == "fast_gpu":
+        assert (cfg.data.batch_size, cfg.model.compile) == (512, "reduce-overhead")
+        assert cfg.model.scheduler.milestones == [50, 75]

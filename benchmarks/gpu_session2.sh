@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 5's open GPU rows, in one call (about 8 minutes on an H100 or H200): 100 epochs of
+# ChestMNIST-shaped data with experiment=fast_gpu, timed end to end, and its accuracy on real
+# X-rays (PneumoniaMNIST, 100 epochs) against the protocol run in BENCHMARKS.md. Results go to
+# $OUT (summary.txt + results.tar.gz); each step has its own time limit.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_session2.sh      (carry .whl: see gpu_session.sh)
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+RES=/tmp/gpu_results
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null' EXIT
+
+if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+say() { echo "$*" | tee -a "$RES/summary.txt" "$OUT/summary_live.txt"; }
+step() {  # step NAME SECONDS COMMAND...: run, log, time
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s.%N)
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  say "$name: rc=$rc, $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s wall: $*"
+  tail -n 12 "$RES/$name.log" | sed "s/^/  [$name] /" >> "$RES/summary.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$RES/summary.txt"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$RES/summary.txt"
+
+# 1. the goal: 100 epochs, validation every epoch, ChestMNIST's split sizes, timed end to end
+step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz --official-sizes --no-compress
+step fast_100 330 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic data.path=/tmp/chest_full.npz \
+  callbacks.progress_bar.refresh_rate=200 paths.log_dir=/tmp/logs/fast
+cp /tmp/logs/fast/train/runs/*/report/metrics.json "$RES/fast_100_metrics.json" 2>/dev/null
+python3 benchmarks/epoch_times.py /tmp/logs/fast/train/runs/*/tensorboard >> "$RES/summary.txt" 2>&1
+
+# 2. does the fast recipe still learn real X-rays as well as the protocol? (protocol row: BENCHMARKS.md)
+step pneumonia_fast 150 python3 -m chest_mnist.train experiment=fast_gpu data.flag=pneumoniamnist \
+  data.path=tests/data/pneumoniamnist.npz callbacks.progress_bar.refresh_rate=200 paths.log_dir=/tmp/logs/pneumonia
+cp /tmp/logs/pneumonia/train/runs/*/report/metrics.json "$RES/pneumonia_fast_metrics.json" 2>/dev/null
+say "done"
