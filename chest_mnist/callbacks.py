@@ -95,7 +95,7 @@ class StopOnNonFiniteLoss(Callback):
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
+        if trainer.state.fn == "fit":
             self._check(trainer)
 
     @override
@@ -106,12 +106,19 @@ class StopOnNonFiniteLoss(Callback):
         if self._first_bad is None:
             return
         step, loss = self._first_bad.tolist()
-        if step < 0:
+        # every rank decides together (DDP): one rank stopping alone would leave the others
+        # waiting in the next all-reduce
+        if not trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             return
+        where = (
+            f"at epoch {trainer.current_epoch}, step {int(step)}"
+            if step >= 0
+            else "on another rank"
+        )
+        folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else "none"
         raise UserError(
-            f"The training loss is {loss} at epoch {trainer.current_epoch}, step {int(step)}: "
-            f"training stopped. The checkpoints written before it are kept "
-            f"({trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else 'none'}). "
+            f"The training loss is {loss if step >= 0 else 'not finite'} {where}: training "
+            f"stopped. The checkpoints written before it are kept ({folder}). "
             f"Lower model.optimizer.lr, or check the data for broken images."
         )
 

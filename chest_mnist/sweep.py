@@ -15,6 +15,7 @@ a learning rate of the wrong type in job 7 of 8 is an error at once, not after s
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -145,7 +146,7 @@ def swept_configs(config: DictConfig) -> list[tuple[str, DictConfig]]:
         if not isinstance(override.value(), ChoiceSweep | RangeSweep):
             continue
         for value in override.sweep_iterator():
-            job = base.copy()
+            job = copy.deepcopy(base)
             OmegaConf.update(job, key, value, force_add=override.is_add())
             configs.append((f"{key}={value}", job))
     return configs

@@ -60,8 +60,11 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
 
 def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
     """`trainer.devices` asks for no more GPUs (or CPU processes) than this machine has."""
-    if isinstance(devices, str) and devices != "auto":
-        devices = int(devices) if devices.lstrip("-").isdigit() else [devices]
+    if isinstance(devices, str) and devices != "auto":  # Lightning's "2", "-1" or "0,1"
+        if "," in devices:
+            devices = [d for d in devices.split(",") if d.strip()]
+        else:
+            devices = int(devices) if devices.lstrip("-").isdigit() else [devices]
     if devices == "auto" or devices == -1:
         return
     if isinstance(devices, bool) or not isinstance(devices, int | list | ListConfig):

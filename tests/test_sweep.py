@@ -105,6 +105,10 @@ def test_devices_are_checked_against_the_machine(monkeypatch):
         check_devices_exist("gpu", 4)
     with pytest.raises(UserError, match=r"asks for 3 GPUs"):
         check_devices_exist("auto", [0, 1, 2])
+    with pytest.raises(UserError, match=r"asks for 3 GPUs"):
+        check_devices_exist("gpu", "0,1,2")
+    check_devices_exist("gpu", "0,1")
+    check_devices_exist("gpu", "-1")
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     with pytest.raises(UserError, match=r"has 0\. Train on the CPU with trainer=cpu"):
         check_devices_exist("gpu", 1)
