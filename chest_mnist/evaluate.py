@@ -75,7 +75,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
-    model = MedMNISTClassifier(**checkpoint["hyper_parameters"])
+    """The trained model, uncompiled: torch.compile pays off over a training run, not for one
+    pass of evaluation or prediction (and the weights' names are the same either way)."""
+    model = MedMNISTClassifier(**(checkpoint["hyper_parameters"] | {"compile": False}))
     model.load_state_dict(checkpoint["state_dict"])
     return model
 

@@ -76,12 +76,14 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
                 kind = f"{bands} channels" if bands > 1 else "1 channel"
                 raise ValueError(
                     f"unsupported pixel format {image.mode} ({kind}"
-                    + (", 16 or 32 bits per pixel" if mode in ("I", "I;16", "I;16B", "F") else "")
+                    + (", 16 or 32 bits per pixel" if mode.startswith(("I", "F")) else "")
                     + "): save it as 8-bit gray or RGB (no alpha channel)"
                 )
             image = image.convert("L" if channels == 1 else "RGB")
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too large to open safely ({e})") from None
     except (OSError, SyntaxError) as e:  # Pillow's truncated / damaged file errors
         raise ValueError(f"damaged or truncated image ({e})") from None
     width, height = image.size
@@ -126,6 +128,8 @@ def _image_item(path: Path, size: int, channels: int) -> Item:
         return Item(str(path), pixels=load_image(path, size, channels))
     except (ValueError, OSError) as e:
         return Item(str(path), error=str(e))
+    except Exception as e:  # a decoder's own error: still one file's problem, not the run's
+        return Item(str(path), error=f"cannot read it ({type(e).__name__}: {e})")
 
 
 @torch.inference_mode()
