@@ -98,19 +98,25 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_last_checkpoint_first(tmp_path, synthetic_npz):
+@pytest.mark.parametrize(
+    ("sig", "name", "code"),
+    [(signal.SIGTERM, "SIGTERM", 128 + signal.SIGTERM), (signal.SIGINT, "Ctrl-C", 1)],
+    ids=["sigterm", "ctrl_c"],
+)
+def test_a_stop_signal_saves_last_checkpoint_first(tmp_path, synthetic_npz, sig, name, code):
     process = start(command(synthetic_npz, tmp_path, "trainer.max_epochs=50"))
     wait_for(tmp_path / "train" / "runs", process)
     last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     wait_for(last, process)
     saved_at_epoch_end = load_checkpoint(last)["global_step"]
     time.sleep(0.3)  # into the next epoch
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Stopped by SIGTERM at epoch" in stdout and f"ckpt_path={last}" in stdout
+    assert process.returncode == code, stderr[-3000:]
+    assert f"Stopped by {name} at epoch" in stdout and f"ckpt_path={last}" in stdout
+    step = int(stdout.split(f"Stopped by {name} at epoch")[1].split("step ")[1].split(";")[0])
     checkpoint = load_checkpoint(last)
-    assert checkpoint["global_step"] > saved_at_epoch_end  # the state at the signal, not before
+    assert checkpoint["global_step"] == step >= saved_at_epoch_end  # the state at the signal
     assert checkpoint["epoch"] < 49
     assert "rng_states" in checkpoint and "Traceback" not in stderr
 
