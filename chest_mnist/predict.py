@@ -246,6 +246,29 @@ def write_output(
         writer.writerows(row | {"thresholds": source} for row in rows)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda|cuda:N`, checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(
+            f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"device={name} but this machine has no CUDA GPU: use device=cpu.")
+        if device.index is not None and device.index >= count:
+            raise UserError(
+                f"device={name} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}."
+            )
+    elif device.type != "cpu":
+        raise UserError(f"device={name!r}: predict runs on auto, cpu, cuda or cuda:N.")
+    return device
+
+
 def _inputs(value) -> list[str]:
     if value is None or value == "":
         return []
@@ -290,9 +313,7 @@ def predict(cfg: DictConfig) -> dict:
     thresholds, source = choose_thresholds(
         cfg.get("thresholds"), ckpt_path, labels, is_multiclass(model.hparams.task)
     )
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
 
     items = collect(inputs, size, INFO[flag]["n_channels"], flag, cfg.split)
     good = [item for item in items if item.error is None]

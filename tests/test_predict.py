@@ -162,6 +162,7 @@ def test_without_a_report_the_threshold_is_one_half_and_said(trained_run, synthe
         (["ckpt_path=CKPT", "inputs=[x.png]", "format=xml"], "format='xml' must be csv or json"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "thresholds=/no/such.json"], "does not exist"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "output=EXISTING"], "already exists; it was left"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "device=gpu0"], "is not a device"),
     ],
 )
 def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
@@ -172,6 +173,20 @@ def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         predict(predict_cfg(overrides, tmp_path))
     assert existing.read_text() == "precious\n"
+
+
+def test_device_is_checked_against_the_machine(monkeypatch):
+    from chest_mnist.predict import resolve_device
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="device=cuda but this machine has no CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"has 2 GPU\(s\): cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
 
 
 def test_load_image_crops_to_the_centre_and_keeps_the_right_size(tmp_path):
