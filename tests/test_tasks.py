@@ -73,6 +73,36 @@ def test_multiclass_rgb_task(tmp_path):
         in (tmp_path / "report" / "report.md").read_text()
     )
 
+    # predict on a colour PNG of a test image and on the npz: the report's probabilities, and
+    # the arg-max class as the decision (no thresholds for a multi-class task)
+    from PIL import Image
+
+    from chest_mnist.predict import predict
+
+    Image.fromarray(arrays["test_images"][3]).save(tmp_path / "cell.png")
+    summary = predict(
+        compose_train(
+            [
+                f"ckpt_path={metrics['best_checkpoint']}",
+                f"inputs=[{tmp_path}/cell.png,{npz}]",
+                "format=json",
+                f"paths.output_dir={tmp_path}/predict",
+            ],
+            "predict",
+        )
+    )
+    document = json.loads(summary["output"].read_text())
+    rows = document["predictions"]
+    assert len(rows) == 97 and summary["failed"] == 0
+    assert document["thresholds"] is None and document["thresholds_from"].startswith("arg-max")
+    reported = np.load(tmp_path / "report" / "predictions.npz")["scores"]
+    ours = np.array([[row["probabilities"][label] for label in labels] for row in rows[1:]])
+    np.testing.assert_allclose(ours, reported, atol=1e-6)
+    np.testing.assert_allclose(
+        [rows[0]["probabilities"][label] for label in labels], reported[3], atol=1e-6
+    )
+    assert rows[0]["predicted"] == [labels[int(reported[3].argmax())]]
+
 
 @pytest.mark.slow
 def test_real_xrays_are_learned(tmp_path):
