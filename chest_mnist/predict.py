@@ -5,9 +5,9 @@
     python -m chest_mnist.predict ckpt_path=... inputs=[scans/] format=json output=preds.json
 
 Each image is made what the model was trained on: read with Pillow, gray (or RGB for a colour
-dataset), center-cropped to a square and resized to the checkpoint's `data.size` with bicubic
-interpolation when it is not that size already, then normalised on the device exactly as in
-training (`chest_mnist.data.to_model_input`). The output has one row per image: its path, one
+dataset), center-cropped to a square and resized to the checkpoint's `data.size` when it is not
+that size already (bicubic: medmnist.INFO says "resize" without naming the filter), then
+normalised on the device exactly as in training (`chest_mnist.data.to_model_input`). The output has one row per image: its path, one
 probability per label, and the labels predicted at the per-label thresholds that evaluation
 tuned on validation (`<run>/report/thresholds.json`, found next to the checkpoint, or
 `thresholds=PATH`); without them the threshold is 0.5, and the output says so.
@@ -60,9 +60,9 @@ class Item:
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """uint8 (size, size) gray, or (size, size, 3) for a colour model, as MedMNIST made its
-    images: center-crop to a square, resize with bicubic interpolation. ValueError says why a
-    file cannot be used."""
+    """uint8 (size, size) gray, or (size, size, 3) for a colour model, the way medmnist.INFO
+    describes making its images: center-crop to a square, resize. The filter, bicubic, is our
+    choice (INFO does not name one). ValueError says why a file cannot be used."""
     if path.stat().st_size == 0:
         raise ValueError("empty file")
     try:
@@ -105,7 +105,9 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
         if not path.exists():
             items.append(Item(name, error="no such file or folder"))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
             if not files:
                 items.append(
                     Item(name, error=f"folder with no images ({', '.join(IMAGE_SUFFIXES)})")
