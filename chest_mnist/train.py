@@ -159,6 +159,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             run=output_dir.name,
         )
         metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
+    for logger in loggers:  # the report's last TensorBoard writes: flush and close the files
+        logger.finalize("success")
     _end_distributed()
     return metrics
 
