@@ -11,9 +11,11 @@ device, in `on_after_batch_transfer`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -114,9 +116,68 @@ def fetch_official(
     return path
 
 
-def read_npz(path: Path, flag: str, size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def extract_npy(path: Path) -> Path:
+    """The arrays of the npz `path` as plain .npy files in `<name>_npy/` beside it, what memory
+    mapping needs (MedMNIST's files are compressed). Each array is streamed out of the archive
+    in chunks, never whole in memory; the folder is reused while the npz is unchanged (its size
+    and modification time are kept in `source.json`)."""
+    folder = path.with_name(path.stem + "_npy")
+    stat = path.stat()
+    source = {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = folder / "source.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == source:
+        return folder
+    log.info("Extracting the arrays of %s into %s for memory mapping", path.name, folder)
+    part = None
+    try:
+        folder.mkdir(exist_ok=True)
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if not member.filename.endswith(".npy") or "/" in member.filename:
+                    continue
+                target = folder / member.filename
+                part = target.with_name(target.name + ".part")
+                with archive.open(member) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                part.replace(target)
+        stamp.write_text(json.dumps(source) + "\n")
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        if part is not None:
+            part.unlink(missing_ok=True)
+        raise UserError(
+            f"Could not extract the arrays of {path} into {folder} for data.mmap=true "
+            f"({type(e).__name__}: {e}). It needs about the npz's uncompressed size in free disk; "
+            f"free some, or set data.mmap=false to read the file into memory."
+        ) from e
+    return folder
+
+
+class NpyFolder:
+    """The arrays that `extract_npy` wrote, memory-mapped, with the part of NpzFile's interface
+    that `read_npz` uses (`files`, `[key]`, `with`). Copy-on-write maps: writable for torch,
+    never written back."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = sorted(p.stem for p in folder.glob("*.npy"))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.load(self.folder / f"{key}.npy", mmap_mode="c")
+
+    def __enter__(self) -> NpyFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def read_npz(
+    path: Path, flag: str, size: int, mmap: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (images uint8, labels uint8)} from a MedMNIST-format npz, checked against
-    `medmnist.INFO[flag]`: keys, dtypes, image shape, number of label columns, label values."""
+    `medmnist.INFO[flag]`: keys, dtypes, image shape, number of label columns, label values.
+    With `mmap`, the images are memory-mapped from plain .npy copies (`extract_npy`): host
+    memory then holds only the pages that batches touch; the labels are read whole."""
     info = INFO[flag]
     try:
         npz = np.load(path)
@@ -129,6 +190,9 @@ def read_npz(path: Path, flag: str, size: int) -> dict[str, tuple[np.ndarray, np
         raise UserError(
             f"{path} holds a single array, not a MedMNIST .npz archive with train/val/test keys."
         )
+    if mmap:
+        npz.close()
+        npz = NpyFolder(extract_npy(path))
     n_labels = len(info["label"])
     label_columns = n_labels if info["task"].startswith("multi-label") else 1
     image_shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
@@ -175,7 +239,7 @@ def read_npz(path: Path, flag: str, size: int) -> dict[str, tuple[np.ndarray, np
                     flag,
                     expected,
                 )
-            splits[split] = (images, labels.astype(np.uint8, copy=False))
+            splits[split] = (images, np.array(labels, dtype=np.uint8))
     return splits
 
 
@@ -313,6 +377,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         on_device: keep each split whole on the training device and cut batches there
             ("auto": when it takes under a quarter of the free GPU memory; always on the CPU);
             false streams batches from host memory through a DataLoader.
+        mmap: memory-map the images instead of reading them into memory (for the large
+            sizes: 224px ChestMNIST is 5.6 GB as uint8). The npz is extracted once into plain
+            .npy files beside it (`extract_npy`), which costs that much disk.
     """
 
     def __init__(
@@ -333,6 +400,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         std: float = 0.5,
         num_workers: int = 0,
         on_device: bool | str = "auto",
+        mmap: bool = False,
     ):
         super().__init__()
         if flag not in INFO:
@@ -404,7 +472,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         if not self.file.exists():  # setup() without prepare_data(), e.g. outside a Trainer
             self.prepare_data()
         for split, (images, labels) in read_npz(
-            self.file, self.hparams.flag, self.hparams.size
+            self.file, self.hparams.flag, self.hparams.size, mmap=self.hparams.mmap
         ).items():
             if self.hparams.subset is not None:
                 images, labels = images[: self.hparams.subset], labels[: self.hparams.subset]

@@ -399,3 +399,50 @@ def test_augmentation_is_applied_in_training_and_off_at_eval(synthetic_npz):
     torch.manual_seed(0)
     x, y = dm.on_after_batch_transfer((images, labels), 0)
     assert x.shape == plain.shape and y is labels and not torch.equal(x, plain)
+
+
+def test_mmap_reads_the_same_arrays_without_loading_them(tmp_path):
+    """data.mmap=true on the real (compressed) PneumoniaMNIST file: the same images and labels,
+    memory-mapped from .npy copies made once and reused while the npz is unchanged."""
+    npz = tmp_path / "pneumoniamnist.npz"
+    npz.write_bytes(PNEUMONIA_NPZ.read_bytes())
+    mapped = read_npz(npz, "pneumoniamnist", 28, mmap=True)
+    loaded = read_npz(npz, "pneumoniamnist", 28)
+    for split in ("train", "val", "test"):
+        assert isinstance(mapped[split][0], np.memmap)
+        np.testing.assert_array_equal(mapped[split][0], loaded[split][0])
+        np.testing.assert_array_equal(mapped[split][1], loaded[split][1])
+    folder = tmp_path / "pneumoniamnist_npy"
+    images = folder / "train_images.npy"
+    assert images.stat().st_size == 4707 * 28 * 28 + 128  # plain, uncompressed .npy
+    written = images.stat().st_mtime_ns
+    read_npz(npz, "pneumoniamnist", 28, mmap=True)
+    assert images.stat().st_mtime_ns == written  # reused, not extracted again
+
+    dm = MedMNISTDataModule(flag="pneumoniamnist", path=str(npz), mmap=True, subset=100)
+    dm.setup()
+    assert len(dm.splits["train"]) == 100 and dm.splits["train"].images.dtype == torch.uint8
+    np.testing.assert_array_equal(dm.splits["test"].images.numpy(), loaded["test"][0][:100])
+    assert npz.read_bytes() == PNEUMONIA_NPZ.read_bytes()  # the user's file is untouched
+
+    # a changed npz is extracted again
+    arrays = {key: value.copy() for key, value in np.load(npz).items()}
+    arrays["train_images"][0] = 255 - arrays["train_images"][0]
+    np.savez_compressed(npz, **arrays)
+    again = read_npz(npz, "pneumoniamnist", 28, mmap=True)
+    np.testing.assert_array_equal(again["train"][0][0], arrays["train_images"][0])
+
+
+def test_mmap_without_room_for_the_copies_says_what_to_do(tmp_path, monkeypatch):
+    npz = tmp_path / "chest.npz"
+    write_synthetic(npz, n_train=64, n_val=32, n_test=32, seed=0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_module.shutil, "copyfileobj", full_disk)
+    with pytest.raises(UserError, match="free some, or set data.mmap=false") as error:
+        read_npz(npz, "chestmnist", 28, mmap=True)
+    assert "No space left on device" in str(error.value)
+    assert not list((tmp_path / "chest_npy").glob("*.part"))  # no half-written file left
+    assert npz.exists()

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from medmnist import INFO
 
 from chest_mnist.train import train
-from tests.conftest import compose_train, run_module
+from tests.conftest import compose_train, run_module, tiny_training_overrides
 
 LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
 
@@ -205,6 +205,15 @@ def test_cli_bad_size_names_the_key(tmp_path):
 def test_cli_unknown_key(tmp_path):
     result = run_cli("data.colour=red", f"paths.log_dir={tmp_path}", timeout=120)
     assert result.returncode != 0 and "Could not override 'data.colour'" in result.stderr
+
+
+def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
+    npz = tmp_path / "chest.npz"
+    npz.write_bytes(synthetic_npz.read_bytes())
+    overrides = tiny_training_overrides(npz, tmp_path) + ["data.mmap=true", "data.subset=128"]
+    metrics = train(compose_train(overrides))
+    assert (tmp_path / "chest_npy" / "train_images.npy").exists()
+    assert math.isfinite(metrics["test/auroc"]) and metrics["test/n_images"] == 128
 
 
 @pytest.mark.slow
