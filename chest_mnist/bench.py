@@ -106,6 +106,7 @@ def time_ours(
     warmup: int,
     steps: int,
     compile: bool | str = False,
+    mmap: bool = False,
 ):
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
     precision it used, and the peak RSS (MB) once the data was loaded, before training."""
@@ -129,7 +130,7 @@ def time_ours(
             _sync(device)
             self.finished = time.perf_counter()
 
-    datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size)
+    datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size, mmap=mmap)
     model = MedMNISTClassifier(
         datamodule.labels,
         stem=stem,
@@ -216,6 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch.compile our backbone: default, reduce-overhead, max-autotune",
     )
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
+    parser.add_argument(
+        "--mmap",
+        action="store_true",
+        help="our pipeline with data.mmap=true (memory-mapped images)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.warmup,
             args.steps,
             compile={None: False, "default": True}.get(args.compile, args.compile),
+            mmap=args.mmap,
         )
         rss_peak_mb = peak_rss_mb()
 
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
             "n_train": n_train,
             "compile": args.compile,
+            "mmap": args.mmap,
             "ours": {
                 "seconds": ours_s,
                 "images_per_s": args.steps * args.batch_size / ours_s,
