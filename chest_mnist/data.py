@@ -136,7 +136,7 @@ def extract_npy(path: Path) -> Path:
                 if not member.filename.endswith(".npy") or "/" in member.filename:
                     continue
                 target = folder / member.filename
-                part = target.with_name(target.name + ".part")
+                part = target.with_name(f"{target.name}.{os.getpid()}.part")  # ranks may race
                 with archive.open(member) as src, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 24)
                 part.replace(target)
@@ -441,7 +441,13 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        """Make sure the file is there: generate it (synthetic) or download it (official)."""
+        """Make sure the file is there (generate it, synthetic, or download it, official), and
+        with data.mmap its .npy copies. Lightning runs this on one process per machine."""
+        self._ensure_file()
+        if self.hparams.mmap:
+            extract_npy(self.file)
+
+    def _ensure_file(self) -> None:
         hp = self.hparams
         if hp.path is not None:
             if self.file.exists():
