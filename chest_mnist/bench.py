@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from chest_mnist import UserError
+from chest_mnist.config import resolve_device
 from chest_mnist.data import SIZES
 
 CHESTMNIST_TRAIN = 78_468
@@ -177,19 +179,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(
-            f"error: --device {name}, but this machine has no CUDA GPU that torch can use "
-            f"(torch.cuda.is_available() is False). Use --device cpu or --device auto."
-        )
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise SystemExit(f"error: --device {name} is unknown; use auto, cpu, cuda or cuda:N.")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device, option="--device ")
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.backends.cudnn.benchmark = True
 
     n_train = args.n_train or (args.warmup + args.steps) * args.batch_size

@@ -50,6 +50,32 @@ OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("epochs_at", epochs_at, replace=True)
 
 
+def resolve_device(name: str, option: str = "device=") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against this machine. `option` spells the
+    setting in messages: "device=" (Hydra commands) or "--device " (bench)."""
+    said = f"{option}{name}"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{said} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(
+                f"{said}, but this machine has no CUDA GPU that torch can use: "
+                f"use {option}cpu or {option}auto."
+            )
+        if device.index is not None and device.index >= count:
+            raise UserError(
+                f"{said}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}."
+            )
+    elif device.type != "cpu":
+        raise UserError(f"{said} is not a device for this: use auto, cpu, cuda or cuda:N.")
+    return device
+
+
 def find_user_error(error: BaseException | None) -> UserError | None:
     """The UserError behind `error`, also when Hydra's instantiate wrapped it."""
     while error is not None and not isinstance(error, UserError):

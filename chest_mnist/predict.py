@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 
 from chest_mnist import UserError
-from chest_mnist.config import report_user_errors
+from chest_mnist.config import report_user_errors, resolve_device
 from chest_mnist.data import SPLITS, read_npz, to_model_input
 from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
 from chest_mnist.model import MedMNISTClassifier, is_multiclass
@@ -246,29 +246,6 @@ def write_output(
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(row | {"thresholds": source} for row in rows)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`device=auto|cpu|cuda|cuda:N`, checked against this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(
-            f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N."
-        ) from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise UserError(f"device={name} but this machine has no CUDA GPU: use device=cpu.")
-        if device.index is not None and device.index >= count:
-            raise UserError(
-                f"device={name} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}."
-            )
-    elif device.type != "cpu":
-        raise UserError(f"device={name!r}: predict runs on auto, cpu, cuda or cuda:N.")
-    return device
 
 
 def _inputs(value) -> list[str]:

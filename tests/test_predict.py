@@ -176,12 +176,12 @@ def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
 
 
 def test_device_is_checked_against_the_machine(monkeypatch):
-    from chest_mnist.predict import resolve_device
+    from chest_mnist.config import resolve_device
 
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(UserError, match="device=cuda but this machine has no CUDA GPU"):
+    with pytest.raises(UserError, match="device=cuda, but this machine has no CUDA GPU"):
         resolve_device("cuda")
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     with pytest.raises(UserError, match=r"has 2 GPU\(s\): cuda:0 to cuda:1"):
