@@ -57,23 +57,30 @@ def only_run(log_dir: Path) -> Path:
     return run
 
 
-def test_metrics(run: Path) -> dict:
+def wait_for_run(log_dir: Path, process: subprocess.Popen) -> Path:
+    """The run directory that `process` creates under `log_dir` (Hydra makes it at start)."""
+    runs = log_dir / "train" / "runs"
+    wait_for(runs, process)
+    deadline = time.monotonic() + 60
+    while not any(runs.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return only_run(log_dir)
+
+
+def final_metrics(run: Path) -> dict:
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if k.startswith(("test/", "best_val"))}
-
-
-test_metrics.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_npz):
     whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    expected = test_metrics(only_run(tmp_path / "whole"))
+    expected = final_metrics(only_run(tmp_path / "whole"))
 
     killed = start(command(synthetic_npz, tmp_path / "killed"))
-    wait_for(tmp_path / "killed" / "train" / "runs", killed)
-    run = only_run(tmp_path / "killed")
+    run = wait_for_run(tmp_path / "killed", killed)
     last = run / "checkpoints" / "last.ckpt"
     wait_for(last, killed)
     killed.send_signal(signal.SIGKILL)
@@ -93,7 +100,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
     assert (run / ".hydra" / "config.yaml").exists()  # ...whose first config is kept
     assert len(list((run / ".hydra").glob("resumed_*/config.yaml"))) == 1
     assert len({p.name.rsplit(".", 1)[0] for p in (run / "tensorboard").glob("events.*")}) >= 2
-    assert test_metrics(run) == pytest.approx(expected, abs=1e-6)
+    assert final_metrics(run) == pytest.approx(expected, abs=1e-6)
     assert len(expected) > 10
 
 
@@ -105,8 +112,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
 )
 def test_a_stop_signal_saves_last_checkpoint_first(tmp_path, synthetic_npz, sig, name, code):
     process = start(command(synthetic_npz, tmp_path, "trainer.max_epochs=50"))
-    wait_for(tmp_path / "train" / "runs", process)
-    last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    last = wait_for_run(tmp_path, process) / "checkpoints" / "last.ckpt"
     wait_for(last, process)
     saved_at_epoch_end = load_checkpoint(last)["global_step"]
     time.sleep(0.3)  # into the next epoch
