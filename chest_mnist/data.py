@@ -429,6 +429,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         else:
             self.labels = names  # one output per finding (sigmoid) or per class (softmax)
         self.splits: dict[str, SplitDataset] = {}
+        self.predict_splits: tuple[str, ...] = ("val", "test")
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -542,8 +543,12 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> list:
-        """Validation and test, in this order: what the report is made of."""
-        return [self.val_dataloader(), self.test_dataloader()]
+        """The splits named in `predict_splits`, in that order (by default validation and test,
+        what the report is made of)."""
+        return [
+            self._loader(split, self.hparams.eval_batch_size, shuffle=False)
+            for split in self.predict_splits
+        ]
 
     @override
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -106,23 +106,27 @@ def evaluate_model(
     extra: dict | None = None,
     run: str = "chest_mnist",
 ) -> dict:
-    """Test `model` (or the weights at `ckpt_path`), predict val and test, write the report;
-    return the report's flat metrics."""
+    """Test `model` (or the weights at `ckpt_path`), predict val, write the report from the
+    test run's and val's probabilities; return the report's flat metrics."""
     if list(model.hparams.labels) != list(datamodule.labels):
         raise UserError(
             f"The model predicts {len(model.hparams.labels)} labels ({', '.join(model.hparams.labels)}) but "
             f"data.flag={datamodule.hparams.flag} has {len(datamodule.labels)} ({', '.join(datamodule.labels)}): "
             f"evaluate a checkpoint on the task it was trained for."
         )
+    # one pass over each split: test metrics, test/loss and the test half of the report come
+    # from trainer.test; validation (for the thresholds) from trainer.predict
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    val_batches, test_batches = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    val, test = (
-        gather_in_rank_order(
-            trainer,
-            torch.cat([b[0] for b in batches]).float().cpu(),
-            torch.cat([b[1] for b in batches]).cpu(),
-        )
-        for batches in (val_batches, test_batches)
+    test = gather_in_rank_order(trainer, *model.test_predictions())
+    datamodule.predict_splits = ("val",)
+    try:
+        val_batches = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        datamodule.predict_splits = ("val", "test")
+    val = gather_in_rank_order(
+        trainer,
+        torch.cat([b[0] for b in val_batches]).float().cpu(),
+        torch.cat([b[1] for b in val_batches]).cpu(),
     )
     report = build_report(
         val,

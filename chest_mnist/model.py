@@ -182,14 +182,28 @@ class MedMNISTClassifier(L.LightningModule):
         self.val_metrics.reset()
 
     @override
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @override
     def test_step(self, batch, batch_idx: int) -> None:
         scores, targets = self._eval_step(batch, "test")
         self.test_metrics.update(scores, targets)
+        self._test_outputs.append((scores.detach(), batch[1]))
 
     @override
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
+
+    def test_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, labels) of this process's share of the last test run, on the CPU, as
+        `predict_step` would give them: the report's test half, without a second pass."""
+        if not getattr(self, "_test_outputs", None):
+            raise RuntimeError("test_predictions() needs a finished trainer.test() run first")
+        scores = [s for s, _ in self._test_outputs]
+        labels = [y for _, y in self._test_outputs]
+        return torch.cat(scores).float().cpu(), torch.cat(labels).cpu()
 
     @override
     def predict_step(

@@ -9,7 +9,8 @@ import torch
 from medmnist.evaluator import Evaluator
 
 from chest_mnist import UserError
-from chest_mnist.evaluate import evaluate, load_checkpoint
+from chest_mnist.data import to_model_input
+from chest_mnist.evaluate import evaluate, load_checkpoint, model_from_checkpoint
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.report import build_report
 from chest_mnist.synthetic import LABELS
@@ -106,6 +107,42 @@ def test_evaluate_writes_the_same_complete_report(trained_run, tmp_path, synthet
     auc, acc = Evaluator("chestmnist", "test", root=str(root)).evaluate(rows[:, 1:])
     assert auc == pytest.approx(written["test/auroc"], abs=1e-6)
     assert acc == pytest.approx(written["test/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_each_split_once(trained_run, tmp_path, synthetic_npz, monkeypatch):
+    """The test pass gives both the test metrics and the report's test half: the model sees the
+    256 val and 256 test images once each, and the report's numbers are those of the test pass."""
+    from chest_mnist.model import MedMNISTClassifier
+
+    seen = []
+    forward = MedMNISTClassifier.forward
+    monkeypatch.setattr(
+        MedMNISTClassifier, "forward", lambda self, x: seen.append(len(x)) or forward(self, x)
+    )
+    metrics = evaluate(
+        compose_evaluate(
+            [
+                f"ckpt_path={trained_run}/checkpoints/last.ckpt",
+                "trainer=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path}",
+            ]
+        )
+    )
+    assert sum(seen) == 256 + 256
+    # the test half of the report, in the split's order, is the model's own output
+    saved = np.load(tmp_path / "report" / "predictions.npz")
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    model = model_from_checkpoint(checkpoint).eval()
+    data = checkpoint["datamodule_hyper_parameters"]
+    with np.load(synthetic_npz) as npz:
+        images, labels = torch.from_numpy(npz["test_images"]), npz["test_labels"]
+    with torch.no_grad():
+        expected = model.probabilities(to_model_input(images, data["mean"], data["std"]))
+    np.testing.assert_allclose(saved["scores"], expected.numpy(), atol=1e-6)
+    assert (saved["labels"] == labels).all()
+    assert metrics["test/n_images"] == 256
 
 
 @pytest.mark.slow
