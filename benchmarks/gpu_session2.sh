@@ -15,13 +15,13 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 # 1. the goal: 100 epochs, validation every epoch, ChestMNIST's split sizes, timed end to end
 step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz --official-sizes --no-compress
 step fast_100 330 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic data.path=/tmp/chest_full.npz \
-  callbacks.progress_bar.refresh_rate=200 paths.log_dir=/tmp/logs/fast
+  paths.log_dir=/tmp/logs/fast
 cp /tmp/logs/fast/train/runs/*/report/metrics.json "$RES/fast_100_metrics.json" 2>/dev/null
 python3 benchmarks/epoch_times.py /tmp/logs/fast/train/runs/*/tensorboard >> "$RES/summary.txt" 2>&1
 
 # 2. does the fast recipe still learn real X-rays as well as the protocol? (protocol row: BENCHMARKS.md)
 step pneumonia_fast 150 python3 -m chest_mnist.train experiment=fast_gpu data.flag=pneumoniamnist \
-  data.path=tests/data/pneumoniamnist.npz callbacks.progress_bar.refresh_rate=200 paths.log_dir=/tmp/logs/pneumonia
+  data.path=tests/data/pneumoniamnist.npz paths.log_dir=/tmp/logs/pneumonia
 cp /tmp/logs/pneumonia/train/runs/*/report/metrics.json "$RES/pneumonia_fast_metrics.json" 2>/dev/null
 
 # 3. predict on the GPU (issue 7): the test npz with that run's best checkpoint, against its report

@@ -8,18 +8,22 @@
   epoch and step, before a checkpoint of the broken weights can be written.
 - `RestoreRNG`: puts the random generators' state in every checkpoint and restores it on
   resume, so a resumed run shuffles (and augments) as the uninterrupted run would have.
+- `ProgressBar`: Lightning's RichProgressBar, reading the training loss from the GPU about
+  once a second instead of after every step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -157,3 +161,54 @@ class RestoreRNG(Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, internal, gauss_next = states["python"]
         random.setstate((version, tuple(internal), gauss_next))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's RichProgressBar, with the training loss read to the host at most every
+    `metrics_interval_s` seconds (and at the end of each epoch); the step counter still moves
+    every step.
+
+    Lightning's bar asks for the logged values after every training step, and a value logged
+    with `prog_bar=True` is copied to the host each time it is asked for: a GPU sync per step,
+    which stops the CPU from queueing the next steps while the GPU works. So the model logs
+    `train/loss_step` without `prog_bar`, and this bar shows it when its values are due.
+    (`refresh_rate` is Rich's redraws per second, which read nothing from the GPU.)
+    """
+
+    def __init__(self, refresh_rate: int = 10, metrics_interval_s: float = 1.0, **kwargs: Any):
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self.metrics_interval_s = metrics_interval_s
+        self._last_read = -math.inf
+        self._due = True
+        self._shown: dict[str, Any] = {}
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        now = time.monotonic()
+        self._due = (
+            now - self._last_read >= self.metrics_interval_s
+            or batch_idx + 1 >= self.total_train_batches
+        )
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._due = True  # every other caller (epoch and validation ends) reads now
+
+    @override
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if not self._due:
+            return self._shown
+        self._last_read = time.monotonic()
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None:
+            metrics["train/loss_step"] = loss.item()
+        self._shown = metrics
+        return metrics

@@ -149,9 +149,9 @@ class MedMNISTClassifier(L.LightningModule):
         x, targets = batch
         loss = self._loss(self(x), targets)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self.log(
-            "train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(x)
-        )
+        # not prog_bar=True: Lightning would copy it to the host after every step (a GPU sync);
+        # callbacks.ProgressBar shows it about once a second
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(x))
         return loss
 
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:

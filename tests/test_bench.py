@@ -1,5 +1,7 @@
 import json
+import sys
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,9 @@ import torch
 from chest_mnist.bench import PILDataset, reference_transform
 from chest_mnist.data import to_model_input
 from chest_mnist.model import build_resnet18
-from chest_mnist.synthetic import make_synthetic
-from tests.conftest import run_module
+from chest_mnist.synthetic import make_synthetic, write_synthetic
+from chest_mnist.train import train
+from tests.conftest import compose_train, run_module, tiny_training_overrides
 
 
 def test_fast_and_reference_paths_give_the_same_loss():
@@ -104,3 +107,76 @@ def test_memory_mapped_images_stay_out_of_host_memory(tmp_path):
     data = json.loads(out.read_text())
     assert data["mmap"] is True and data["memory"]["peak_measured"]
     assert data["memory"]["loading_over_split"] < 0.6
+
+
+class CountHostReads(L.Callback):
+    """Counts host reads of tensors (item, tolist, ...) made during the training steps: from the
+    epoch's start to its validation. torch.optim's are left out: Adam's step counters live on the
+    CPU even when training on a GPU, so reading them costs no sync."""
+
+    READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__")
+    reads: list[str] = []
+    counting = False
+
+    @classmethod
+    def install(cls, monkeypatch) -> None:
+        cls.reads, cls.counting = [], False
+        for name in cls.READS:
+            monkeypatch.setattr(torch.Tensor, name, cls._counted(name, getattr(torch.Tensor, name)))
+
+    @classmethod
+    def _counted(cls, name, original):
+        def read(self, *args, **kwargs):
+            if cls.counting and not cls._called_from_optimizer():
+                cls.reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    @staticmethod
+    def _called_from_optimizer() -> bool:
+        frame = sys._getframe(2)
+        for _ in range(8):
+            if frame is None:
+                return False
+            if "torch/optim/" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+    def on_train_epoch_start(self, *args) -> None:
+        type(self).counting = True
+
+    def on_validation_start(self, *args) -> None:
+        type(self).counting = False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interval, reads", [(3600.0, "at most 2"), (0.0, "one per step")])
+def test_training_steps_do_not_read_the_device_every_step(tmp_path, monkeypatch, interval, reads):
+    """A host read of a GPU tensor waits for the GPU, and one per step keeps the CPU from queueing
+    work ahead. 20 training steps of the real config, progress bar on: the loss is read for the
+    bar at the epoch's last step (the interval is an hour) and the non-finite check reads once
+    before validation. With the bar reading at every step (interval 0), the same count sees it."""
+    npz = write_synthetic(tmp_path / "chest.npz", n_train=640, n_val=64, n_test=64, seed=0)
+    shown = ("~callbacks.progress_bar", "+trainer.enable_progress_bar=false")
+    overrides = [
+        o
+        for o in tiny_training_overrides(npz, tmp_path / "run")
+        if o not in (*shown, "+trainer.limit_train_batches=3")
+    ]
+    CountHostReads.install(monkeypatch)
+    train(
+        compose_train(
+            overrides
+            + [
+                "data.batch_size=32",  # 640 / 32 = 20 steps
+                f"callbacks.progress_bar.metrics_interval_s={interval}",
+                "+callbacks.count._target_=tests.test_bench.CountHostReads",
+            ]
+        )
+    )
+    if reads == "at most 2":
+        assert sorted(CountHostReads.reads) == ["item", "tolist"]
+    else:
+        assert CountHostReads.reads.count("item") == 20
