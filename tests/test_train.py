@@ -257,3 +257,36 @@ def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
     if experiment == "fast_gpu":
         assert (cfg.data.batch_size, cfg.model.compile) == (512, "reduce-overhead")
         assert cfg.model.scheduler.milestones == [50, 75]
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
+    """model.compile compiles the backbone in place: its checkpoints have the plain model's keys,
+    and the uncompiled model that evaluate and predict build from them gives the probabilities
+    the compiled run reported. fast_gpu's mode (reduce-overhead: CUDA graphs on a GPU, plain
+    inductor here)."""
+    import torch
+
+    from chest_mnist.data import to_model_input
+    from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
+    from chest_mnist.model import MedMNISTClassifier
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    train(compose_train(tiny_overrides + ["model.compile=reduce-overhead"]))
+    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: training and eval graphs
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    checkpoint = load_checkpoint(report["best_checkpoint"])
+    assert checkpoint["hyper_parameters"]["compile"] == "reduce-overhead"
+    plain = MedMNISTClassifier(**(checkpoint["hyper_parameters"] | {"compile": False}))
+    assert list(checkpoint["state_dict"]) == list(plain.state_dict())
+
+    model = model_from_checkpoint(checkpoint).eval()
+    saved = np.load(tmp_path / "report" / "predictions.npz")
+    data = checkpoint["datamodule_hyper_parameters"]
+    with np.load(data["path"]) as npz:
+        images = torch.from_numpy(npz["test_images"])
+    with torch.no_grad():
+        eager = model.probabilities(to_model_input(images, data["mean"], data["std"]))
+    np.testing.assert_allclose(saved["scores"], eager.numpy(), atol=1e-4)
