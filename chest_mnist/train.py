@@ -105,6 +105,18 @@ def check_job(cfg: DictConfig, check_devices: bool = True) -> None:
     )
 
 
+def check_resumable(ckpt_path: str) -> None:
+    """Refuse, before any data is made, a checkpoint that training cannot continue from."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise UserError(
+            f"ckpt_path={ckpt_path} holds the weights only (the best checkpoint is saved that "
+            f"way), not the optimizer and loop state that training continues from. Resume from "
+            f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
+            f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write `report/`; return the logged metrics.
 
@@ -113,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     check_config(cfg)
     if cfg.get("ckpt_path"):  # resuming: a missing, damaged or unsafe file is refused up front
-        load_checkpoint(cfg.ckpt_path)
+        check_resumable(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

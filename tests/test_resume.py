@@ -186,3 +186,27 @@ def test_rng_states_survive_a_weights_only_load(trained_run):
     states = load_checkpoint(ckpt)["rng_states"]
     assert set(states) == {"torch", "torch.cuda", "numpy", "python"}
     assert states["torch"].dtype == torch.uint8 and len(states["numpy"][1]) == 624
+
+
+def test_best_checkpoint_holds_weights_only_and_is_refused_for_resume(trained_run, tmp_path):
+    """The best checkpoint is for test, evaluate and predict: no Adam state (a third of the
+    size); training is resumed from last.ckpt, and the message says so."""
+    best = Path(
+        json.loads((trained_run / "report" / "metrics.json").read_text())["best_checkpoint"]
+    )
+    last = trained_run / "checkpoints" / "last.ckpt"
+    assert best.parent == last.parent and best != last
+    assert "optimizer_states" not in load_checkpoint(best)
+    assert "optimizer_states" in load_checkpoint(last)
+    assert best.stat().st_size < 0.4 * last.stat().st_size
+
+    cfg = compose_train(
+        command(tmp_path / "never_written.npz", tmp_path)
+        + [f"ckpt_path={best}", f"paths.output_dir={tmp_path}/out"]
+    )
+    with pytest.raises(Exception) as error:
+        train(cfg)
+    message = str(find_user_error(error.value))
+    assert f"ckpt_path={best} holds the weights only" in message
+    assert f"Resume from {last};" in message
+    assert not (tmp_path / "never_written.npz").exists()

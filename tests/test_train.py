@@ -266,12 +266,11 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
     the compiled run reported. fast_gpu's mode (reduce-overhead: CUDA graphs on a GPU, plain
     inductor here)."""
     import torch
+    from torch._dynamo.utils import counters
 
     from chest_mnist.data import to_model_input
     from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
     from chest_mnist.model import MedMNISTClassifier
-
-    from torch._dynamo.utils import counters
 
     counters.clear()
     train(compose_train(tiny_overrides + ["model.compile=reduce-overhead"]))
