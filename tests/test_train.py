@@ -225,6 +225,18 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path):
     assert cfg.callbacks.ema.decay == 0.999
     metrics = train(cfg)
     assert math.isfinite(metrics["test/auroc"])
+    # the best checkpoint (what test, evaluate and predict use) holds the averaged weights,
+    # the ones validation chose it by, and the raw ones apart
+    import torch
+
+    from chest_mnist.evaluate import load_checkpoint
+
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    best = load_checkpoint(report["best_checkpoint"])
+    averaged, raw = best["state_dict"], best["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    name = "backbone.layer1.0.conv1.weight"
+    assert not torch.equal(averaged[name], raw[name])
 
 
 @pytest.mark.parametrize(
