@@ -33,11 +33,28 @@ log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`dirpath/last.ckpt` every epoch, and when the run is interrupted (Ctrl-C, SIGTERM)."""
+    """`dirpath/last.ckpt` every `every_n_epochs` epochs and at the end of training, and when
+    the run is interrupted (Ctrl-C, SIGTERM)."""
 
-    def __init__(self, dirpath: str, filename: str = "last", **kwargs: Any):
+    def __init__(
+        self, dirpath: str, filename: str = "last", every_n_epochs: int = 1, **kwargs: Any
+    ):
         kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False} | kwargs
-        super().__init__(dirpath=dirpath, filename=filename, save_on_exception=True, **kwargs)
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            every_n_epochs=every_n_epochs,
+            save_on_exception=True,
+            **kwargs,
+        )
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the steps since the last save: the last epochs when their count is not a multiple of
+        # every_n_epochs, or a run ended by trainer.max_steps inside an epoch
+        if trainer.global_step != self._last_global_step_saved:
+            trainer.save_checkpoint(self.format_checkpoint_name({}))
+            self._last_global_step_saved = trainer.global_step
 
     @override
     def on_exception(

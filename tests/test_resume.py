@@ -210,3 +210,31 @@ def test_best_checkpoint_holds_weights_only_and_is_refused_for_resume(trained_ru
     assert f"ckpt_path={best} holds the weights only" in message
     assert f"Resume from {last};" in message
     assert not (tmp_path / "never_written.npz").exists()
+
+
+@pytest.mark.parametrize("every_n, epochs, saves", [(2, 3, [1, 3]), (1, 2, [0, 1])])
+def test_last_checkpoint_every_n_epochs_still_saves_the_end(
+    tiny_overrides, tmp_path, monkeypatch, every_n, epochs, saves
+):
+    """callbacks.last_checkpoint.every_n_epochs=2 on a 3-epoch run: saved after the second epoch
+    (during it, current_epoch is 1) and at the end (3 epochs done), which every_n_epochs alone
+    would skip; every epoch: once per epoch, no extra save at the end."""
+    import lightning as L
+
+    written = []
+    save = L.Trainer.save_checkpoint
+
+    def counted(trainer, path, *args, **kwargs):
+        if str(path).endswith("last.ckpt"):
+            written.append(trainer.current_epoch)
+        return save(trainer, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", counted)
+    cfg = compose_train(
+        tiny_overrides
+        + [f"trainer.max_epochs={epochs}", f"callbacks.last_checkpoint.every_n_epochs={every_n}"]
+    )
+    train(cfg)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3 * epochs  # limit_train_batches=3: the final state
+    assert written == saves

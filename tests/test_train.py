@@ -269,6 +269,8 @@ def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
     if experiment == "fast_gpu":
         assert (cfg.data.batch_size, cfg.model.compile) == (512, "reduce-overhead")
         assert cfg.model.scheduler.milestones == [50, 75]
+        assert cfg.callbacks.last_checkpoint.every_n_epochs == 5
+        assert cfg.trainer.max_epochs % 5 == 0  # so the final epoch is saved
 
 
 @pytest.mark.slow
