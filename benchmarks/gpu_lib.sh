@@ -1,6 +1,7 @@
 # Shared by the GPU session scripts: sourced, not run. Sets OUT and RES, installs the wheels
 # the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist: carried in .whl/), and defines
-# `say` (log a line) and `step NAME SECONDS COMMAND...` (run with a time limit, log, time).
+# `say` (log a line) and `step NAME SECONDS COMMAND...` (run with a time limit, log, time;
+# never past $DEADLINE when it is set).
 # On exit the results are packed into $OUT/results.tar.gz.
 OUT=${OUT:-/tmp/gpu_out}
 RES=/tmp/gpu_results
@@ -13,8 +14,15 @@ if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, ant
   export PYTHONPATH=/tmp/site
 fi
 say() { echo "$*" | tee -a "$RES/summary.txt" "$OUT/summary_live.txt"; }
+DEADLINE=${DEADLINE:-}  # epoch seconds; when set, no step runs past it and a step that
+                        # would get under 30 s is skipped (and said so)
 step() {  # step NAME SECONDS COMMAND...: run, log, time
   local name=$1 limit=$2; shift 2
+  if [ -n "$DEADLINE" ]; then
+    local left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -lt 30 ]; then say "$name: skipped, ${left} s left before the deadline"; return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   local t0=$(date +%s.%N)
   timeout "$limit" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
