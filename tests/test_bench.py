@@ -164,11 +164,11 @@ def test_training_steps_do_not_read_the_device_every_step(tmp_path, monkeypatch,
     bar at the epoch's last step (the interval is an hour) and the non-finite check reads once
     before validation. With the bar reading at every step (interval 0), the same count sees it."""
     npz = write_synthetic(tmp_path / "chest.npz", n_train=640, n_val=64, n_test=64, seed=0)
-    shown = ("~callbacks.progress_bar", "+trainer.enable_progress_bar=false")
+    bar_off = ("~callbacks.progress_bar", "+trainer.enable_progress_bar=false")
     overrides = [
         o
         for o in tiny_training_overrides(npz, tmp_path / "run")
-        if o not in (*shown, "+trainer.limit_train_batches=3")
+        if o not in (*bar_off, "+trainer.limit_train_batches=3")
     ]
     CountHostReads.install(monkeypatch)
     train(

@@ -112,7 +112,8 @@ def test_evaluate_writes_the_same_complete_report(trained_run, tmp_path, synthet
 @pytest.mark.slow
 def test_evaluate_reads_each_split_once(trained_run, tmp_path, synthetic_npz, monkeypatch):
     """The test pass gives both the test metrics and the report's test half: the model sees the
-    256 val and 256 test images once each, and the report's numbers are those of the test pass."""
+    256 val and 256 test images once each, and the report's test scores are the model's own
+    output, in the split's order."""
     from chest_mnist.model import MedMNISTClassifier
 
     seen = []
