@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from chest_mnist import UserError
 from chest_mnist.config import report_user_errors
 from chest_mnist.data import MedMNISTDataModule
-from chest_mnist.model import MedMNISTClassifier
+from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import build_report, flat_metrics, write_report
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,7 @@ def evaluate_model(
         val_batches = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         datamodule.predict_splits = ("val", "test")
-    val = gather_in_rank_order(
-        trainer,
-        torch.cat([b[0] for b in val_batches]).float().cpu(),
-        torch.cat([b[1] for b in val_batches]).cpu(),
-    )
+    val = gather_in_rank_order(trainer, *concat_outputs(val_batches))
     report = build_report(
         val,
         test,

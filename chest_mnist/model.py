@@ -56,6 +56,15 @@ def build_resnet18(
     return net
 
 
+def concat_outputs(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, labels) batches, as test_step keeps them and predict_step returns them,
+    as two CPU tensors (probabilities in float32)."""
+    scores, labels = zip(*batches, strict=True)
+    return torch.cat(scores).float().cpu(), torch.cat(labels).cpu()
+
+
 class MedMNISTClassifier(L.LightningModule):
     """ResNet-18 with one sigmoid output per label (multi-label, as ChestMNIST, or binary), or
     one softmax output per class (multi-class and ordinal regression: cross-entropy).
@@ -201,9 +210,7 @@ class MedMNISTClassifier(L.LightningModule):
         `predict_step` would give them: the report's test half, without a second pass."""
         if not getattr(self, "_test_outputs", None):
             raise RuntimeError("test_predictions() needs a finished trainer.test() run first")
-        scores = [s for s, _ in self._test_outputs]
-        labels = [y for _, y in self._test_outputs]
-        return torch.cat(scores).float().cpu(), torch.cat(labels).cpu()
+        return concat_outputs(self._test_outputs)
 
     @override
     def predict_step(
