@@ -79,8 +79,11 @@ class MedMNISTClassifier(L.LightningModule):
             whole config is in `.hydra/` and TensorBoard.
         label_smoothing: spread this much of each target's weight over the other answers.
         tta_flip: at evaluation, average the logits of each image and its left-right mirror.
-        compile: `torch.compile` the backbone in place (checkpoints keep their keys); true, or
-            a torch.compile mode ("reduce-overhead" adds CUDA graphs, "max-autotune").
+        compile: `torch.compile` the backbone in place (checkpoints keep their keys) for the
+            training steps; true, or a torch.compile mode ("reduce-overhead" adds CUDA graphs,
+            "max-autotune"). Evaluation runs the same weights eagerly: its large batches keep
+            the GPU busy without it, and each compiled evaluation graph (no gradients, another
+            last-batch size, inference tensors in test) would be one more compilation.
     """
 
     def __init__(
@@ -138,7 +141,10 @@ class MedMNISTClassifier(L.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
+        if self.hparams.compile and not self.training:
+            features = self.backbone.forward(x)  # the eager code: only __call__ is compiled
+        else:
+            features = self.backbone(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.head(features.float())
 

@@ -96,6 +96,52 @@ def test_device_batches_shard_exactly_across_ranks():
     assert len(set(torch.cat(training).tolist())) == 100  # disjoint slices of one permutation
 
 
+@pytest.mark.parametrize("on_device", ["auto", False])
+def test_drop_last_gives_equal_training_batches_and_keeps_evaluation_whole(
+    synthetic_npz, on_device
+):
+    """512 training images in batches of 100: 5 full batches, 500 different images (the 12
+    left out change with the shuffle); validation still sees all 256, the last batch partial."""
+    dm = MedMNISTDataModule(
+        path=str(synthetic_npz),
+        batch_size=100,
+        eval_batch_size=100,
+        drop_last=True,
+        on_device=on_device,
+    )
+    dm.setup("fit")
+    epochs = []
+    for _ in range(2):
+        loader = dm.train_dataloader()
+        batches = list(loader)
+        assert len(loader) == len(batches) == 5
+        assert {len(x) for x, _ in batches} == {100}
+        epochs.append(torch.cat([x.reshape(len(x), -1) for x, _ in batches]))
+        assert len(torch.unique(epochs[-1], dim=0)) == 500
+    assert not torch.equal(epochs[0], epochs[1])
+    val = list(dm.val_dataloader())
+    assert [len(x) for x, _ in val] == [100, 100, 56]
+
+
+def test_drop_last_per_rank_under_ddp():
+    """103 images on 4 ranks: 25 each; in batches of 10 that is 2 full batches per rank."""
+    images, labels = torch.zeros(103, 1, 1, dtype=torch.uint8), torch.arange(103)
+    for r in range(4):
+        batches = DeviceBatches(images, labels, 10, True, rank=r, world_size=4, drop_last=True)
+        assert len(batches) == 2 and [len(b[1]) for b in batches] == [10, 10]
+
+
+def test_drop_last_with_a_batch_larger_than_the_split_says_what_to_do(synthetic_npz):
+    dm = MedMNISTDataModule(path=str(synthetic_npz), batch_size=1024, drop_last=True)
+    dm.setup("fit")
+    with pytest.raises(UserError) as error:
+        dm.train_dataloader()
+    for part in ("data.drop_last=true", "data.batch_size=1024", str(synthetic_npz), "512 training"):
+        assert part in str(error.value)
+    dm.hparams.drop_last = False
+    assert [len(b[0]) for b in dm.train_dataloader()] == [512]
+
+
 def test_subset_keeps_first_n_of_each_split(synthetic_npz):
     dm = MedMNISTDataModule(path=str(synthetic_npz), subset=100)
     dm.setup()

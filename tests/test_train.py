@@ -268,6 +268,7 @@ def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
     assert cfg.trainer.max_epochs in (10, 100)
     if experiment == "fast_gpu":
         assert (cfg.data.batch_size, cfg.model.compile) == (512, "reduce-overhead")
+        assert cfg.data.drop_last  # one training shape: one compilation
         assert cfg.model.scheduler.milestones == [50, 75]
         assert cfg.callbacks.last_checkpoint.every_n_epochs == 5
         assert cfg.trainer.max_epochs % 5 == 0  # so the final epoch is saved
@@ -275,10 +276,11 @@ def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
-    """model.compile compiles the backbone in place: its checkpoints have the plain model's keys,
-    and the uncompiled model that evaluate and predict build from them gives the probabilities
-    the compiled run reported. fast_gpu's mode (reduce-overhead: CUDA graphs on a GPU, plain
-    inductor here)."""
+    """model.compile compiles the backbone in place for training, once: validation, test and
+    the report's predictions run eagerly (they would add a graph each). Its checkpoints have the
+    plain model's keys, and the uncompiled model that evaluate and predict build from them
+    gives the probabilities the compiled run reported. fast_gpu's mode (reduce-overhead: CUDA
+    graphs on a GPU, plain inductor here)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -288,7 +290,7 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
 
     counters.clear()
     train(compose_train(tiny_overrides + ["model.compile=reduce-overhead"]))
-    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: training and eval graphs
+    assert counters["stats"]["unique_graphs"] == 1  # the training step's, and no other
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     checkpoint = load_checkpoint(report["best_checkpoint"])
     assert checkpoint["hyper_parameters"]["compile"] == "reduce-overhead"
@@ -302,4 +304,4 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
         images = torch.from_numpy(npz["test_images"])
     with torch.no_grad():
         eager = model.probabilities(to_model_input(images, data["mean"], data["std"]))
-    np.testing.assert_allclose(saved["scores"], eager.numpy(), atol=1e-4)
+    np.testing.assert_allclose(saved["scores"], eager.numpy(), atol=1e-6)
