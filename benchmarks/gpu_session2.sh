@@ -22,8 +22,9 @@ git log --oneline -1 2>/dev/null | tee -a "$RES/summary.txt"
 
 # 1. the goal: 100 epochs, validation every epoch, ChestMNIST's split sizes, timed end to end
 step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz --official-sizes --no-compress
-step fast_100 300 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic data.path=/tmp/chest_full.npz \
-  paths.log_dir=/tmp/logs/fast
+TORCH_LOGS=recompiles step fast_100 300 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic \
+  data.path=/tmp/chest_full.npz paths.log_dir=/tmp/logs/fast
+say "fast_100 compilations: $(( $(grep -c 'Recompiling function' "$RES/fast_100.log") + 1 )) (1 expected: training only)"
 FAST=$(ls -d /tmp/logs/fast/train/runs/* 2>/dev/null | head -1)
 cp "$FAST/report/metrics.json" "$RES/fast_100_metrics.json" 2>/dev/null
 python3 benchmarks/epoch_times.py "$FAST/tensorboard" >> "$RES/summary.txt" 2>&1
