@@ -19,13 +19,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from chest_mnist import UserError
 from chest_mnist.config import report_user_errors
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
-from chest_mnist.report import build_report, flat_metrics, write_report
+from chest_mnist.report import build_report, flat_metrics, log_to_tensorboard, write_report
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ def evaluate_model(
             extra=extra,
             run=run,
         )
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_to_tensorboard(
+                    logger.experiment,
+                    out_dir,
+                    test,
+                    datamodule.labels,
+                    datamodule.task,
+                    trainer.global_step,
+                )
     metrics = flat_metrics(report)
     per_label = {k: v for k, v in metrics.items() if k.count("/") == 2 or k.endswith("_tuned")}
     for (

@@ -240,6 +240,36 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
     return "\n".join(lines) + "\n"
 
 
+def label_truth(targets: torch.Tensor, k: int, multiclass: bool) -> torch.Tensor:
+    """0/1 per image for output `k`: its label column, or (multi-class) "is class k", one
+    against the rest."""
+    return (targets.reshape(-1) == k).int() if multiclass else targets[:, k].int()
+
+
+def log_to_tensorboard(
+    writer,
+    report_dir: Path,
+    test: tuple[torch.Tensor, torch.Tensor],
+    labels: list[str],
+    task: str,
+    step: int,
+) -> None:
+    """The report's figures into a TensorBoard run (IMAGES: `report/<figure>`) and one
+    precision-recall curve per label on test (PR CURVES: `test/pr_curve/<label>`, TensorBoard's
+    own interactive plot, with the counts at each threshold). `writer`: a SummaryWriter."""
+    from PIL import Image
+
+    for png in sorted(report_dir.glob("*.png")):
+        with Image.open(png) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        writer.add_image(f"report/{png.stem}", pixels, step, dataformats="HWC")
+    scores, targets = test[0].float(), test[1]
+    for k, label in enumerate(labels):
+        truth = label_truth(targets, k, is_multiclass(task)).bool()
+        writer.add_pr_curve(f"test/pr_curve/{label}", truth, scores[:, k], step)
+    writer.flush()
+
+
 def write_report(
     out_dir: Path,
     report: dict,
@@ -305,9 +335,7 @@ def write_report(
         )
     rocs, prs = [], []
     for k in range(len(labels)):
-        truth = (
-            (targets.reshape(-1) == k).int() if multiclass else targets[:, k]
-        )  # one against the rest
+        truth = label_truth(targets, k, multiclass)
         fpr, tpr, _ = binary_roc(scores[:, k], truth)
         precision, recall, _ = binary_precision_recall_curve(scores[:, k], truth)
         rocs.append((fpr.numpy(), tpr.numpy()))

@@ -175,6 +175,26 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
         "lr-Adam",
     } <= tags
 
+    # the report's figures and a precision-recall curve per label, in TensorBoard too
+    from PIL import Image
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    figures = sorted(p.stem for p in (run / "report").glob("*.png"))
+    assert len(figures) == 4 and {f"report/{f}" for f in figures} == set(events.Tags()["images"])
+    shown = events.Images("report/roc_curves")[-1]
+    with Image.open(run / "report" / "roc_curves.png") as png:
+        assert (shown.width, shown.height) == png.size
+    assert {f"test/pr_curve/{label}" for label in LABELS} <= set(events.Tags()["tensors"])
+    saved = np.load(run / "report" / "predictions.npz")
+    for k in (LABELS.index("effusion"), LABELS.index("hernia")):
+        (event,) = events.Tensors(f"test/pr_curve/{LABELS[k]}")
+        tp, fp, tn, fn, precision, recall = tensor_util.make_ndarray(event.tensor_proto)
+        positives = int(saved["labels"][:, k].sum())
+        assert (tp + fn == positives).all() and (tp + fp + tn + fn == 128).all()
+        predicted = int((saved["scores"][:, k] >= 0.5).sum())  # TensorBoard counts score >= t
+        assert tp[63] + fp[63] == predicted  # threshold 63 of 127 is 0.5
+
 
 @pytest.mark.slow
 def test_cli_without_network_fails_fast_with_the_message(tmp_path):
