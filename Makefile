@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test bench lint format tensorboard clean
+.PHONY: help install train test bench lint format tensorboard clean gpu-wheels
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ format: install ## ruff: fix what can be fixed, format
 
 tensorboard: install ## TensorBoard on every run and sweep under logs/
 	$(BIN)/tensorboard --logdir logs
+
+gpu-wheels: install ## the packages a bare GPU image lacks, as wheels in .whl/ (benchmarks/gpu_lib.sh installs them)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir .whl \
+	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|medmnist)==')
 
 clean: ## remove caches and build files; keeps .venv, logs/ (your runs) and data/
 	rm -rf .pytest_cache .ruff_cache *.egg-info

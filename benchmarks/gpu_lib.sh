@@ -1,5 +1,6 @@
 # Shared by the GPU session scripts: sourced, not run. Sets OUT and RES, installs the wheels
-# the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist: carried in .whl/), and defines
+# the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist: `make gpu-wheels` writes them
+# into .whl/, which the device call carries), and defines
 # `say` (log a line) and `step NAME SECONDS COMMAND...` (run with a time limit, log, time;
 # never past $DEADLINE when it is set).
 # On exit the results are packed into $OUT/results.tar.gz.
