@@ -183,12 +183,14 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
     if "acc_all_negative" in s and abs(s["acc_all_negative"] - s["acc_majority"]) < 1e-12:
         constant = "no finding for every label"
     over = "classes, one against the rest" if multiclass else "labels"
+    gap = round(s["acc"] - s["acc_majority"], 4)
+    versus = "the same (to 4 decimals)" if gap == 0 else f"{gap:+.4f} from it"  # never "-0.0000"
     lines += [
         "",
         f"AUC (MedMNIST, macro over {over}): **{s['auroc']:.4f}**; macro average precision: {s['ap_macro']:.4f}.",
         "",
         f"**Baseline:** a model that always answers {constant} scores ACC **{s['acc_majority']:.4f}** on this "
-        f"split. This model's ACC is {s['acc'] - s['acc_majority']:+.4f} from it: where the answers are "
+        f"split. This model's ACC is {versus}: where the answers are "
         f"imbalanced, ACC says little; read AUROC, AP and the per-label recall.",
         "",
     ]

@@ -81,6 +81,18 @@ def test_report_of_all_negative_model_shows_its_emptiness():
     assert report["scalars"]["auroc"] == pytest.approx(0.5)
 
 
+def test_report_text_of_a_model_level_with_the_baseline(tmp_path):
+    """Its ACC equals the baseline's: said in words, never as "-0.0000"."""
+    from chest_mnist.report import build_report, write_report
+
+    scores, targets = _predictions(seed=2)
+    test = (torch.full(targets.shape, 0.1), targets)
+    report = build_report((scores, targets), test, LABELS)
+    write_report(tmp_path, report, (scores, targets), test, LABELS, "chestmnist", 28)
+    text = (tmp_path / "report.md").read_text()
+    assert "This model's ACC is the same (to 4 decimals):" in text and "0.0000 from it" not in text
+
+
 def test_binary_task_equals_medmnist_evaluator():
     """A binary task (PneumoniaMNIST) has one output: the binary metrics, same definitions."""
     scores, targets = _predictions(n=300, labels=1, seed=4)
