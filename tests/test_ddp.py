@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from chest_mnist.evaluate import evaluate
+from chest_mnist.evaluate import evaluate, load_checkpoint
 from tests.conftest import compose_train, run_module
 
 
@@ -14,7 +14,8 @@ from tests.conftest import compose_train, run_module
 def test_two_process_ddp_report_equals_single_process_evaluation(
     tmp_path, synthetic_npz, on_device
 ):
-    """201 images on 2 ranks: a padding sampler would count one twice (Lightning's default)."""
+    """201 images on 2 ranks: a padding sampler would count one twice (Lightning's default).
+    Training with data.drop_last: 100 images per rank in batches of 32 are 3 steps, not 4."""
     result = run_module(
         "chest_mnist.train",
         "trainer=ddp",
@@ -26,6 +27,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(
         "data.subset=201",
         f"data.on_device={on_device}",
         "data.batch_size=32",
+        "data.drop_last=true",
         "data.eval_batch_size=64",
         "model.stem=imagenet",
         "trainer.max_epochs=1",
@@ -35,6 +37,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
     (run,) = (tmp_path / "train" / "runs").iterdir()
     distributed = json.loads((run / "report" / "metrics.json").read_text())
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
 
     cfg = compose_train(
         [
