@@ -54,6 +54,12 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
         raise UserError(
             f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
         )
+    callbacks = cfg.get("callbacks") or {}
+    if "early_stopping" in callbacks and "model_checkpoint" not in callbacks:
+        raise UserError(
+            "callbacks=early_stopping holds only the early-stopping callback: no checkpoints, no "
+            "progress bar. Add it to a whole set: callbacks=[default,early_stopping]."
+        )
     if check_devices:
         check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
 

@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from matplotlib.image import imread
 from medmnist import INFO
 
+from chest_mnist import UserError
 from chest_mnist.train import train
 from tests.conftest import compose_train, run_module, tiny_training_overrides
 
@@ -257,6 +258,39 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path):
     assert averaged.keys() == raw.keys()
     name = "backbone.layer1.0.conv1.weight"
     assert not torch.equal(averaged[name], raw[name])
+
+
+@pytest.mark.slow
+def test_early_stopping_joins_the_default_callbacks(tiny_overrides, tmp_path):
+    """min_delta=1 (AUROC can never improve by 1): the first epoch sets the best, the second
+    does not improve, and patience=1 stops the run there, 2 epochs of 5, with its report."""
+    cfg = compose_train(
+        tiny_overrides
+        + [
+            "callbacks=[default,early_stopping]",
+            "callbacks.early_stopping.patience=1",
+            "callbacks.early_stopping.min_delta=1.0",
+            "trainer.max_epochs=5",
+        ]
+    )
+    assert (
+        cfg.callbacks.early_stopping.monitor == "val/auroc" and "model_checkpoint" in cfg.callbacks
+    )
+    train(cfg)
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["epochs_trained"] == 2 and math.isfinite(report["test/auroc"])
+    from chest_mnist.evaluate import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_early_stopping_alone_is_refused_with_the_way_to_add_it(tmp_path):
+    from chest_mnist.train import check_config
+
+    cfg = compose_train(["callbacks=early_stopping", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"callbacks=\[default,early_stopping\]"):
+        check_config(cfg, check_devices=False)
 
 
 @pytest.mark.parametrize(
