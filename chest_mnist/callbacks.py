@@ -10,20 +10,28 @@
   resume, so a resumed run shuffles (and augments) as the uninterrupted run would have.
 - `ProgressBar`: Lightning's RichProgressBar, reading the training loss from the GPU about
   once a second instead of after every step.
+
+And one Trainer plugin (conf/trainer/default.yaml):
+
+- `AtomicCheckpointIO`: every checkpoint is written whole or not at all, so a kill during a
+  save leaves the previous `last.ckpt` as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -229,3 +237,37 @@ class ProgressBar(RichProgressBar):
             metrics["train/loss_step"] = loss.item()
         self._shown = metrics
         return metrics
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: into a hidden temporary file beside the
+    target, flushed to the disk, then renamed over it (one atomic step on a local file
+    system). A SIGKILL or a power cut during a save leaves the previous file as it was.
+
+    Lightning's own writer serialises the checkpoint into memory and writes it through a
+    temporary file in the system's temp folder; where that folder is another file system than
+    the run's (a local /tmp, runs on a network disk), the final move is a copy that a kill
+    can cut short, and the old `last.ckpt` is already gone. Remote paths (`s3://...`) are left
+    to Lightning's writer.
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the umask's permissions
+        try:
+            with open(temporary, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)

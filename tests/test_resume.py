@@ -238,3 +238,70 @@ def test_last_checkpoint_every_n_epochs_still_saves_the_end(
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 3 * epochs  # limit_train_batches=3: the final state
     assert written == saves
+
+
+def test_a_save_cut_short_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """AtomicCheckpointIO writes beside the target and renames: a save that dies half-way
+    leaves the old last.ckpt byte for byte; the next good save replaces it and clears what a
+    killed save left behind."""
+    from chest_mnist.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            io.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+    (path.parent / ".last.ckpt.12345.tmp").write_bytes(b"left by a SIGKILL")
+    io.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, path)
+    assert io.load_checkpoint(path, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, cfg_tiny):
+    """A process that does nothing but save a 64 MB checkpoint, killed at a random moment:
+    last.ckpt is whole, one of the complete saves. Training uses this writer."""
+    import hydra
+
+    trainer = hydra.utils.instantiate(cfg_tiny.trainer, logger=False)
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    path = tmp_path / "last.ckpt"
+    saver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch\n"
+            "from chest_mnist.callbacks import AtomicCheckpointIO\n"
+            "io, n = AtomicCheckpointIO(), 0\n"
+            "while True:\n"
+            "    n += 1\n"
+            "    io.save_checkpoint({'n': n, 'w': torch.full((16_000_000,), float(n))}, sys.argv[1])\n"
+            "    print(n, flush=True)\n",
+            str(path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert saver.stdout.readline().strip() == "1"  # one save done: now kill one in flight
+        time.sleep(0.3)
+    finally:
+        saver.kill()
+        saver.wait()
+    saved = [int(line) for line in saver.stdout.read().split()]
+    checkpoint = torch.load(path, weights_only=True)
+    n = checkpoint["n"]
+    assert n >= 1 + len(saved) and torch.equal(
+        checkpoint["w"][[0, -1]], torch.tensor([n, n]).float()
+    )
