@@ -6,7 +6,7 @@
 # On exit the results are packed into $OUT/results.tar.gz.
 OUT=${OUT:-/tmp/gpu_out}
 RES=/tmp/gpu_results
-mkdir -p "$OUT" "$RES"
+rm -rf "$RES"; mkdir -p "$OUT" "$RES"  # a rerun on a warm machine starts a fresh summary
 export PYTHONUNBUFFERED=1
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null' EXIT
 

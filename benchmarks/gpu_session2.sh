@@ -11,19 +11,28 @@
 #      before the progress bar stopped reading the loss every step (BENCHMARKS.md).
 # Results go to $OUT (summary.txt + results.tar.gz).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session2.sh      (carry .whl: see gpu_session.sh)
+#   OUT=/tmp/out bash benchmarks/gpu_session2.sh      (carry .whl: make gpu-wheels)
+#   DRY_RUN=1 OUT=/tmp/out bash benchmarks/gpu_session2.sh   (the same steps on a CPU, tiny data,
+#                                                             2 epochs: checks the script, times nothing)
 set -u
 DEADLINE=$(( $(date +%s) + 560 ))
 source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step
+rm -rf /tmp/logs /tmp/predict_gpu.json  # a rerun on a warm machine reads only its own runs
+if [ -n "${DRY_RUN:-}" ]; then
+  SIZES="--train 600 --val 300 --test 300"; DEVICE=cpu; E100=2; E8=2
+  CPU="trainer.accelerator=cpu model.compile=false data.subset=600"
+else
+  SIZES="--official-sizes"; DEVICE=cuda; E100=100; E8=8; CPU=""
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$RES/summary.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$RES/summary.txt"
 git log --oneline -1 2>/dev/null | tee -a "$RES/summary.txt"
 
 # 1. the goal: 100 epochs, validation every epoch, ChestMNIST's split sizes, timed end to end
-step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz --official-sizes --no-compress
+step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz $SIZES --no-compress
 TORCH_LOGS=recompiles step fast_100 300 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic \
-  data.path=/tmp/chest_full.npz paths.log_dir=/tmp/logs/fast
+  data.path=/tmp/chest_full.npz trainer.max_epochs=$E100 paths.log_dir=/tmp/logs/fast $CPU
 say "fast_100 compilations: $(( $(grep -c 'Recompiling function' "$RES/fast_100.log") + 1 )) (1 expected: training only)"
 FAST=$(ls -d /tmp/logs/fast/train/runs/* 2>/dev/null | head -1)
 cp "$FAST/report/metrics.json" "$RES/fast_100_metrics.json" 2>/dev/null
@@ -31,23 +40,23 @@ python3 benchmarks/epoch_times.py "$FAST/tensorboard" >> "$RES/summary.txt" 2>&1
 
 # 2. predict on the GPU (issue 7): the test split with that run's best checkpoint, against its report
 step predict_gpu 60 python3 -m chest_mnist.predict "ckpt_path=$(ls "$FAST"/checkpoints/epoch*.ckpt 2>/dev/null | head -1)" \
-  inputs=[/tmp/chest_full.npz] device=cuda format=json output=/tmp/predict_gpu.json
+  inputs=[/tmp/chest_full.npz] device=$DEVICE format=json output=/tmp/predict_gpu.json
 python3 - "$FAST" >> "$RES/summary.txt" 2>&1 <<'PY'
 import json, sys
 import numpy as np
 doc = json.load(open("/tmp/predict_gpu.json"))
 ours = np.array([[r["probabilities"][k] for k in doc["labels"]] for r in doc["predictions"]])
 ref = np.load(f"{sys.argv[1]}/report/predictions.npz")["scores"]
-print(f"predict on cuda: {len(ours)} rows ({ref.shape[0]} in the report), max |p - report| = {np.abs(ours - ref).max():.2e}")
+print(f"predict: {len(ours)} rows ({ref.shape[0]} in the report), max |p - report| = {np.abs(ours - ref).max():.2e}")
 PY
 
 # 3. does the fast recipe still learn real X-rays as well as the protocol? (protocol row: BENCHMARKS.md)
 step pneumonia_fast 120 python3 -m chest_mnist.train experiment=fast_gpu data.flag=pneumoniamnist \
-  data.path=tests/data/pneumoniamnist.npz paths.log_dir=/tmp/logs/pneumonia
+  data.path=tests/data/pneumoniamnist.npz trainer.max_epochs=$E100 paths.log_dir=/tmp/logs/pneumonia $CPU
 cp /tmp/logs/pneumonia/train/runs/*/report/metrics.json "$RES/pneumonia_fast_metrics.json" 2>/dev/null
 
 # 4. the default config's epoch time now, against the 7.85 s recorded before
-step train_full 100 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=8 \
-  paths.log_dir=/tmp/logs/full
+step train_full 100 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=$E8 \
+  paths.log_dir=/tmp/logs/full $CPU
 python3 benchmarks/epoch_times.py /tmp/logs/full/train/runs/*/tensorboard >> "$RES/summary.txt" 2>&1
 say "done"
