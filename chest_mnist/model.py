@@ -81,9 +81,10 @@ class MedMNISTClassifier(L.LightningModule):
         tta_flip: at evaluation, average the logits of each image and its left-right mirror.
         compile: `torch.compile` the backbone in place (checkpoints keep their keys) for the
             training steps; true, or a torch.compile mode ("reduce-overhead" adds CUDA graphs,
-            "max-autotune"). Evaluation runs the same weights eagerly: its large batches keep
-            the GPU busy without it, and each compiled evaluation graph (no gradients, another
-            last-batch size, inference tensors in test) would be one more compilation.
+            "max-autotune"). Evaluation runs the same weights eagerly: it runs in large
+            batches, so it has few kernel launches to save, and each compiled evaluation graph
+            (no gradients, another last-batch size, inference tensors in test) would be one
+            more compilation (BENCHMARKS.md counts them).
     """
 
     def __init__(
