@@ -123,6 +123,12 @@ def test_drop_last_gives_equal_training_batches_and_keeps_evaluation_whole(
     assert [len(x) for x, _ in val] == [100, 100, 56]
 
 
+@pytest.mark.parametrize("key", ["augment", "drop_last", "mmap"])
+def test_a_switch_that_is_not_true_or_false_is_refused(key):
+    with pytest.raises(UserError, match=f"data.{key}='yes' must be true or false"):
+        MedMNISTDataModule(**{key: "yes"})
+
+
 def test_drop_last_per_rank_under_ddp():
     """103 images on 4 ranks: 25 each; in batches of 10 that is 2 full batches per rank."""
     images, labels = torch.zeros(103, 1, 1, dtype=torch.uint8), torch.arange(103)
