@@ -12,6 +12,7 @@ its end: one code path for both.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -36,6 +37,31 @@ CHECKPOINT_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameter
 def _first_error_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
     return lines[0] if lines else str(error).splitlines()[0]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`ckpt_path` as given when it is a file; for a run directory (or its checkpoints/) the
+    run's best checkpoint: the one its report names, else its only epochNNN-*.ckpt."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    run = path.parent if path.name == "checkpoints" else path
+    folder = run / "checkpoints"
+    try:  # by name: the report holds the path of when it was written; the run may have moved
+        named = json.loads((run / "report" / "metrics.json").read_text()).get("best_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named and (folder / Path(named).name).is_file():
+        return folder / Path(named).name
+    best = sorted(folder.glob("epoch*.ckpt"))
+    if len(best) == 1:
+        return best[0]
+    found = ", ".join(p.name for p in sorted(folder.glob("*.ckpt"))) or "no .ckpt file"
+    raise UserError(
+        f"ckpt_path={path} is a folder, and {folder} does not hold one best checkpoint "
+        f"(found: {found}). Give a run directory with one epochNNN-*.ckpt, or a file: "
+        f"ckpt_path={folder}/<file>.ckpt."
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -168,9 +194,11 @@ def evaluate_model(
 def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise UserError(
-            "ckpt_path is missing: python -m chest_mnist.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt"
+            "ckpt_path is missing: python -m chest_mnist.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt "
+            "(or ckpt_path=<run>: its best checkpoint)"
         )
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
+    log.info("Evaluating %s", ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
     if cfg.get("data"):
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -1,6 +1,7 @@
 """Predict with a trained checkpoint on image files, folders of them, or MedMNIST npz files.
 
     python -m chest_mnist.predict ckpt_path=<run>/checkpoints/last.ckpt inputs=[xray.png,scans/]
+    python -m chest_mnist.predict ckpt_path=<run> inputs=[xray.png]     # the run's best checkpoint
     python -m chest_mnist.predict ckpt_path=... inputs=[data/chestmnist.npz] split=test
     python -m chest_mnist.predict ckpt_path=... inputs=[scans/] format=json output=preds.json
 
@@ -37,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from chest_mnist import UserError
 from chest_mnist.config import report_user_errors, resolve_device
 from chest_mnist.data import SPLITS, read_npz, to_model_input
-from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
+from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from chest_mnist.model import MedMNISTClassifier, is_multiclass
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def predict(cfg: DictConfig) -> dict:
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."
         )
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
     data = checkpoint["datamodule_hyper_parameters"]
     model = model_from_checkpoint(checkpoint)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,12 @@ from medmnist.evaluator import Evaluator
 
 from chest_mnist import UserError
 from chest_mnist.data import to_model_input
-from chest_mnist.evaluate import evaluate, load_checkpoint, model_from_checkpoint
+from chest_mnist.evaluate import (
+    evaluate,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.report import build_report
 from chest_mnist.synthetic import LABELS
@@ -81,17 +87,21 @@ def test_evaluate_writes_the_same_complete_report(trained_run, tmp_path, synthet
     assert written["test/auroc"] == pytest.approx(metrics["test/auroc"])
     assert written["checkpoint"] == f"{trained_run}/checkpoints/last.ckpt"
     # last.ckpt of a 2-epoch run is not necessarily the best one: compare with a fresh evaluation of
-    # the best checkpoint instead, which train's own report came from
+    # the best checkpoint instead, which train's own report came from (ckpt_path=<run> names it)
     best = json.loads((trained_run / "report" / "metrics.json").read_text())["best_checkpoint"]
     again = evaluate(
         compose_evaluate(
             [
-                f"ckpt_path={best}",
+                f"ckpt_path={trained_run}",
                 "trainer=cpu",
                 "+trainer.enable_progress_bar=false",
                 f"paths.output_dir={tmp_path}/best",
             ]
         )
+    )
+    assert (
+        json.loads((tmp_path / "best" / "report" / "metrics.json").read_text())["checkpoint"]
+        == best
     )
     trained = json.loads((trained_run / "report" / "metrics.json").read_text())
     for name in ("test/auroc", "test/acc", "test/f1_macro_tuned", "test/threshold/effusion"):
@@ -189,6 +199,30 @@ def test_evaluate_on_another_task_is_refused(trained_run, tmp_path):
         match=r"The model predicts 14 labels .* but data.flag=pneumoniamnist has 1 \(pneumonia\)",
     ):
         evaluate(cfg)
+
+
+def test_a_run_directory_means_its_best_checkpoint(trained_run, tmp_path):
+    """ckpt_path=<run> or <run>/checkpoints: the checkpoint the run's report names (found by
+    name, so a moved run still works), else the one epochNNN-*.ckpt; else a clear refusal."""
+    best = Path(
+        json.loads((trained_run / "report" / "metrics.json").read_text())["best_checkpoint"]
+    )
+    assert best.name.startswith("epoch") and best.parent == trained_run / "checkpoints"
+    for given in (trained_run, trained_run / "checkpoints"):
+        assert resolve_checkpoint(given) == best
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run / "checkpoints", moved / "checkpoints")  # no report: by its name
+    assert resolve_checkpoint(moved) == moved / "checkpoints" / best.name
+    assert (
+        resolve_checkpoint(moved / "checkpoints" / "last.ckpt")
+        == moved / "checkpoints" / "last.ckpt"
+    )
+    (moved / "checkpoints" / best.name).unlink()
+    with pytest.raises(UserError) as error:
+        resolve_checkpoint(moved)
+    assert f"{moved / 'checkpoints'} does not hold one best checkpoint (found: last.ckpt)" in str(
+        error.value
+    )
 
 
 def test_missing_checkpoint(tmp_path):

@@ -121,12 +121,14 @@ def predict_cfg(overrides: list[str], tmp_path: Path):
 
 
 def test_predict_on_the_test_npz_equals_evaluate(trained_run, synthetic_npz, tmp_path):
-    ckpt = best_checkpoint(trained_run)
-    summary = predict(
-        predict_cfg([f"ckpt_path={ckpt}", f"inputs=[{synthetic_npz}]", "format=json"], tmp_path)
+    summary = predict(  # ckpt_path=<run>: its best checkpoint, the one evaluate's report used
+        predict_cfg(
+            [f"ckpt_path={trained_run}", f"inputs=[{synthetic_npz}]", "format=json"], tmp_path
+        )
     )
     assert summary["output"] == tmp_path / "predict_run" / "predictions.json"
     document = json.loads(summary["output"].read_text())
+    assert document["checkpoint"] == str(best_checkpoint(trained_run))
     labels = document["labels"]
     scores = np.array(
         [[row["probabilities"][label] for label in labels] for row in document["predictions"]]
