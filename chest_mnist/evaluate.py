@@ -68,6 +68,12 @@ def load_checkpoint(path: str | Path) -> dict:
     """A chest_mnist checkpoint as a dict, loaded with `weights_only=True`: a file that holds
     code to run is refused, not executed."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        raise UserError(
+            f"ckpt_path={path} is a folder; give a checkpoint file, e.g. "
+            f"ckpt_path={folder / 'last.ckpt'} (the latest state, what training resumes from)."
+        )
     if not path.is_file():
         raise UserError(
             f"ckpt_path={path} does not exist. Checkpoints are in <run>/checkpoints/ "

@@ -159,8 +159,9 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, syntheti
         (None, "does not exist"),
         (b"", "is not a readable PyTorch checkpoint"),
         ("pickled_code", "refused so that a checkpoint cannot run code"),
+        ("run_folder", "/run is a folder; give a checkpoint file, e.g. ckpt_path="),
     ],
-    ids=["missing", "empty", "pickled_code"],
+    ids=["missing", "empty", "pickled_code", "run_folder"],
 )
 def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_npz, make, message):
     from tests.test_evaluate import Payload
@@ -169,6 +170,9 @@ def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_n
     ckpt.parent.mkdir(parents=True)
     if make == "pickled_code":
         torch.save({"state_dict": {}, "hyper_parameters": Payload()}, ckpt)
+    elif make == "run_folder":  # the run, not its file: pointed at <run>/checkpoints/last.ckpt
+        message += str(ckpt)
+        ckpt = ckpt.parent.parent
     elif make is not None:
         ckpt.write_bytes(make)
     cfg = compose_train(
