@@ -268,8 +268,8 @@ class DeviceBatches:
     Under DDP each rank takes its own slice of the (shared, seeded) permutation. Training
     slices are equal (the last `len % world_size` images of a shuffled epoch sit out, as
     with DistributedSampler(drop_last=True)); evaluation slices cover every image exactly
-    once, so no test image is counted twice or dropped. `drop_last` leaves out a shuffled
-    epoch's last, partial batch (training only), so that every step has the same shape.
+    once, so no test image is counted twice or dropped. `drop_last` (for training) leaves out
+    the epoch's last, partial batch, so that every step has the same shape.
     """
 
     def __init__(
@@ -285,7 +285,7 @@ class DeviceBatches:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world_size = rank, world_size
-        self.drop_last = drop_last and shuffle
+        self.drop_last = drop_last
 
     def _indices(self) -> torch.Tensor:
         n, device = len(self.images), self.images.device
@@ -519,6 +519,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        drop_last = self.hparams.drop_last and shuffle  # training only: evaluation sees every image
         if self._keep_on_device(device):
             if split not in self._on_device:
                 data = self.splits[split]
@@ -529,7 +530,7 @@ class MedMNISTDataModule(L.LightningDataModule):
                 shuffle,
                 rank=rank,
                 world_size=world,
-                drop_last=self.hparams.drop_last,
+                drop_last=drop_last,
             )
         # training under DDP: Lightning's DistributedSampler; evaluation: our exact shards
         sampler = (
@@ -540,7 +541,7 @@ class MedMNISTDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            drop_last=self.hparams.drop_last and shuffle,
+            drop_last=drop_last,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
