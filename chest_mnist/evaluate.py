@@ -135,12 +135,13 @@ def evaluate_model(
     out_dir: Path,
     ckpt_path: str | None = None,
     rule: str = "f1",
-    tensorboard_dir: Path | None = None,
+    run_dir: Path | None = None,
     extra: dict | None = None,
     run: str = "chest_mnist",
 ) -> dict:
     """Test `model` (or the weights at `ckpt_path`), predict val, write the report from the
-    test run's and val's probabilities; return the report's flat metrics."""
+    test run's and val's probabilities; return the report's flat metrics. `run_dir`: the
+    training run, whose TensorBoard or CSV log holds the loss curves."""
     if list(model.hparams.labels) != list(datamodule.labels):
         raise UserError(
             f"The model predicts {len(model.hparams.labels)} labels ({', '.join(model.hparams.labels)}) but "
@@ -174,7 +175,7 @@ def evaluate_model(
             datamodule.labels,
             datamodule.hparams.flag,
             datamodule.hparams.size,
-            tensorboard_dir=tensorboard_dir,
+            run_dir=run_dir,
             extra=extra,
             run=run,
         )
@@ -222,7 +223,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule,
         Path(cfg.paths.output_dir) / "report",
         rule=cfg.thresholds.rule,
-        tensorboard_dir=run_dir / "tensorboard",
+        run_dir=run_dir,
         extra={"checkpoint": str(ckpt_path)},
         run=run_dir.name,
     )

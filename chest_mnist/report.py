@@ -72,6 +72,47 @@ def read_loss_curves(tensorboard_dir: Path) -> dict[str, tuple[list[int], list[f
     return curves
 
 
+def read_loss_curves_csv(metrics_csv: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The same curves from the metrics.csv of `logger=csv` (one row per logging step, with
+    its `epoch`); for an epoch logged twice (a resumed run), the last row wins."""
+    if not Path(metrics_csv).is_file():
+        raise FileNotFoundError(f"{metrics_csv} does not exist")
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0]) if rows else set()
+    missing = [tag for tag in (*LOSS_CURVES, "epoch") if tag not in columns]
+    if missing:
+        raise FileNotFoundError(f"{metrics_csv} has no columns {missing}")
+    curves = {}
+    for tag in LOSS_CURVES:
+        try:
+            points = {
+                int(float(row["epoch"])): float(row[tag])
+                for row in rows
+                if row[tag] and row["epoch"]
+            }
+        except (TypeError, ValueError) as e:  # an edited or cut file: no curves, the rest stays
+            raise FileNotFoundError(
+                f"{metrics_csv} has a {tag} or epoch that is no number ({e})"
+            ) from e
+        epochs = sorted(points)
+        curves[tag] = (epochs, [points[e] for e in epochs])
+    return curves
+
+
+def read_run_loss_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """A run's loss curves from its TensorBoard log (`<run>/tensorboard`), else from its CSV
+    log (`<run>/csv/metrics.csv`, `logger=csv`)."""
+    run_dir = Path(run_dir)
+    try:
+        return read_loss_curves(run_dir / "tensorboard")
+    except FileNotFoundError as no_tensorboard:
+        try:
+            return read_loss_curves_csv(run_dir / "csv" / "metrics.csv")
+        except FileNotFoundError as no_csv:
+            raise FileNotFoundError(f"{no_tensorboard}; {no_csv}") from None
+
+
 def build_report(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
@@ -280,12 +321,12 @@ def write_report(
     labels: list[str],
     flag: str,
     size: int,
-    tensorboard_dir: Path | None = None,
+    run_dir: Path | None = None,
     extra: dict | None = None,
     run: str = "chest_mnist",
 ) -> Path:
-    """Write every report file into `out_dir`. A missing TensorBoard log costs only the loss
-    curves (said in report.md); everything else is still written."""
+    """Write every report file into `out_dir`. The loss curves come from the logs in `run_dir`
+    (TensorBoard, else CSV); without them only that figure is missing (said in report.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = flat_metrics(report) | (extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -352,11 +393,11 @@ def write_report(
         out_dir / "pr_curves.png",
     )
     loss_note = None
-    if tensorboard_dir is None:
-        loss_note = "no TensorBoard log given"
+    if run_dir is None:
+        loss_note = "no training run given"
     else:
         try:
-            plot_loss_curves(read_loss_curves(tensorboard_dir), out_dir / "loss_curves.png")
+            plot_loss_curves(read_run_loss_curves(run_dir), out_dir / "loss_curves.png")
             figures.insert(0, "loss_curves.png")
         except FileNotFoundError as e:
             loss_note = str(e)

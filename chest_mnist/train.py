@@ -60,6 +60,13 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
             "callbacks=early_stopping holds only the early-stopping callback: no checkpoints, no "
             "progress bar. Add it to a whole set: callbacks=[default,early_stopping]."
         )
+    loggers = [entry for entry in (cfg.get("logger") or {}).values() if entry]
+    if not loggers and callbacks.get("lr_monitor"):
+        raise UserError(
+            "There is no logger (~logger), but callbacks.lr_monitor writes the learning rate "
+            "to one. Remove it too (~logger ~callbacks.lr_monitor), or keep a logger: "
+            "logger=tensorboard, logger=csv or logger=[tensorboard,csv]."
+        )
     if check_devices:
         check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
 
@@ -172,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             output_dir / "report",
             ckpt_path=best or None,
             rule=cfg.thresholds.rule,
-            tensorboard_dir=output_dir / "tensorboard",
+            run_dir=output_dir,
             extra=extra,
             run=output_dir.name,
         )

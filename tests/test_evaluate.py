@@ -175,8 +175,8 @@ def test_evaluate_without_logs_still_writes_the_rest(trained_run, tmp_path):
     check_report(report, n_test=256, loss_curves=False)
     assert not (report / "loss_curves.png").exists()
     assert (
-        f"loss curves: not drawn ({run}/tensorboard does not exist)"
-        in (report / "report.md").read_text()
+        f"loss curves: not drawn ({run}/tensorboard does not exist; "
+        f"{run}/csv/metrics.csv does not exist)" in (report / "report.md").read_text()
     )
 
 

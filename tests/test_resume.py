@@ -14,6 +14,7 @@ import torch
 
 from chest_mnist.config import find_user_error
 from chest_mnist.evaluate import load_checkpoint
+from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
 from tests.conftest import ROOT, compose_train, run_module
 
@@ -75,11 +76,13 @@ def final_metrics(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_npz):
-    whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole"))
+    logs = "logger=[tensorboard,csv]"  # both logs must continue across the resume
+    whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole", logs))
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = final_metrics(only_run(tmp_path / "whole"))
+    expected_curves = read_loss_curves_csv(only_run(tmp_path / "whole") / "csv" / "metrics.csv")
 
-    killed = start(command(synthetic_npz, tmp_path / "killed"))
+    killed = start(command(synthetic_npz, tmp_path / "killed", logs))
     run = wait_for_run(tmp_path / "killed", killed)
     last = run / "checkpoints" / "last.ckpt"
     wait_for(last, killed)
@@ -92,7 +95,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
 
     resumed = run_module(
         "chest_mnist.train",
-        *command(synthetic_npz, tmp_path / "killed", f"ckpt_path={last}"),
+        *command(synthetic_npz, tmp_path / "killed", logs, f"ckpt_path={last}"),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
@@ -102,6 +105,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
     assert len({p.name.rsplit(".", 1)[0] for p in (run / "tensorboard").glob("events.*")}) >= 2
     assert final_metrics(run) == pytest.approx(expected, abs=1e-6)
     assert len(expected) > 10
+    # the CSV log holds every epoch, those before the kill included, as the whole run's did
+    curves = read_loss_curves_csv(run / "csv" / "metrics.csv")
+    for tag in ("train/loss", "val/loss"):
+        assert curves[tag][0] == expected_curves[tag][0] == [0, 1, 2]
+        assert curves[tag][1] == pytest.approx(expected_curves[tag][1], abs=1e-6)
 
 
 @pytest.mark.slow

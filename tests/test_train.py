@@ -293,6 +293,18 @@ def test_early_stopping_alone_is_refused_with_the_way_to_add_it(tmp_path):
         check_config(cfg, check_devices=False)
 
 
+def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
+    from chest_mnist.train import check_config
+
+    cfg = compose_train(["~logger", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(
+        UserError, match=r"~logger ~callbacks.lr_monitor.*logger=\[tensorboard,csv\]"
+    ):
+        check_config(cfg, check_devices=False)
+    check_config(compose_train(["~logger", "~callbacks.lr_monitor"]), check_devices=False)
+    check_config(compose_train(["logger=csv"]), check_devices=False)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

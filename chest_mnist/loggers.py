@@ -1,0 +1,48 @@
+"""Loggers that Lightning's own lack a behaviour of: a CSV log that survives a resume.
+
+python -m chest_mnist.train logger=csv                    # <run>/csv/metrics.csv only
+python -m chest_mnist.train "logger=[tensorboard,csv]"    # both
+"""
+
+from __future__ import annotations
+
+import csv
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from typing_extensions import override
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a metrics.csv already in the folder is continued,
+    not deleted: its header becomes the known columns, new columns widen the file, rows are
+    appended."""
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            self.metrics_keys = next(csv.reader(file), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """`lightning.pytorch.loggers.CSVLogger` whose metrics.csv a resumed run appends to.
+
+    Lightning's writer deletes the metrics.csv it finds in its folder, so a run resumed into
+    its own directory (`ckpt_path=<run>/checkpoints/last.ckpt`) would lose the rows of every
+    epoch before the crash. Here they stay. As in TensorBoard, rows logged after the
+    checkpoint by the interrupted run (at most the epoch it was in) stay too, followed by the
+    resumed run's rows for the same steps: for a step or epoch, the last row is the one that
+    counts.
+    """
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> AppendingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
