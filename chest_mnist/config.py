@@ -20,8 +20,16 @@ def precision_for(accelerator: str) -> str:
 
 
 def epochs_at(total: int, *fractions: float) -> list[int]:
-    """Epoch numbers at fractions of the run: MultiStepLR milestones that follow max_epochs."""
-    return [int(total * fraction) for fraction in fractions]
+    """Epoch numbers at fractions of the run: MultiStepLR milestones that follow max_epochs
+    (the epoch in which each fraction falls: 50 and 75 of 100). Never epoch 0: MultiStepLR
+    would apply that step before the first batch, and a short run would train at lr x0.01."""
+    if total == -1:
+        raise UserError(
+            "trainer.max_epochs=-1 (no limit), but the learning-rate steps are set at fractions "
+            "of max_epochs (model.scheduler.milestones). Give them in epochs, e.g. "
+            "model.scheduler.milestones=[50,75], or train without steps: model.scheduler=null."
+        )
+    return [max(1, int(total * fraction)) for fraction in fractions]
 
 
 def resumed_run(task_name: str, ckpt_path: str | None) -> str | None:

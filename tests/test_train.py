@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 from matplotlib.image import imread
 from medmnist import INFO
 
@@ -313,16 +314,43 @@ def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
         ("trainer.max_epochs=0", "trainer.max_epochs=0 must be a whole number of at least 1"),
         ("data.batch_size=0", "data.batch_size=0 must be a positive whole number"),
         ("model.stem=vit", "model.stem='vit' is unknown"),
+        ("trainer.max_epochs=-1", "Give them in epochs, e.g. model.scheduler.milestones=[50,75]"),
     ],
 )
 def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, override, message):
-    cfg = compose_train(tiny_overrides + [override, f"data.path={tmp_path}/never_written.npz"])
+    bounded = "+trainer.max_steps=3"  # were max_epochs=-1 accepted, the run would still end
+    cfg = compose_train(
+        tiny_overrides + [bounded, override, f"data.path={tmp_path}/never_written.npz"]
+    )
     with pytest.raises(Exception) as error:
         train(cfg)
     from chest_mnist.config import find_user_error
 
     assert message in str(find_user_error(error.value))
     assert not (tmp_path / "never_written.npz").exists()  # refused before any data was made
+
+
+@pytest.mark.parametrize(
+    ("epochs", "milestones", "lrs"),
+    [
+        (1, [1, 1], [1e-3]),  # was [0, 0]: a one-epoch run trained at 1e-5
+        (2, [1, 1], [1e-3, 1e-5]),
+        (10, [5, 7], [1e-3] * 5 + [1e-4] * 2 + [1e-5] * 3),
+        (100, [50, 75], [1e-3] * 50 + [1e-4] * 25 + [1e-5] * 25),  # the MedMNIST v2 protocol
+    ],
+)
+def test_learning_rate_steps_follow_max_epochs_and_never_come_first(epochs, milestones, lrs):
+    cfg = compose_train([f"trainer.max_epochs={epochs}"])
+    assert cfg.model.scheduler.milestones == milestones
+    model = instantiate(cfg.model, labels=LABELS, task=INFO["chestmnist"]["task"], _convert_="all")
+    optimizer = model.optimizer_factory(params=model.parameters())
+    scheduler = model.scheduler_factory(optimizer=optimizer)
+    seen = []
+    for _ in range(epochs):  # what Lightning does with interval: epoch
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(lrs)
 
 
 @pytest.mark.parametrize("experiment", ["pneumonia_cpu", "medmnist_v2", "fast_gpu"])
