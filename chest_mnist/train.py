@@ -118,8 +118,9 @@ def check_job(cfg: DictConfig, check_devices: bool = True) -> None:
     )
 
 
-def check_resumable(ckpt_path: str) -> None:
-    """Refuse, before any data is made, a checkpoint that training cannot continue from."""
+def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
+    """Refuse, before any data is made, a checkpoint that training cannot continue from; say
+    when its learning-rate steps are not those of `cfg` (which the resumed run will not use)."""
     checkpoint = load_checkpoint(ckpt_path)
     if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
         raise UserError(
@@ -127,6 +128,20 @@ def check_resumable(ckpt_path: str) -> None:
             f"way), not the optimizer and loop state that training continues from. Resume from "
             f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
             f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
+        )
+    scheduler = cfg.model.get("scheduler") if cfg is not None else None
+    states = checkpoint.get("lr_schedulers") or [{}]
+    if not scheduler or "milestones" not in scheduler or "milestones" not in states[0]:
+        return
+    saved, configured = sorted(states[0]["milestones"].elements()), sorted(scheduler.milestones)
+    if saved != configured:
+        log.warning(
+            "Resuming continues the learning-rate schedule saved in %s: lr steps at epochs %s, "
+            "not at %s as this config (trainer.max_epochs=%s) would set for a new run.",
+            ckpt_path,
+            saved,
+            configured,
+            cfg.trainer.get("max_epochs"),
         )
 
 
@@ -138,7 +153,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     check_config(cfg)
     if cfg.get("ckpt_path"):  # resuming: a missing, damaged or unsafe file is refused up front
-        check_resumable(cfg.ckpt_path)
+        check_resumable(cfg.ckpt_path, cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

@@ -317,3 +317,18 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, cfg_tiny):
     assert n >= 1 + len(saved) and torch.equal(
         checkpoint["w"][[0, -1]], torch.tensor([n, n]).float()
     )
+
+
+def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, caplog):
+    """A run resumed with another max_epochs keeps the learning-rate steps it was saved with
+    (Lightning restores the scheduler); the log says so, with both."""
+    from chest_mnist.train import check_resumable
+
+    last = trained_run / "checkpoints" / "last.ckpt"  # 2 epochs: steps at [1, 1]
+    with caplog.at_level("WARNING", logger="chest_mnist.train"):
+        check_resumable(str(last), compose_train(["trainer.max_epochs=2"]))
+        assert not caplog.records
+        check_resumable(str(last), compose_train(["trainer.max_epochs=10"]))
+    (record,) = caplog.records
+    assert "lr steps at epochs [1, 1], not at [5, 7]" in record.getMessage()
+    assert "trainer.max_epochs=10" in record.getMessage()
