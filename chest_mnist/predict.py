@@ -117,8 +117,8 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
         elif path.suffix.lower() == ".npz":
             try:
                 images, _ = read_npz(path, flag, size)[split]
-            except UserError as e:
-                items.append(Item(name, error=str(e)))
+            except UserError as e:  # its message starts with the file's name: the row has it
+                items.append(Item(name, error=str(e).removeprefix(str(path)).lstrip(": ")))
                 continue
             items.extend(Item(f"{name}:{split}[{i}]", pixels=p) for i, p in enumerate(images))
         else:

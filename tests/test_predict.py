@@ -110,6 +110,7 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
         assert message in rows[name]["error"], (name, rows[name]["error"])
         assert rows[name]["p_" + labels[0]] == ""
         assert f"{name}: {message}" in result.stderr or message in result.stderr
+    assert "pneumoniamnist.npz" not in rows["pneumoniamnist.npz"]["error"]  # named once, not twice
     assert "readme.txt" not in rows
     assert len(rows) == len(good) + len(errors)
     assert "Traceback" not in result.stderr
