@@ -105,11 +105,18 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
     assert len({p.name.rsplit(".", 1)[0] for p in (run / "tensorboard").glob("events.*")}) >= 2
     assert final_metrics(run) == pytest.approx(expected, abs=1e-6)
     assert len(expected) > 10
-    # the CSV log holds every epoch, those before the kill included, as the whole run's did
+    # the CSV log keeps the epochs before the kill (Lightning's CSVLogger deletes them) and
+    # equals the whole run's. One gap is possible: Lightning writes an epoch's training
+    # averages (train/loss) just after that epoch's checkpoint, so a kill in between loses
+    # that one point (TensorBoard's too); validation is logged before the checkpoint.
     curves = read_loss_curves_csv(run / "csv" / "metrics.csv")
-    for tag in ("train/loss", "val/loss"):
-        assert curves[tag][0] == expected_curves[tag][0] == [0, 1, 2]
-        assert curves[tag][1] == pytest.approx(expected_curves[tag][1], abs=1e-6)
+    assert curves["val/loss"][0] == expected_curves["val/loss"][0] == [0, 1, 2]
+    assert curves["val/loss"][1] == pytest.approx(expected_curves["val/loss"][1], abs=1e-6)
+    train_loss = dict(zip(*curves["train/loss"], strict=True))
+    expected_train_loss = dict(zip(*expected_curves["train/loss"], strict=True))
+    missing = {0, 1, 2} - set(train_loss)
+    assert set(expected_train_loss) == {0, 1, 2} and missing <= {epoch}, (missing, epoch)
+    assert train_loss == pytest.approx({e: expected_train_loss[e] for e in train_loss}, abs=1e-6)
 
 
 @pytest.mark.slow
