@@ -137,7 +137,6 @@ def evaluate_model(
     rule: str = "f1",
     run_dir: Path | None = None,
     extra: dict | None = None,
-    run: str = "chest_mnist",
 ) -> dict:
     """Test `model` (or the weights at `ckpt_path`), predict val, write the report from the
     test run's and val's probabilities; return the report's flat metrics. `run_dir`: the
@@ -177,7 +176,6 @@ def evaluate_model(
             datamodule.hparams.size,
             run_dir=run_dir,
             extra=extra,
-            run=run,
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -225,7 +223,6 @@ def evaluate(cfg: DictConfig) -> dict:
         rule=cfg.thresholds.rule,
         run_dir=run_dir,
         extra={"checkpoint": str(ckpt_path)},
-        run=run_dir.name,
     )
 
 

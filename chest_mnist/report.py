@@ -323,10 +323,10 @@ def write_report(
     size: int,
     run_dir: Path | None = None,
     extra: dict | None = None,
-    run: str = "chest_mnist",
 ) -> Path:
-    """Write every report file into `out_dir`. The loss curves come from the logs in `run_dir`
-    (TensorBoard, else CSV); without them only that figure is missing (said in report.md)."""
+    """Write every report file into `out_dir`. `run_dir`, the training run: its name goes into
+    MedMNIST's result file name, its logs (TensorBoard, else CSV) give the loss curves; without
+    them only that figure is missing (said in report.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = flat_metrics(report) | (extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -357,7 +357,12 @@ def write_report(
     np.savez_compressed(out_dir / "predictions.npz", **arrays)
     scores, targets = test[0].float(), test[1].int()
     result = medmnist_result_name(
-        flag, size, "test", report["scalars"]["auroc"], report["scalars"]["acc"], run
+        flag,
+        size,
+        "test",
+        report["scalars"]["auroc"],
+        report["scalars"]["acc"],
+        Path(run_dir).name if run_dir is not None else "chest_mnist",
     )
     write_medmnist_result(out_dir / result, scores.numpy())
 

@@ -196,7 +196,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             rule=cfg.thresholds.rule,
             run_dir=output_dir,
             extra=extra,
-            run=output_dir.name,
         )
         metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
     for logger in loggers:  # the report's last TensorBoard writes: flush and close the files

@@ -173,6 +173,7 @@ def test_evaluate_without_logs_still_writes_the_rest(trained_run, tmp_path):
     )
     report = tmp_path / "out" / "report"
     check_report(report, n_test=256, loss_curves=False)
+    assert len(list(report.glob("chestmnist_test_*@moved_run.csv"))) == 1  # the run's name
     assert not (report / "loss_curves.png").exists()
     assert (
         f"loss curves: not drawn ({run}/tensorboard does not exist; "

@@ -154,6 +154,7 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
     ).exists()
     assert (run / "checkpoints" / "last.ckpt").exists()
     metrics = check_report(run / "report", n_test=128)
+    assert len(list((run / "report").glob(f"chestmnist_test_*@{run.name}.csv"))) == 1
     assert metrics["epochs_trained"] == 2 and metrics["best_checkpoint"].startswith(
         str(run / "checkpoints")
     )
