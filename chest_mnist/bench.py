@@ -109,9 +109,12 @@ def time_ours(
     steps: int,
     compile: bool | str = False,
     mmap: bool = False,
+    fused_adam: bool = False,
+    profile: bool = False,
 ):
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
-    precision it used, and the peak RSS (MB) once the data was loaded, before training."""
+    precision it used, the peak RSS (MB) once the data was loaded, before training, and with
+    `profile` a `torch.profiler` summary of the timed steps (else None)."""
     import functools
 
     import lightning as L
@@ -121,22 +124,26 @@ def time_ours(
     from chest_mnist.model import MedMNISTClassifier
 
     class StepTimer(L.Callback):
-        started = finished = None
+        started = finished = profiler = None
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == warmup:
+            if trainer.global_step == warmup and self.started is None:
                 _sync(device)
+                if profile:
+                    self.profiler = start_profiler(device)
                 self.started = time.perf_counter()
 
         def on_train_end(self, trainer, module):
             _sync(device)
             self.finished = time.perf_counter()
+            if self.profiler is not None:
+                self.profiler.stop()
 
     datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size, mmap=mmap)
     model = MedMNISTClassifier(
         datamodule.labels,
         stem=stem,
-        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3, fused=fused_adam or None),
         compile=compile,
     )
     datamodule.setup("fit")  # load here, to measure memory with the data in and before training
@@ -158,7 +165,55 @@ def time_ours(
         benchmark=True,
     )
     trainer.fit(model, datamodule=datamodule)
-    return timer.finished - timer.started, precision, rss_loaded_mb
+    seconds = timer.finished - timer.started
+    summary = None if timer.profiler is None else profile_summary(timer.profiler, steps, seconds)
+    return seconds, precision, rss_loaded_mb, summary
+
+
+def start_profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def profile_summary(profiler, steps: int, seconds: float, top: int = 10) -> dict:
+    """Per step: the wall time (the profiler's own cost included), the operators that took the
+    most host time and, on a GPU, the time the device spent in kernels and copies and the
+    kernels that took most of it. A device time well under the wall time means the host
+    (Python, kernel launches) is what bounds the step."""
+    from torch.autograd import DeviceType
+
+    averages = profiler.key_averages()
+    on_device = [e for e in averages if e.device_type != DeviceType.CPU]
+    on_host = [e for e in averages if e.device_type == DeviceType.CPU]
+
+    def rows(events, key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+        return [
+            {
+                "name": e.key,
+                "calls_per_step": e.count / steps,
+                "ms_per_step": getattr(e, key) / 1e3 / steps,
+            }
+            for e in ranked
+            if getattr(e, key) > 0
+        ]
+
+    summary = {
+        "wall_ms_per_step": 1e3 * seconds / steps,
+        "top_host": rows(on_host, "self_cpu_time_total"),
+    }
+    if on_device:
+        device_us = sum(e.self_device_time_total for e in on_device)
+        summary["device_ms_per_step"] = device_us / 1e3 / steps
+        summary["device_busy"] = device_us / 1e6 / seconds
+        summary["top_device"] = rows(on_device, "self_device_time_total")
+    return summary
 
 
 def peak_rss_mb() -> float:
@@ -211,6 +266,17 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="our pipeline with data.mmap=true (memory-mapped images)",
     )
+    parser.add_argument(
+        "--fused-adam",
+        action="store_true",
+        help="our pipeline with Adam(fused=True): one kernel per step for the whole update",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile our timed steps (torch.profiler): device time per step against wall "
+        "time, and the top operators (the profiler slows the steps it watches)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -247,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_mb = n_train * args.size * args.size / 2**20
         measured_peak = reset_peak_rss()
         rss_before_mb = peak_rss_mb()
-        ours_s, precision, rss_loaded_mb = time_ours(
+        ours_s, precision, rss_loaded_mb, profiled = time_ours(
             npz,
             args.size,
             args.stem,
@@ -257,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.steps,
             compile={None: False, "default": True}.get(args.compile, args.compile),
             mmap=args.mmap,
+            fused_adam=args.fused_adam,
+            profile=args.profile,
         )
         rss_peak_mb = peak_rss_mb()
 
@@ -273,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_train": n_train,
             "compile": args.compile,
             "mmap": args.mmap,
+            "fused_adam": args.fused_adam,
             "ours": {
                 "seconds": ours_s,
                 "images_per_s": args.steps * args.batch_size / ours_s,
@@ -287,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_measured": measured_peak,
             },
         }
+        if profiled is not None:
+            result["profile"] = profiled
         if not args.skip_reference:
             data = np.load(npz)
             torch.manual_seed(0)
@@ -331,6 +402,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"before loading, {m['peak_rss_data_loaded_mb']:.0f} MB loaded ({m['loading_over_split']:.2f}x the split "
         f"added), {m['peak_rss_training_mb']:.0f} MB training (on the CPU this includes the activations)"
     )
+    if "profile" in result:
+        p = result["profile"]
+        line = f"profile of our steps: {p['wall_ms_per_step']:.2f} ms wall per step (profiler included)"
+        if "device_ms_per_step" in p:
+            line += f", {p['device_ms_per_step']:.2f} ms of it on the device ({100 * p['device_busy']:.0f}% busy)"
+        print(line)
+        for title, key in (("device", "top_device"), ("host", "top_host")):
+            if key in p:
+                print(f"  top {title} time per step:")
+                for row in p[key]:
+                    print(
+                        f"    {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  {row['name'][:90]}"
+                    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
