@@ -8,6 +8,9 @@
 #   4. predict on the GPU at the evaluation's batch size (4096), against the report (at batch
 #      256 the probabilities differed by up to 1.34e-3: bf16 rounding or something else?);
 #   5. the bench at batch 1024: if images/s still grows with the batch, the host bounds the step.
+# Ran once on an H200 at commit 3fb3027 (results: BENCHMARKS.md), where step 3 said
+# `+model.optimizer.fused=true` (conf/model/resnet18.yaml had no `fused` key yet); fast_gpu now
+# sets it, and the override stays to say what step 3 is about.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session3.sh      (carry .whl: make gpu-wheels)
 #   DRY_RUN=1 OUT=/tmp/out bash benchmarks/gpu_session3.sh   (the same steps on a CPU, tiny)
@@ -41,7 +44,7 @@ tail -n 28 "$RES/bench_512_profile.log" >> "$RES/summary.txt"
 # 3. the goal again, with fused Adam
 step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz $SIZES --no-compress
 step fast_100_fused 240 python3 -m chest_mnist.train experiment=fast_gpu data=synthetic \
-  data.path=/tmp/chest_full.npz trainer.max_epochs=$E100 +model.optimizer.fused=true \
+  data.path=/tmp/chest_full.npz trainer.max_epochs=$E100 model.optimizer.fused=true \
   paths.log_dir=/tmp/logs/fast $CPU
 FAST=$(ls -d /tmp/logs/fast/train/runs/* 2>/dev/null | head -1)
 cp "$FAST/report/metrics.json" "$RES/fast_100_fused_metrics.json" 2>/dev/null

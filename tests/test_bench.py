@@ -78,6 +78,26 @@ def test_bench_runs_and_writes_its_json(tmp_path):
     assert "speedup (ours / reference)" in result.stdout
 
 
+@pytest.mark.slow
+def test_bench_profiles_its_steps_and_can_fuse_adam(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        *("--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu"),
+        *("--skip-reference", "--fused-adam", "--profile", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["fused_adam"] is True
+    profile = data["profile"]
+    assert profile["wall_ms_per_step"] == pytest.approx(1e3 * data["ours"]["seconds"] / 2)
+    host = {row["name"]: row for row in profile["top_host"]}
+    assert host["aten::convolution_backward"]["calls_per_step"] == 20  # ResNet-18's 20 convolutions
+    ops = {e["name"] for e in profile["top_host"]}
+    assert "aten::_fused_adam_" in ops  # the fused update ran (the foreach one has no such op)
+    assert "device_ms_per_step" not in profile  # no device timeline on the CPU
+    assert "top host time per step:" in result.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_on_a_missing_gpu_says_so():
     result = run_bench("--device", "cuda", timeout=120)

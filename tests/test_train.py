@@ -363,6 +363,16 @@ def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
     assert cfg.trainer.max_epochs in (10, 100)
     if experiment == "fast_gpu":
         assert (cfg.data.batch_size, cfg.model.compile) == (512, "reduce-overhead")
+        assert cfg.model.optimizer.fused is True
+        import torch
+        from hydra.utils import instantiate
+
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = instantiate(cfg.model.optimizer)(params=[weight])
+        weight.grad = torch.ones(3)
+        optimizer.step()  # fused Adam runs on the CPU too (torch >= 2.4), so the CPU tests can use it
+        assert optimizer.param_groups[0]["fused"] is True
+        torch.testing.assert_close(weight.detach(), torch.full((3,), 1 - 2e-3))
         assert cfg.data.drop_last  # one training shape: one compilation
         assert cfg.model.scheduler.milestones == [50, 75]
         assert cfg.callbacks.last_checkpoint.every_n_epochs == 5
