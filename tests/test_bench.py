@@ -98,6 +98,55 @@ def test_bench_profiles_its_steps_and_can_fuse_adam(tmp_path):
     assert "top host time per step:" in result.stdout
 
 
+def test_profile_summary_counts_kernels_once():
+    """On a GPU a record_function range (here the optimizer's, which spans the whole step: Lightning
+    runs the step as a closure inside it) is on the device timeline too. Counted with the kernels it
+    spans, it doubled the device time of an H200 profile (175% busy); only kernels count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from chest_mnist.bench import profile_summary
+
+    def event(key, device, cpu_us, device_us, annotation=False, count=10):
+        return SimpleNamespace(
+            key=key,
+            device_type=device,
+            self_cpu_time_total=cpu_us,
+            self_device_time_total=device_us,
+            is_user_annotation=annotation,
+            count=count,
+        )
+
+    events = [
+        event("Optimizer.step#Adam.step", DeviceType.CPU, 40_000, 0, annotation=True),
+        event("Optimizer.step#Adam.step", DeviceType.CUDA, 0, 67_000, annotation=True),
+        event("## Call CompiledFxGraph ##", DeviceType.CUDA, 0, 1_000),  # a range, unflagged
+        event("## Call CompiledFxGraph ##", DeviceType.CPU, 2_000, 0, annotation=True),
+        event("sm90_xmma_fprop", DeviceType.CUDA, 0, 30_000, count=140),
+        event("multi_tensor_apply_kernel", DeviceType.CUDA, 0, 20_000, count=80),
+        event("aten::empty_strided", DeviceType.CPU, 2_500, 0, count=731),
+    ]
+    summary = profile_summary(
+        SimpleNamespace(key_averages=lambda: events), steps=10, seconds=0.0684
+    )
+    assert summary["wall_ms_per_step"] == pytest.approx(6.84)
+    assert summary["device_ms_per_step"] == pytest.approx(
+        5.0
+    )  # 30 + 20 ms of kernels over 10 steps
+    assert summary["device_busy"] == pytest.approx(50 / 68.4)
+    assert [row["name"] for row in summary["top_device"]] == [
+        "sm90_xmma_fprop",
+        "multi_tensor_apply_kernel",
+    ]
+    assert summary["top_device"][0]["calls_per_step"] == 14
+    assert summary["top_host"][0] == {
+        "name": "Optimizer.step#Adam.step",
+        "calls_per_step": 1,
+        "ms_per_step": pytest.approx(4.0),
+    }
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_on_a_missing_gpu_says_so():
     result = run_bench("--device", "cuda", timeout=120)
