@@ -31,3 +31,20 @@ step() {  # step NAME SECONDS COMMAND...: run, log, time
   tail -n 12 "$RES/$name.log" | sed "s/^/  [$name] /" >> "$RES/summary.txt"
 }
 
+
+say_report() {  # say_report NAME METRICS_JSON KEY...: a line with those keys of a run's metrics.json
+  local name=$1 file=$2; shift 2
+  say "$name report: $(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print({k: m.get(k) for k in sys.argv[2:]})' "$file" "$@" 2>&1 | tail -1)"
+}
+
+compare_predict() {  # compare_predict NAME PREDICT_JSON RUN_DIR: predict's probabilities against the run's report
+  python3 - "$@" >> "$RES/summary.txt" 2>&1 <<'PY'
+import json, sys
+import numpy as np
+name, predicted, run = sys.argv[1:4]
+doc = json.load(open(predicted))
+ours = np.array([[r["probabilities"][k] for k in doc["labels"]] for r in doc["predictions"]])
+ref = np.load(f"{run}/report/predictions.npz")["scores"]
+print(f"{name}: {len(ours)} rows ({ref.shape[0]} in the report), max |p - report| = {np.abs(ours - ref).max():.2e}")
+PY
+}

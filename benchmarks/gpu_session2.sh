@@ -16,7 +16,7 @@
 #                                                             2 epochs: checks the script, times nothing)
 set -u
 DEADLINE=$(( $(date +%s) + 560 ))
-source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step
+source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step, say_report, compare_predict
 rm -rf /tmp/logs /tmp/predict_gpu.json  # a rerun on a warm machine reads only its own runs
 if [ -n "${DRY_RUN:-}" ]; then
   SIZES="--train 600 --val 300 --test 300"; DEVICE=cpu; E100=2; E8=2
@@ -36,26 +36,19 @@ TORCH_LOGS=recompiles step fast_100 300 python3 -m chest_mnist.train experiment=
 say "fast_100 recompilations: $(grep -c 'Recompiling function' "$RES/fast_100.log") (0 expected: the training step compiles once)"
 FAST=$(ls -d /tmp/logs/fast/train/runs/* 2>/dev/null | head -1)
 cp "$FAST/report/metrics.json" "$RES/fast_100_metrics.json" 2>/dev/null
-say "fast_100 report: $(python3 -c "import json; m = json.load(open('$RES/fast_100_metrics.json')); print({k: m.get(k) for k in ('train_seconds', 'epochs_trained', 'best_val/auroc', 'test/auroc', 'test/acc')})" 2>&1 | tail -1)"
+say_report fast_100 "$RES/fast_100_metrics.json" train_seconds epochs_trained best_val/auroc test/auroc test/acc
 python3 benchmarks/epoch_times.py "$FAST/tensorboard" >> "$RES/summary.txt" 2>&1
 
 # 2. predict on the GPU (issue 7): the test split with that run's best checkpoint, against its report
 step predict_gpu 60 python3 -m chest_mnist.predict "ckpt_path=$(ls "$FAST"/checkpoints/epoch*.ckpt 2>/dev/null | head -1)" \
   inputs=[/tmp/chest_full.npz] device=$DEVICE format=json output=/tmp/predict_gpu.json
-python3 - "$FAST" >> "$RES/summary.txt" 2>&1 <<'PY'
-import json, sys
-import numpy as np
-doc = json.load(open("/tmp/predict_gpu.json"))
-ours = np.array([[r["probabilities"][k] for k in doc["labels"]] for r in doc["predictions"]])
-ref = np.load(f"{sys.argv[1]}/report/predictions.npz")["scores"]
-print(f"predict: {len(ours)} rows ({ref.shape[0]} in the report), max |p - report| = {np.abs(ours - ref).max():.2e}")
-PY
+compare_predict predict /tmp/predict_gpu.json "$FAST"
 
 # 3. does the fast recipe still learn real X-rays as well as the protocol? (protocol row: BENCHMARKS.md)
 step pneumonia_fast 120 python3 -m chest_mnist.train experiment=fast_gpu data.flag=pneumoniamnist \
   data.path=tests/data/pneumoniamnist.npz trainer.max_epochs=$E100 paths.log_dir=/tmp/logs/pneumonia $CPU
 cp /tmp/logs/pneumonia/train/runs/*/report/metrics.json "$RES/pneumonia_fast_metrics.json" 2>/dev/null
-say "pneumonia_fast report: $(python3 -c "import json; m = json.load(open('$RES/pneumonia_fast_metrics.json')); print({k: m.get(k) for k in ('train_seconds', 'best_val/auroc', 'test/auroc', 'test/acc')})" 2>&1 | tail -1)"
+say_report pneumonia_fast "$RES/pneumonia_fast_metrics.json" train_seconds best_val/auroc test/auroc test/acc
 
 # 4. the default config's epoch time now, against the 7.85 s recorded before
 step train_full 100 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=$E8 \

@@ -16,7 +16,7 @@
 #   DRY_RUN=1 OUT=/tmp/out bash benchmarks/gpu_session3.sh   (the same steps on a CPU, tiny)
 set -u
 DEADLINE=$(( $(date +%s) + ${SECONDS_LEFT:-380} ))
-source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step
+source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step, say_report, compare_predict
 rm -rf /tmp/logs /tmp/predict_gpu.json
 if [ -n "${DRY_RUN:-}" ]; then
   SIZES="--train 600 --val 300 --test 300"; DEVICE=cpu; E100=2; STEPS="--steps 2 --warmup 1"
@@ -48,20 +48,13 @@ step fast_100_fused 240 python3 -m chest_mnist.train experiment=fast_gpu data=sy
   paths.log_dir=/tmp/logs/fast $CPU
 FAST=$(ls -d /tmp/logs/fast/train/runs/* 2>/dev/null | head -1)
 cp "$FAST/report/metrics.json" "$RES/fast_100_fused_metrics.json" 2>/dev/null
-say "fast_100_fused report: $(python3 -c "import json; m = json.load(open('$RES/fast_100_fused_metrics.json')); print({k: m.get(k) for k in ('train_seconds', 'epochs_trained', 'best_val/auroc', 'test/auroc', 'test/acc')})" 2>&1 | tail -1)"
+say_report fast_100_fused "$RES/fast_100_fused_metrics.json" train_seconds epochs_trained best_val/auroc test/auroc test/acc
 python3 benchmarks/epoch_times.py "$FAST/tensorboard" >> "$RES/summary.txt" 2>&1
 
 # 4. predict at the evaluation's batch size
 step predict_4096 60 python3 -m chest_mnist.predict "ckpt_path=$(ls "$FAST"/checkpoints/epoch*.ckpt 2>/dev/null | head -1)" \
   inputs=[/tmp/chest_full.npz] device=$DEVICE format=json output=/tmp/predict_gpu.json batch_size=4096
-python3 - "$FAST" >> "$RES/summary.txt" 2>&1 <<'PY'
-import json, sys
-import numpy as np
-doc = json.load(open("/tmp/predict_gpu.json"))
-ours = np.array([[r["probabilities"][k] for k in doc["labels"]] for r in doc["predictions"]])
-ref = np.load(f"{sys.argv[1]}/report/predictions.npz")["scores"]
-print(f"predict_4096: {len(ours)} rows ({ref.shape[0]} in the report), max |p - report| = {np.abs(ours - ref).max():.2e}")
-PY
+compare_predict predict_4096 /tmp/predict_gpu.json "$FAST"
 
 # 5. does a bigger batch still pay? (the host bounds the step if so)
 step bench_1024 90 python3 -m chest_mnist.bench --skip-reference $BENCH_BIG $STEPS --out "$RES/bench_1024.json"

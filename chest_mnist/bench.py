@@ -193,13 +193,7 @@ def profile_summary(profiler, steps: int, seconds: float, top: int = 10) -> dict
     # spanning the kernels it launched and the gaps between them: counted, it would count them
     # twice (an H200 run said 175% busy)
     ranges = {e.key for e in averages if getattr(e, "is_user_annotation", False)}
-    on_device = [
-        e
-        for e in averages
-        if e.device_type != DeviceType.CPU
-        and not getattr(e, "is_user_annotation", False)
-        and e.key not in ranges
-    ]
+    on_device = [e for e in averages if e.device_type != DeviceType.CPU and e.key not in ranges]
     on_host = [e for e in averages if e.device_type == DeviceType.CPU]
 
     def rows(events, key: str) -> list[dict]:
