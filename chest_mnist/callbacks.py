@@ -1,4 +1,4 @@
-"""Lightning callbacks that make a long run safe to stop and to resume (conf/callbacks/default.yaml).
+"""Lightning callbacks that make a long run safe to stop and to resume (chest_mnist/conf/callbacks/default.yaml).
 
 - `LastCheckpoint`: `checkpoints/last.ckpt` at the end of every epoch (a SIGKILL loses at most
   the epoch it hits), and once more when the run is stopped with Ctrl-C or SIGTERM. It is
@@ -11,7 +11,7 @@
 - `ProgressBar`: Lightning's RichProgressBar, reading the training loss from the GPU about
   once a second instead of after every step.
 
-And one Trainer plugin (conf/trainer/default.yaml):
+And one Trainer plugin (chest_mnist/conf/trainer/default.yaml):
 
 - `AtomicCheckpointIO`: every checkpoint is written whole or not at all, so a kill during a
   save leaves the previous `last.ckpt` as it was.

@@ -226,7 +226,7 @@ def evaluate(cfg: DictConfig) -> dict:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     report_user_errors(lambda: evaluate(cfg))
 

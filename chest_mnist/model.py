@@ -231,7 +231,7 @@ class MedMNISTClassifier(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise UserError(
-                "model.optimizer is not set: training needs an optimizer config (see conf/model/)."
+                "model.optimizer is not set: training needs an optimizer config (see chest_mnist/conf/model/)."
             )
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:

@@ -320,7 +320,7 @@ def predict(cfg: DictConfig) -> dict:
     return {"output": output, "predicted": len(good), "failed": len(failed)}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     summary = report_user_errors(lambda: predict(cfg))
     if summary["failed"]:

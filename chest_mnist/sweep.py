@@ -3,7 +3,7 @@
     python -m chest_mnist.train -m model.optimizer.lr=1e-4,3e-4,1e-3,3e-3
     tensorboard --logdir logs/train/multiruns/<time>      # every job side by side
 
-`SweepSummary` is a Hydra callback (conf/hydra/default.yaml). After each job, and at the end,
+`SweepSummary` is a Hydra callback (chest_mnist/conf/hydra/default.yaml). After each job, and at the end,
 it reads the job directories of the sweep (their `.hydra/overrides.yaml` and
 `report/metrics.json`) and writes `sweep_summary.csv` and `sweep_summary.png` in the sweep
 directory. Reading the directories, not memory, makes it work with any launcher, and a job

@@ -4,7 +4,7 @@
     python -m chest_mnist.train data=synthetic trainer.max_epochs=2   # offline
     python -m chest_mnist.train -m model.optimizer.lr=1e-4,1e-3       # a learning-rate sweep
 
-Hydra composes conf/train.yaml; a run writes into its own directory under logs/train/:
+Hydra composes chest_mnist/conf/train.yaml; a run writes into its own directory under logs/train/:
 .hydra/ (the composed config), checkpoints/ (best val AUROC and last), tensorboard/, and
 report/ (metrics.json, per_class.csv, thresholds.json, report.md, figures, predictions: see
 chest_mnist/report.py).
@@ -215,7 +215,7 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = report_user_errors(lambda: train(cfg))

@@ -16,7 +16,7 @@ import chest_mnist.train  # noqa: F401  registers the config resolvers
 from chest_mnist.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "chest_mnist" / "conf"
 PNEUMONIA_NPZ = ROOT / "tests" / "data" / "pneumoniamnist.npz"
 
 
