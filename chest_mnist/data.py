@@ -98,11 +98,16 @@ def fetch_official(
     from torchvision.datasets.utils import download_url  # what medmnist's own download uses
 
     partial = path.with_name(path.name + ".part")
+    # a .part is never a finished download (that is renamed at once): one left by a killed run
+    # would pass download_url's "already there" check, so it goes first
+    partial.unlink(missing_ok=True)
     log.info("Downloading %s to %s", url, path)
     try:
         download_url(url, str(root), partial.name, md5=None)
-    except Exception as e:  # urllib raises several types for a failed connection
+    except BaseException as e:  # Ctrl-C too: no half file left behind
         partial.unlink(missing_ok=True)
+        if not isinstance(e, Exception):
+            raise
         raise UserError(
             f"Could not download {path.name} ({type(e).__name__}: {e}). {_download_help(flag, size, root)}"
         ) from e
@@ -224,11 +229,7 @@ def read_npz(
                     f"{label_columns}): {flag} has {n_labels} labels ({info['task']})."
                 )
             top = 1 if label_columns > 1 or info["task"] == "binary-class" else n_labels - 1
-            if labels.size and (labels.min() < 0 or labels.max() > top):
-                raise UserError(
-                    f"{path}: {split}_labels holds values outside 0..{top} "
-                    f"(found {labels.min()}..{labels.max()}); {flag} labels are {info['task']}."
-                )
+            check_label_values(labels, top, f"{path}: {split}_labels", flag, info["task"])
             expected = info["n_samples"][split]
             if len(images) != expected:
                 log.info(
@@ -241,6 +242,27 @@ def read_npz(
                 )
             splits[split] = (images, np.array(labels, dtype=np.uint8))
     return splits
+
+
+def check_label_values(labels: np.ndarray, top: int, where: str, flag: str, task: str) -> None:
+    """Labels are whole numbers in 0..top. Floats pass only when they are whole: a cast to
+    uint8 would silently turn 0.5 into 0 (and NaN into anything)."""
+    if labels.dtype.kind not in "biuf":
+        raise UserError(f"{where} is {labels.dtype}, not numbers; {flag} labels are {task}.")
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            row, column = (int(i) for i in np.argwhere(bad)[0])
+            raise UserError(
+                f"{where} holds {int(bad.sum())} values that are not whole numbers, the first "
+                f"{labels[row, column].item()} (image {row}, column {column}); {flag} labels are "
+                f"{task}: 0..{top}. Fix the file's labels."
+            )
+    if labels.size and (labels.min() < 0 or labels.max() > top):
+        raise UserError(
+            f"{where} holds values outside 0..{top} (found {labels.min()}..{labels.max()}); "
+            f"{flag} labels are {task}."
+        )
 
 
 class SplitDataset(Dataset):

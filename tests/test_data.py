@@ -322,6 +322,28 @@ def test_labels_not_zero_one(tmp_path):
         read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
 
 
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf")])
+def test_labels_that_are_not_whole_numbers_are_refused(tmp_path, bad):
+    """A uint8 cast would make 0.5 a 0: every label negative, and a run that trains on
+    nothing with exit code 0."""
+    arrays = _good_arrays()
+    arrays["train_labels"] = arrays["train_labels"].astype(np.float32)
+    arrays["train_labels"][2, 5] = bad
+    path = _write(tmp_path / "x.npz", **arrays)
+    with pytest.raises(UserError) as error:
+        read_npz(path, "chestmnist", 28)
+    message = str(error.value)
+    assert f"{path}: train_labels holds 1 values that are not whole numbers" in message
+    assert f"the first {bad} (image 2, column 5)" in message
+
+
+def test_labels_stored_as_whole_floats_are_read(tmp_path):
+    arrays = _good_arrays()
+    arrays["val_labels"] = arrays["val_labels"].astype(np.float64)
+    splits = read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
+    np.testing.assert_array_equal(splits["val"][1], arrays["val_labels"].astype(np.uint8))
+
+
 @pytest.mark.parametrize("size", [0, 32, 100, 256])
 def test_size_not_a_medmnist_size(size):
     with pytest.raises(
@@ -409,6 +431,32 @@ def test_download_with_right_md5_lands_in_root(tmp_path, monkeypatch, file_serve
     assert (
         fetch_official("chestmnist", 64, root, download=False) == path
     )  # found, not fetched again
+
+
+def test_a_part_file_left_by_a_killed_download_is_replaced(tmp_path, monkeypatch, file_server):
+    served, url = file_server
+    source = write_synthetic(served / "file.npz", n_train=8, n_val=4, n_test=4)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "chestmnist.npz.part").write_bytes(source.read_bytes()[:100])  # the first 100 bytes
+    monkeypatch.setitem(INFO["chestmnist"], "url", f"{url}/file.npz")
+    monkeypatch.setitem(INFO["chestmnist"], "MD5", _md5(source))
+    path = fetch_official("chestmnist", 28, root)
+    assert _md5(path) == _md5(source)
+    assert [p.name for p in root.iterdir()] == ["chestmnist.npz"]
+
+
+def test_ctrl_c_during_a_download_leaves_no_part_file(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def interrupted(url, root, filename, md5=None):
+        Path(root, filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_official("chestmnist", 28, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_file_with_wrong_md5_is_kept_and_named(tmp_path):
