@@ -6,8 +6,9 @@
   any other error (a non-finite loss, say), so the last good checkpoint stays as it was.
 - `StopOnNonFiniteLoss`: stops training at the first NaN or infinite training loss, with the
   epoch and step, before a checkpoint of the broken weights can be written.
-- `RestoreRNG`: puts the random generators' state in every checkpoint and restores it on
-  resume, so a resumed run shuffles (and augments) as the uninterrupted run would have.
+- `RestoreRNG`: puts every process's random generator states in every checkpoint and each
+  process restores its own on resume, so a resumed run shuffles (and augments) as the
+  uninterrupted run would have, under DDP too.
 - `ProgressBar`: Lightning's RichProgressBar, reading the training loss from the GPU about
   once a second instead of after every step.
 
@@ -153,39 +154,102 @@ class StopOnNonFiniteLoss(Callback):
 
 
 class RestoreRNG(Callback):
-    """torch (CPU and CUDA), numpy and Python random states in each checkpoint; restored when
-    training resumes from it. Stored as tensors and plain values, so checkpoints still load
-    with `weights_only=True`."""
+    """Every process's torch (CPU, and its own GPU's CUDA), numpy and Python random states in
+    each checkpoint; each restores its own when training resumes, so a resumed run shuffles
+    (and augments) as the uninterrupted run would have, under DDP too. Stored as tensors and
+    plain values, so checkpoints still load with `weights_only=True`:
+
+        rng_states = {"world_size": W, "ranks": [states of rank 0, ..., of rank W - 1]}
+        states = {"torch": ..., "torch.cuda": the rank's own device's state or None (not on a
+                  GPU), "numpy": ..., "python": ...}
+
+    Resumed with another number of processes, every rank restores saved rank 0's states: the
+    ranks keep drawing one shared permutation (DeviceBatches), but the data order is not the
+    uninterrupted run's, and a warning says so. A checkpoint of the earlier format (one
+    process's states, "torch.cuda" a list with every visible GPU's) is read as rank 0's."""
 
     @override
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate(),
-        }
+        states = _own_rng_states(trainer.strategy.root_device)
+        ranks = [states]
+        if trainer.world_size > 1 and _distributed():
+            # Trainer.save_checkpoint runs on every rank at the same moment (Lightning's own
+            # save ends in a barrier), and this hook within it: a collective is safe here
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, states)
+        checkpoint["rng_states"] = {"world_size": len(ranks), "ranks": ranks}
 
     @override
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        states = checkpoint.get("rng_states")
-        if states is None:
+        saved = checkpoint.get("rng_states")
+        if saved is None:
             log.warning(
                 "The checkpoint has no random generator states: the data order will differ."
             )
             return
+        world_size, device = trainer.world_size, trainer.strategy.root_device
+        saved_by = None  # set when this run cannot continue each process's own states
+        if "ranks" not in saved:  # the earlier format: the states of the process that saved
+            states = _earlier_format(saved, trainer)
+            if world_size > 1:
+                saved_by = "one process (an earlier format)"
+        elif saved["world_size"] == world_size:
+            states = saved["ranks"][trainer.global_rank]
+        else:
+            states, saved_by = saved["ranks"][0], f"{saved['world_size']} processes"
+        if saved_by is not None and trainer.is_global_zero:
+            log.warning(
+                "The checkpoint's random generator states were saved by %s and this run has %d: "
+                "every process restores those of saved process 0, so the processes still shuffle "
+                "alike, but the data order will differ from a run that was never stopped (each "
+                "process's share of every epoch's shuffle, and the random numbers each process "
+                "draws, depend on the number of processes).",
+                saved_by,
+                world_size,
+            )
         torch.set_rng_state(states["torch"])
-        if states["torch.cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["torch.cuda"])
+        if states["torch.cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(states["torch.cuda"], device)
         name, keys, pos, has_gauss, gauss = states["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, internal, gauss_next = states["python"]
         random.setstate((version, tuple(internal), gauss_next))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _own_rng_states(device: torch.device) -> dict[str, Any]:
+    """This process's generator states; of CUDA's, only its own device's (the one it draws
+    its permutations and augmentations from)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _earlier_format(saved: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
+    """States of the earlier format, which held the saving process's states and every visible
+    GPU's CUDA state (`get_rng_state_all`), as one rank's: the CUDA state is the entry of the
+    device that drew the data order, this process's own when alone. Under DDP every rank takes
+    the entry of rank 0's device, so that the ranks keep agreeing (only rank 0 had saved)."""
+    device = trainer.strategy.root_device
+    cuda = None
+    if device.type == "cuda" and saved.get("torch.cuda"):
+        devices = getattr(trainer.strategy, "parallel_devices", None) or [device]
+        first = devices[0] if trainer.world_size > 1 else device
+        index = first.index if first.index is not None else torch.cuda.current_device()
+        if index < len(saved["torch.cuda"]):
+            cuda = saved["torch.cuda"][index]
+    return {**saved, "torch.cuda": cuda}
 
 
 class ProgressBar(RichProgressBar):
