@@ -463,7 +463,6 @@ class MedMNISTDataModule(L.LightningDataModule):
         else:
             self.labels = names  # one output per finding (sigmoid) or per class (softmax)
         self.splits: dict[str, SplitDataset] = {}
-        self.predict_splits: tuple[str, ...] = ("val", "test")
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -595,11 +594,9 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> list:
-        """The splits named in `predict_splits`, in that order (by default validation and test,
-        what the report is made of)."""
+        """Validation and test, in that order: what the report is made of."""
         return [
-            self._loader(split, self.hparams.eval_batch_size, shuffle=False)
-            for split in self.predict_splits
+            self._loader(s, self.hparams.eval_batch_size, shuffle=False) for s in ("val", "test")
         ]
 
     @override

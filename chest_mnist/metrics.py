@@ -7,6 +7,10 @@ one-vs-rest AUCs and ACC the accuracy of the arg-max class. Exactly `medmnist.ev
 `getAUC` and `getACC`, so our numbers compare with the published tables. Precision, recall
 and F1 come micro (pooled, dominated by the common labels) and macro (each label equal).
 Inputs are probabilities (sigmoid, or softmax for multi-class), not logits.
+
+AUROC is undefined for a label with no positives or no negatives in the split, and AP for one
+with no positives (medmnist's getAUC gives NaN there); torchmetrics scores them 0.0. Here they are
+NaN and left out of the macro means, whose label counts are reported (`auroc_labels`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torchmetrics.classification import (
     MultilabelPrecision,
     MultilabelRecall,
 )
+from torchmetrics.utilities.data import dim_zero_cat
 
 from chest_mnist import UserError
 
@@ -46,6 +51,50 @@ MULTI_LABEL = "multi-label, binary-class"
 def is_multiclass(task: str) -> bool:
     """One class per image, chosen by arg-max (ordinal regression is treated the same way)."""
     return task in ("multi-class", "ordinal-regression")
+
+
+def label_counts(
+    targets: torch.Tensor, num_labels: int, task: str = MULTI_LABEL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives) per output: per label column, or per class one against the rest."""
+    if is_multiclass(task):
+        positives = torch.bincount(targets.reshape(-1).long(), minlength=num_labels)
+    else:
+        positives = targets.reshape(len(targets), -1).long().sum(0)
+    return positives.cpu(), len(targets) - positives.cpu()
+
+
+def mean_over_defined(values: torch.Tensor) -> tuple[float, int]:
+    """(mean of the values that are not NaN, how many there are); NaN when none is."""
+    defined = ~torch.isnan(values)
+    count = int(defined.sum())
+    return (values[defined].mean().item() if count else float("nan")), count
+
+
+class _MacroOverDefinedAUROC:
+    """compute(): the mean AUROC over the outputs whose data has positives and negatives (NaN
+    when none has), not torchmetrics' mean with 0.0 for the undefined ones. For the AUROC
+    classes built with average=None; compute runs on the states synced across DDP ranks."""
+
+    task = MULTI_LABEL
+
+    def compute(self) -> torch.Tensor:
+        per_label = super().compute().reshape(-1).float()
+        positives, negatives = label_counts(dim_zero_cat(self.target), len(per_label), self.task)
+        per_label[((positives == 0) | (negatives == 0)).to(per_label.device)] = float("nan")
+        return torch.tensor(mean_over_defined(per_label)[0], device=per_label.device)
+
+
+class BinaryMacroAUROC(_MacroOverDefinedAUROC, BinaryAUROC):
+    pass
+
+
+class MultilabelMacroAUROC(_MacroOverDefinedAUROC, MultilabelAUROC):
+    pass
+
+
+class MulticlassMacroAUROC(_MacroOverDefinedAUROC, MulticlassAUROC):
+    task = "multi-class"
 
 
 def _classes(num_labels: int, task: str = MULTI_LABEL) -> dict:
@@ -101,7 +150,13 @@ def scalar_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection
     """The epoch numbers for val and test (at threshold 0.5, or arg-max): one collection,
     `.clone(prefix=...)` per stage."""
     make = _classes(num_labels, task)
-    metrics = {"auroc": make["auroc"]("macro"), "acc": make["acc"]("macro")}
+    if is_multiclass(task):
+        auroc = MulticlassMacroAUROC(num_classes=num_labels, average=None)
+    elif num_labels == 1:
+        auroc = BinaryMacroAUROC()
+    else:
+        auroc = MultilabelMacroAUROC(num_labels=num_labels, average=None)
+    metrics = {"auroc": auroc, "acc": make["acc"]("macro")}
     metrics |= _micro_and_macro(make)
     return MetricCollection(metrics)
 
@@ -126,13 +181,17 @@ def all_negative_accuracy(targets: torch.Tensor) -> float:
     return (targets == 0).float().mean(0).mean().item()
 
 
-def majority_accuracy(targets: torch.Tensor, task: str = MULTI_LABEL) -> float:
-    """MedMNIST ACC of the best constant answer on this split: each label's majority value (for
-    ChestMNIST that is "no finding", the all-negative model), or the most frequent class."""
+def majority_accuracy(
+    targets: torch.Tensor, prevalence_train: torch.Tensor, task: str = MULTI_LABEL
+) -> float:
+    """MedMNIST ACC on `targets` of the constant answer chosen on the training split: each
+    label's more frequent value there (for ChestMNIST "no finding", the all-negative model), or
+    the most frequent class. Chosen on train, as a model would be: the test labels' own
+    majority would be a baseline that peeked."""
     if is_multiclass(task):
-        return torch.bincount(targets.reshape(-1).long()).max().item() / targets.numel()
-    positive = targets.float().mean(0)
-    return torch.maximum(positive, 1 - positive).mean().item()
+        return (targets.reshape(-1) == int(torch.argmax(prevalence_train))).float().mean().item()
+    answer = (prevalence_train.to(targets.device) > 0.5).to(targets.dtype)
+    return (targets == answer).float().mean(0).mean().item()
 
 
 def as_targets(targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -156,7 +215,8 @@ def evaluate_predictions(
 ) -> dict:
     """Everything the report needs from one split's (N, L) probabilities and targets.
 
-    Ranking metrics (AUROC, average precision) use the scores; decisions are `score >
+    Ranking metrics (AUROC, average precision) use the scores, NaN where undefined (see the
+    module's docstring), their macro means over the defined ones; decisions are `score >
     threshold` per label (0.5 when `thresholds` is None, MedMNIST's ACC), or the arg-max class
     for a multi-class task. Returns {"scalars": {name: float}, "per_label": [{label, support,
     prevalence, auroc, ap, acc, precision, recall, f1, threshold, tn, fp, fn, tp}],
@@ -169,7 +229,10 @@ def evaluate_predictions(
         scores.device
     )
     ranking.update(scores, targets)
-    per = {name: value.cpu().reshape(-1) for name, value in ranking.compute().items()}
+    per = {name: value.cpu().reshape(-1).float() for name, value in ranking.compute().items()}
+    positives, negatives = label_counts(targets, len(labels), task)
+    per["auroc"][(positives == 0) | (negatives == 0)] = float("nan")  # undefined, not 0.0
+    per["ap"][positives == 0] = float("nan")
     if multiclass:
         threshold = torch.full((len(labels),), float("nan"))  # arg-max: no threshold
         decisions = scores.argmax(-1)
@@ -191,9 +254,10 @@ def evaluate_predictions(
         confusion = confusion.reshape(-1, 2, 2)
         counts = confusion.reshape(-1, 4)  # tn, fp, fn, tp
 
-    scalars = {"auroc": per["auroc"].mean().item(), "ap_macro": per["ap"].mean().item()}
+    scalars = {}
+    scalars["auroc"], scalars["auroc_labels"] = mean_over_defined(per["auroc"])
+    scalars["ap_macro"], scalars["ap_macro_labels"] = mean_over_defined(per["ap"])
     scalars |= {name: value.item() for name, value in values.items()}
-    scalars["acc_majority"] = majority_accuracy(targets, task)
     if not multiclass:
         scalars["acc_all_negative"] = all_negative_accuracy(targets)
     scalars["n_images"] = len(targets)
@@ -219,27 +283,40 @@ def evaluate_predictions(
 THRESHOLD_RULES = ("f1", "youden", "fixed")
 
 
-def tune_thresholds(scores: torch.Tensor, targets: torch.Tensor, rule: str = "f1") -> torch.Tensor:
-    """One decision threshold per label, chosen on these (validation) predictions.
+def tune_thresholds(
+    scores: torch.Tensor, targets: torch.Tensor, rule: str = "f1"
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """One decision threshold per label, chosen on these (validation) predictions; and, for the
+    labels that keep 0.5 because nothing can be tuned on them, why ({label index: reason}).
 
     rule "f1" maximises the label's F1, "youden" its TPR - FPR, "fixed" keeps 0.5. Every cut
-    between two distinct scores is a candidate, and the threshold is placed midway between
-    them, so `score > threshold` reproduces the chosen cut. A label without positives keeps 0.5.
+    between two distinct scores is a candidate. The threshold is a float32 value below the
+    chosen cut and at or above the next score, so `score > threshold` in float32 (the scores'
+    type) makes exactly the chosen decisions. A label without positives, or whose scores are
+    all equal or not finite, keeps 0.5, and the reason is returned.
     """
     if rule not in THRESHOLD_RULES:
         raise UserError(
             f"thresholds.rule={rule!r} is unknown; choose one of {', '.join(THRESHOLD_RULES)}."
         )
-    scores, targets = scores.detach().double().cpu(), targets.cpu()
-    thresholds = torch.full((scores.shape[1],), THRESHOLD, dtype=torch.float64)
+    scores, targets = scores.detach().float().cpu(), targets.cpu()
+    thresholds = torch.full((scores.shape[1],), THRESHOLD, dtype=torch.float32)
     if rule == "fixed":
-        return thresholds.float()
+        return thresholds, {}
+    kept: dict[int, str] = {}
     for k in range(scores.shape[1]):
-        order = torch.argsort(scores[:, k], descending=True)
-        s, y = scores[order, k], targets[order, k].double()
-        positives, negatives = y.sum(), len(y) - y.sum()
-        if positives == 0:
+        column = scores[:, k]
+        if not torch.isfinite(column).all():
+            kept[k] = f"{int((~torch.isfinite(column)).sum())} validation scores are not finite"
+        elif len(column) and bool((column == column[0]).all()):
+            kept[k] = f"every validation score is {column[0].item():.6g}: nothing to rank"
+        elif targets[:, k].sum() == 0:
+            kept[k] = "no positives in validation"
+        if k in kept:
             continue
+        order = torch.argsort(column, descending=True)
+        s, y = column[order], targets[order, k].double()
+        positives, negatives = y.sum(), len(y) - y.sum()
         last_of_tie = torch.ones(len(s), dtype=torch.bool)
         last_of_tie[:-1] = s[:-1] != s[1:]
         tp, fp = y.cumsum(0)[last_of_tie], (1 - y).cumsum(0)[last_of_tie]  # positives: score >= cut
@@ -249,6 +326,11 @@ def tune_thresholds(scores: torch.Tensor, targets: torch.Tensor, rule: str = "f1
         else:
             gain = tp / positives - (fp / negatives if negatives > 0 else 0)
         best = int(torch.argmax(gain))
-        below = cuts[best + 1] if best + 1 < len(cuts) else cuts[best] - 1e-6
-        thresholds[k] = (cuts[best] + below) / 2
-    return thresholds.float()
+        cut = cuts[best]
+        below = cuts[best + 1] if best + 1 < len(cuts) else cut - max(1e-6, abs(cut.item()) * 1e-6)
+        # halfway in float64, rounded to the float32 nearest: somewhere in [below, cut]
+        middle = ((cut.double() + below.double()) / 2).float()
+        if middle >= cut:  # rounded onto the cut, which `score > threshold` would then exclude
+            middle = torch.nextafter(cut, torch.tensor(-torch.inf))
+        thresholds[k] = middle
+    return thresholds, kept

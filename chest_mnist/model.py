@@ -59,8 +59,8 @@ def build_resnet18(
 def concat_outputs(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, labels) batches, as test_step keeps them and predict_step returns them,
-    as two CPU tensors (probabilities in float32)."""
+    """(values, labels) batches, as predict_step returns them, as two CPU tensors (the values,
+    logits or probabilities, in float32)."""
     scores, labels = zip(*batches, strict=True)
     return torch.cat(scores).float().cpu(), torch.cat(labels).cpu()
 
@@ -149,7 +149,8 @@ class MedMNISTClassifier(L.LightningModule):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.head(features.float())
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss, mean over images (and labels)."""
         smoothing = self.hparams.label_smoothing
         if self.multiclass:
             return F.cross_entropy(logits, targets.reshape(-1).long(), label_smoothing=smoothing)
@@ -163,8 +164,11 @@ class MedMNISTClassifier(L.LightningModule):
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, targets = batch
-        loss = self._loss(self(x), targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        loss = self.loss(self(x), targets)
+        # sync_dist: the average over every process's images, reduced once, at the epoch's end
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True
+        )
         # not prog_bar=True: Lightning would copy it to the host after every step (a GPU sync);
         # callbacks.ProgressBar shows it about once a second
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(x))
@@ -182,7 +186,16 @@ class MedMNISTClassifier(L.LightningModule):
     def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, targets = batch
         logits = self._eval_logits(x)
-        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, batch_size=len(x))
+        self.log(
+            f"{stage}/loss",
+            self.loss(logits, targets),
+            on_epoch=True,
+            # a float: Lightning sums the batch sizes in their own dtype and, to sync, averages
+            # them over the processes; an integer count is truncated there (101 images on 2
+            # processes count as 100), and the loss with it
+            batch_size=float(len(x)),
+            sync_dist=True,  # the whole split's loss, not this process's share
+        )
         return self.scores(logits), as_targets(targets, self.hparams.task)
 
     @override
@@ -198,34 +211,27 @@ class MedMNISTClassifier(L.LightningModule):
         self.val_metrics.reset()
 
     @override
-    def on_test_epoch_start(self) -> None:
-        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    @override
     def test_step(self, batch, batch_idx: int) -> None:
+        """Lightning's `trainer.test`, for whoever calls it: the same numbers as validation's.
+        (The report does not use it: `evaluate_model` predicts each split once, with
+        `predict_step`, and computes every number from the predictions.)"""
         scores, targets = self._eval_step(batch, "test")
         self.test_metrics.update(scores, targets)
-        self._test_outputs.append((scores.detach(), batch[1]))
 
     @override
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
-    def test_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, labels) of this process's share of the last test run, on the CPU, as
-        `predict_step` would give them: the report's test half, without a second pass."""
-        if not getattr(self, "_test_outputs", None):
-            raise RuntimeError("test_predictions() needs a finished trainer.test() run first")
-        return concat_outputs(self._test_outputs)
-
     @override
     def predict_step(
         self, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, targets) of a batch: the raw material of the report."""
+        """(logits, targets) of a batch, the raw material of the report: `scores` makes them
+        probabilities, `loss` the test loss. With tta_flip, the logits averaged with the
+        mirror's."""
         x, targets = batch
-        return self.probabilities(x), targets
+        return self._eval_logits(x), targets
 
     @override
     def configure_optimizers(self):

@@ -79,6 +79,11 @@ def _save_grid(fig, xlabel: str, ylabel: str, path: Path) -> Path:
     return path
 
 
+def _value(metric: float) -> str:
+    """A curve's area for its title; NaN where it is undefined (no positives or negatives)."""
+    return "undefined" if np.isnan(metric) else f"{metric:.3f}"
+
+
 def plot_roc_curves(
     curves: list[tuple[np.ndarray, np.ndarray]], labels: list[str], aurocs: list[float], path: Path
 ) -> Path:
@@ -87,7 +92,7 @@ def plot_roc_curves(
     for ax, (fpr, tpr), label, auroc in zip(axes, curves, labels, aurocs, strict=False):
         ax.plot(fpr, tpr, lw=1.5)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")  # chance
-        ax.set_title(f"{label}\nAUROC {auroc:.3f}", fontsize=9)
+        ax.set_title(f"{label}\nAUROC {_value(auroc)}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
@@ -109,7 +114,7 @@ def plot_pr_curves(
     ):
         ax.plot(recall, precision, lw=1.5)
         ax.axhline(prevalence, ls="--", lw=0.8, color="grey")
-        ax.set_title(f"{label}\nAP {ap:.3f}, prevalence {prevalence:.3f}", fontsize=9)
+        ax.set_title(f"{label}\nAP {_value(ap)}, prevalence {prevalence:.3f}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)

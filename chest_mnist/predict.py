@@ -1,7 +1,7 @@
 """Predict with a trained checkpoint on image files, folders of them, or MedMNIST npz files.
 
-    python -m chest_mnist.predict ckpt_path=<run>/checkpoints/last.ckpt inputs=[xray.png,scans/]
-    python -m chest_mnist.predict ckpt_path=<run> inputs=[xray.png]     # the run's best checkpoint
+    python -m chest_mnist.predict ckpt_path=<run> inputs=[xray.png,scans/]   # the run's best checkpoint
+    python -m chest_mnist.predict ckpt_path=<run>/checkpoints/<file>.ckpt inputs=[xray.png]
     python -m chest_mnist.predict ckpt_path=... inputs=[data/chestmnist.npz] split=test
     python -m chest_mnist.predict ckpt_path=... inputs=[scans/] format=json output=preds.json
 
@@ -10,8 +10,10 @@ dataset), center-cropped to a square and resized to the checkpoint's `data.size`
 that size already (bicubic: medmnist.INFO says "resize" without naming the filter), then
 normalised on the device exactly as in training (`chest_mnist.data.to_model_input`). The output has one row per image: its path, one
 probability per label, and the labels predicted at the per-label thresholds that evaluation
-tuned on validation (`<run>/report/thresholds.json`, found next to the checkpoint, or
-`thresholds=PATH`); without them the threshold is 0.5, and the output says so.
+tuned on validation for these very weights (`<run>/report/thresholds.json`, found next to the
+checkpoint, names the weights it was tuned for); for other weights (`last.ckpt` after a later
+best epoch, say) or without that file the threshold is 0.5, and the output says why.
+`thresholds=PATH` uses that file's thresholds whatever they were tuned for.
 
 A file that cannot be used (not an image, truncated, empty, missing, 4 channels, 16-bit, a
 folder with no images, an npz of another dataset) gets its own row with the reason, and a
@@ -36,15 +38,20 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 
 from chest_mnist import UserError
+from chest_mnist.checkpoints import (
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    weights_digest,
+)
 from chest_mnist.config import report_user_errors, resolve_device
 from chest_mnist.data import SPLITS, read_npz, to_model_input
-from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from chest_mnist.model import MedMNISTClassifier, is_multiclass
+from chest_mnist.metrics import THRESHOLD, is_multiclass
+from chest_mnist.model import MedMNISTClassifier
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-THRESHOLD = 0.5
 # Pillow modes we read as they are; anything else (RGBA, LA, CMYK, 16-bit, float) is refused:
 # dropping an alpha channel or choosing a window for 16-bit pixels is the user's call.
 READABLE_MODES = {"1": "1-bit", "L": "8-bit gray", "P": "palette", "RGB": "8-bit RGB"}
@@ -156,16 +163,30 @@ def predict_scores(
     return torch.cat(out) if out else torch.empty(0, len(model.hparams.labels))
 
 
-def read_thresholds(path: Path, labels: list[str]) -> list[float]:
+@dataclass
+class TunedThresholds:
+    """A thresholds.json of an evaluation report: one threshold per label, and the weights
+    they were tuned for (file name and digest; None in reports older than that)."""
+
+    values: list[float]
+    checkpoint: str | None
+    weights_sha256: str | None
+
+
+def read_thresholds(path: Path, labels: list[str]) -> TunedThresholds:
     """Per-label thresholds from an evaluation report's thresholds.json, checked against the
     model's labels."""
     try:
         data = json.loads(path.read_text())
         table = data["labels"]
-        return [float(table[label]) for label in labels]
+        return TunedThresholds(
+            [float(table[label]) for label in labels],
+            data.get("checkpoint"),
+            data.get("weights_sha256"),
+        )
     except FileNotFoundError:
         raise UserError(f"thresholds={path} does not exist.") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(
             f"thresholds={path} is not a thresholds.json for this model's labels "
             f"({', '.join(labels)}): {type(e).__name__}: {e}. Use the one in the checkpoint "
@@ -174,22 +195,48 @@ def read_thresholds(path: Path, labels: list[str]) -> list[float]:
 
 
 def choose_thresholds(
-    cfg_thresholds: str | None, ckpt_path: Path, labels: list[str], multiclass: bool
+    cfg_thresholds: str | None,
+    ckpt_path: Path,
+    digest: str,
+    labels: list[str],
+    multiclass: bool,
 ) -> tuple[list[float] | None, str]:
-    """(thresholds, where they come from): the given file, else the checkpoint run's report,
-    else 0.5 for every label. A multi-class model takes the arg-max class: no thresholds."""
+    """(thresholds, where they come from). The thresholds tuned for these weights (`digest`):
+    the checkpoint run's report/thresholds.json when it was tuned for them, else 0.5 for every
+    label, and why. A file given as `thresholds=` is used whatever it was tuned for (the
+    source says when that was other weights). A multi-class model takes the arg-max class."""
     if multiclass:
         return None, "arg-max class (multi-class task)"
     if cfg_thresholds:
         path = Path(cfg_thresholds).expanduser()
-        return read_thresholds(path, labels), f"tuned on validation ({path})"
+        tuned = read_thresholds(path, labels)
+        if tuned.weights_sha256 == digest:
+            return tuned.values, f"tuned on validation ({path})"
+        return tuned.values, (
+            f"tuned on validation for other weights ({tuned.checkpoint or 'not named'}), "
+            f"given as thresholds={path}"
+        )
     beside = ckpt_path.parent.parent / "report" / "thresholds.json"
-    if beside.is_file():
-        return read_thresholds(beside, labels), f"tuned on validation ({beside})"
-    return [THRESHOLD] * len(labels), (
-        f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
-        f"run python -m chest_mnist.evaluate, or give thresholds=PATH)"
+    if not beside.is_file():
+        return [THRESHOLD] * len(labels), (
+            f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
+            f"run python -m chest_mnist.evaluate, or give thresholds=PATH)"
+        )
+    tuned = read_thresholds(beside, labels)
+    if tuned.weights_sha256 == digest:
+        return tuned.values, f"tuned on validation ({beside})"
+    why = (
+        f"{beside} was tuned for other weights ({tuned.checkpoint}), not {ckpt_path.name}"
+        if tuned.weights_sha256
+        else f"{beside} does not say which weights it was tuned for"
     )
+    print(
+        f"warning: {why}: every label at {THRESHOLD}. To use those thresholds anyway, give "
+        f"thresholds={beside}; for this checkpoint's own, python -m chest_mnist.evaluate "
+        f"ckpt_path={ckpt_path}, then thresholds=<its report>/thresholds.json.",
+        file=sys.stderr,
+    )
+    return [THRESHOLD] * len(labels), f"{THRESHOLD} for every label ({why})"
 
 
 def predicted_labels(
@@ -291,7 +338,11 @@ def predict(cfg: DictConfig) -> dict:
     labels = list(model.hparams.labels)
     flag, size = data["flag"], data["size"]
     thresholds, source = choose_thresholds(
-        cfg.get("thresholds"), ckpt_path, labels, is_multiclass(model.hparams.task)
+        cfg.get("thresholds"),
+        ckpt_path,
+        weights_digest(model.state_dict()),
+        labels,
+        is_multiclass(model.hparams.task),
     )
     device = resolve_device(cfg.device)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from chest_mnist.metrics import (
     THRESHOLD,
     evaluate_predictions,
     is_multiclass,
+    majority_accuracy,
     tune_thresholds,
 )
 from chest_mnist.plots import (
@@ -44,6 +46,15 @@ from chest_mnist.plots import (
 log = logging.getLogger(__name__)
 
 LOSS_CURVES = ("train/loss", "val/loss")
+# scalars that no threshold changes: reported once, not again as "<name>_tuned"
+THRESHOLD_FREE = (
+    "auroc",
+    "auroc_labels",
+    "ap_macro",
+    "ap_macro_labels",
+    "acc_all_negative",
+    "n_images",
+)
 
 
 def read_loss_curves(tensorboard_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -117,25 +128,28 @@ def build_report(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     labels: list[str],
-    prevalence_train: torch.Tensor | None = None,
+    prevalence_train: torch.Tensor,
     rule: str = "f1",
     task: str = MULTI_LABEL,
 ) -> dict:
     """Every metric on `test` = (scores, targets): at 0.5 and at thresholds tuned on `val`, or
-    at the arg-max class for a multi-class task (no thresholds to tune)."""
+    at the arg-max class for a multi-class task (no thresholds to tune). The constant baseline
+    is chosen on the training split's `prevalence_train`."""
     multiclass = is_multiclass(task)
-    thresholds = None if multiclass else tune_thresholds(*val, rule=rule)
+    thresholds, kept = (None, {}) if multiclass else tune_thresholds(*val, rule=rule)
+    threshold_notes = {labels[k]: reason for k, reason in kept.items()}
+    for label, reason in threshold_notes.items():
+        log.warning("%s keeps the threshold %s: %s.", label, THRESHOLD, reason)
     at_half = evaluate_predictions(*test, labels, task=task)
     tuned = None if multiclass else evaluate_predictions(*test, labels, thresholds, task=task)
     scalars = dict(at_half["scalars"])
+    scalars["acc_majority"] = majority_accuracy(test[1], prevalence_train, task)
     for name, value in (tuned["scalars"] if tuned else {}).items():
-        if name not in ("auroc", "ap_macro", "acc_all_negative", "acc_majority", "n_images"):
+        if name not in THRESHOLD_FREE:
             scalars[f"{name}_tuned"] = value
     rows = []
     for k, half in enumerate(at_half["per_label"]):
-        row = {"label": half["label"]}
-        if prevalence_train is not None:
-            row["prevalence_train"] = float(prevalence_train[k])
+        row = {"label": half["label"], "prevalence_train": float(prevalence_train[k])}
         row |= {
             "prevalence_test": half["prevalence"],
             "support": half["support"],
@@ -158,6 +172,7 @@ def build_report(
         "task": task,
         "thresholds": thresholds,
         "rule": "argmax" if multiclass else rule,
+        "threshold_notes": threshold_notes,
         "confusion_tuned": tuned["confusion"] if tuned else None,
         "confusion": at_half["confusion"],
     }
@@ -196,12 +211,37 @@ def write_medmnist_result(path: Path, scores: np.ndarray) -> Path:
     return path
 
 
+def _undefined(row: dict, metric: str) -> str:
+    """Why a label's AUROC or AP is undefined on test."""
+    if row["support"] == 0:
+        return "undefined: no positives in test"
+    return "undefined: no negatives in test" if metric == "auroc" else ""
+
+
+def _number(value: float, undefined: str = "undefined") -> str:
+    return undefined if math.isnan(value) else f"{value:.4f}"
+
+
+def _coverage(count: int, rows: list[dict], metric: str) -> str:
+    """What a macro mean covers when it leaves labels out: " (over 13 of 14; undefined for
+    hernia)"."""
+    if count == len(rows):
+        return ""
+    left_out = ", ".join(r["label"] for r in rows if math.isnan(r[metric]))
+    return f" (over {count} of {len(rows)}; undefined for {left_out})"
+
+
 def _summary(report: dict, figures: list[str], loss_note: str | None, context: dict) -> str:
     s, rows = report["scalars"], report["per_label"]
     multiclass = report["thresholds"] is None
     lines = [f"# Report: {context.get('flag', '')} test split ({s['n_images']:,} images)", ""]
-    if context.get("checkpoint"):
-        lines += [f"Checkpoint: `{context['checkpoint']}`.", ""]
+    if digest := context.get("weights_sha256"):
+        source = (
+            f"checkpoint `{context['checkpoint']}`"
+            if context.get("checkpoint")
+            else "the weights at the end of training, in no checkpoint file"
+        )
+        lines += [f"Weights: {source} (SHA-256 `{digest[:16]}…`).", ""]
     lines += ["## Summary", ""]
     if multiclass:
         lines += ["| | arg-max class |", "| --- | --- |", f"| ACC (MedMNIST) | {s['acc']:.4f} |"]
@@ -220,15 +260,21 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
             f"{s[name + '_macro_tuned']:.4f} / {s[name + '_micro_tuned']:.4f} |"
             for name in ("f1", "precision", "recall")
         ]
-    constant = "the most frequent class" if multiclass else "each label's more frequent value"
+    constant = (
+        "the class most frequent in training"
+        if multiclass
+        else "each label's more frequent value in training"
+    )
     if "acc_all_negative" in s and abs(s["acc_all_negative"] - s["acc_majority"]) < 1e-12:
-        constant = "no finding for every label"
+        constant = "no finding for every label (each label's more frequent value in training)"
     over = "classes, one against the rest" if multiclass else "labels"
     gap = round(s["acc"] - s["acc_majority"], 4)
     versus = "the same (to 4 decimals)" if gap == 0 else f"{gap:+.4f} from it"  # never "-0.0000"
     lines += [
         "",
-        f"AUC (MedMNIST, macro over {over}): **{s['auroc']:.4f}**; macro average precision: {s['ap_macro']:.4f}.",
+        f"AUC (MedMNIST, macro over {over}): **{_number(s['auroc'])}**"
+        f"{_coverage(s['auroc_labels'], rows, 'auroc')}; macro average precision: "
+        f"{_number(s['ap_macro'])}{_coverage(s['ap_macro_labels'], rows, 'ap')}.",
         "",
         f"**Baseline:** a model that always answers {constant} scores ACC **{s['acc_majority']:.4f}** on this "
         f"split. This model's ACC is {versus}: where the answers are "
@@ -241,6 +287,12 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
             f"then applied to test.",
             "",
         ]
+        lines += [
+            f"**Kept at {THRESHOLD}:** {label}: {reason}; nothing was tuned for it."
+            for label, reason in report["threshold_notes"].items()
+        ]
+        if report["threshold_notes"]:
+            lines.append("")
     lines += ["## Per label", ""]
     if multiclass:
         lines += [
@@ -248,8 +300,8 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {r['auroc']:.4f} | {r['ap']:.4f} | "
-            f"{r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
+            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
+            f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
             for r in rows
         ]
     else:
@@ -258,12 +310,12 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {r['auroc']:.4f} | {r['ap']:.4f} | "
-            f"{r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
+            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
+            f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
             f"{r['f1_tuned']:.4f} |"
             for r in rows
         ]
-    weakest = sorted(rows, key=lambda r: r["auroc"])[:3]
+    weakest = sorted((r for r in rows if not math.isnan(r["auroc"])), key=lambda r: r["auroc"])[:3]
     lines += ["", "## Where the model is weak", ""]
     lines.append(
         "Lowest AUROC: " + ", ".join(f"{r['label']} ({r['auroc']:.3f})" for r in weakest) + "."
@@ -326,24 +378,32 @@ def write_report(
 ) -> Path:
     """Write every report file into `out_dir`. `run_dir`, the training run: its name goes into
     MedMNIST's result file name, its logs (TensorBoard, else CSV) give the loss curves; without
-    them only that figure is missing (said in report.md)."""
+    them only that figure is missing (said in report.md). `extra`: facts for metrics.json;
+    its "checkpoint" and "weights_sha256" name the weights evaluated, in thresholds.json and
+    report.md too."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = flat_metrics(report) | (extra or {})
+    extra = extra or {}
+    metrics = flat_metrics(report) | extra
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report["per_label"][0]))
         writer.writeheader()
         writer.writerows(report["per_label"])
     multiclass = report["thresholds"] is None
+    checkpoint = extra.get("checkpoint")
     thresholds = {
         "rule": report["rule"],
         "chosen_on": None if multiclass else "val",
         "default": THRESHOLD,
+        # the weights they were tuned for: predict uses them for these weights only
+        "checkpoint": Path(checkpoint).name if checkpoint else None,
+        "weights_sha256": extra.get("weights_sha256"),
     }
     if not multiclass:
         thresholds["labels"] = {
             label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)
         }
+        thresholds["kept_at_default"] = report["threshold_notes"]
     (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     arrays = {
         "scores": test[0].float().numpy(),
@@ -407,10 +467,7 @@ def write_report(
         except FileNotFoundError as e:
             loss_note = str(e)
             log.warning("No loss curves: %s. The rest of the report is written.", e)
-    context = {
-        "flag": flag,
-        "checkpoint": (extra or {}).get("best_checkpoint") or (extra or {}).get("checkpoint"),
-    }
+    context = {"flag": flag} | extra
     (out_dir / "report.md").write_text(_summary(report, figures, loss_note, context))
     log.info("Report written to %s", out_dir)
     return out_dir

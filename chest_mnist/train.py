@@ -25,8 +25,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
+from chest_mnist.checkpoints import load_checkpoint, load_weights
 from chest_mnist.config import report_user_errors
-from chest_mnist.evaluate import evaluate_model, load_checkpoint
+from chest_mnist.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     if epochs is not None and epochs != -1 and (not isinstance(epochs, int) or epochs < 1):
         raise UserError(
             f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
+        )
+    if "_target_" not in cfg.data:
+        raise UserError(
+            "data=from_checkpoint is for evaluate (the data a checkpoint was trained on); "
+            "training needs a dataset: data=chestmnist (the default) or data=synthetic."
         )
     callbacks = cfg.get("callbacks") or {}
     if "early_stopping" in callbacks and "model_checkpoint" not in callbacks:
@@ -179,25 +185,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         extra = {
             "best_checkpoint": best or None,
-            # the value of the metric the checkpoint was chosen by (val/auroc by default)
-            f"best_{checkpoint.monitor}": float(checkpoint.best_model_score)
-            if best and checkpoint.best_model_score is not None
-            else None,
             "epochs_trained": trainer.current_epoch,
             "train_seconds": round(time.perf_counter() - started, 1),
         }
+        if best and checkpoint.best_model_score is not None:
+            # the value of the metric the checkpoint was chosen by (val/auroc by default)
+            extra[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
         metrics |= {name: value for name, value in extra.items() if isinstance(value, float)}
+        if best:  # the weights validation chose, as saved (with EMA: the average)
+            load_weights(model, best)
         metrics |= evaluate_model(
             trainer,
             model,
             datamodule,
             output_dir / "report",
-            ckpt_path=best or None,
+            checkpoint=Path(best) if best else None,
             rule=cfg.thresholds.rule,
             run_dir=output_dir,
             extra=extra,
         )
-        metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
     for logger in loggers:  # the report's last TensorBoard writes: flush and close the files
         logger.finalize("success")
     _end_distributed()

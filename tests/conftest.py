@@ -18,6 +18,13 @@ from chest_mnist.synthetic import write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "chest_mnist" / "conf"
 PNEUMONIA_NPZ = ROOT / "tests" / "data" / "pneumoniamnist.npz"
+# Lightning DDP on two CPU processes (gloo); no sync_batchnorm, which needs a GPU
+DDP_ON_TWO_CPUS = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.sync_batchnorm=false",
+]
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from chest_mnist.evaluate import evaluate, load_checkpoint
-from tests.conftest import compose_train, run_module
+from chest_mnist.checkpoints import load_checkpoint
+from chest_mnist.evaluate import evaluate
+from tests.conftest import DDP_ON_TWO_CPUS, compose_train, run_module
 
 
 @pytest.mark.slow
@@ -18,10 +19,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(
     Training with data.drop_last: 100 images per rank in batches of 32 are 3 steps, not 4."""
     result = run_module(
         "chest_mnist.train",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.sync_batchnorm=false",
+        *DDP_ON_TWO_CPUS,
         "data=synthetic",
         f"data.path={synthetic_npz}",
         "data.subset=201",

@@ -10,13 +10,9 @@ import torch
 from medmnist.evaluator import Evaluator
 
 from chest_mnist import UserError
+from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from chest_mnist.data import to_model_input
-from chest_mnist.evaluate import (
-    evaluate,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-)
+from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.report import build_report
 from chest_mnist.synthetic import LABELS
@@ -37,35 +33,86 @@ def _predictions(n, seed):
 @pytest.mark.parametrize("rule", ["f1", "youden"])
 def test_tuned_thresholds_reproduce_their_cut(rule):
     scores, targets = _predictions(400, seed=0)
-    thresholds = tune_thresholds(scores, targets, rule=rule)
+    thresholds, kept = tune_thresholds(scores, targets, rule=rule)
     assert thresholds.shape == (14,) and ((thresholds > 0) & (thresholds < 1)).all()
-    assert not (scores == thresholds).any()  # placed between two scores, never on one
+    assert not (scores == thresholds).any() and kept == {}  # between two scores, never on one
 
 
-def test_tuned_thresholds_never_lose_f1_on_val():
+def _best_f1_by_brute_force(column: torch.Tensor, truth: torch.Tensor) -> float:
+    """The highest F1 of any decision `score >= cut` over the label's own scores."""
+    best = 0.0
+    for cut in column.unique():
+        decided = column >= cut
+        tp = (decided & truth).sum().item()
+        best = max(best, 2 * tp / (decided.sum().item() + truth.sum().item()))
+    return best
+
+
+def test_decisions_at_a_tuned_threshold_are_the_decisions_tuning_chose():
+    """The cut and the next lower score are neighbouring float32 values: a threshold halfway
+    between them in float64, stored as float32, rounds onto the cut (0.5 here, an even
+    mantissa), and `score > threshold` then drops the cut's own images."""
+    g = torch.Generator().manual_seed(7)
+    scores, targets = torch.rand(200, 3, generator=g), torch.zeros(200, 3, dtype=torch.int)
+    for k, cut in enumerate((0.5, 0.25, 0.75)):
+        cut = torch.tensor(cut)
+        scores[:, k] *= 0.99 * cut  # the negatives below the cut
+        scores[:3, k] = torch.tensor([0.9, 0.95, cut.item()])  # the positives, lowest at the cut
+        scores[3, k] = torch.nextafter(cut, torch.tensor(0.0))  # a negative just below it
+        targets[:3, k] = 1
+    thresholds, _ = tune_thresholds(scores, targets, "f1")
+    tuned = evaluate_predictions(scores, targets, ["a", "b", "c"], thresholds)
+    for k, row in enumerate(tuned["per_label"]):
+        assert row["tp"] == 3 and row["fp"] == 0, (row, thresholds[k].item())
+        assert row["f1"] == pytest.approx(_best_f1_by_brute_force(scores[:, k], targets[:, k] == 1))
+
+
+def test_tuned_thresholds_never_lose_f1_on_val_and_reach_the_best_cut():
     scores, targets = _predictions(500, seed=1)
     at_half = evaluate_predictions(scores, targets, LABELS)
-    tuned = evaluate_predictions(scores, targets, LABELS, tune_thresholds(scores, targets, "f1"))
-    for half, best in zip(at_half["per_label"], tuned["per_label"], strict=True):
+    thresholds, _ = tune_thresholds(scores, targets, "f1")
+    tuned = evaluate_predictions(scores, targets, LABELS, thresholds)
+    for k, (half, best) in enumerate(zip(at_half["per_label"], tuned["per_label"], strict=True)):
         assert best["f1"] >= half["f1"] - 1e-7, half["label"]
+        brute = _best_f1_by_brute_force(scores[:, k], targets[:, k] == 1)
+        assert best["f1"] == pytest.approx(brute, abs=1e-6), half["label"]
     assert (
         tuned["scalars"]["f1_macro"] > at_half["scalars"]["f1_macro"] + 0.1
     )  # and here gains a lot
 
 
+def test_labels_with_nothing_to_tune_keep_one_half_and_say_why():
+    scores, targets = _predictions(100, seed=5)
+    scores[:, 0] = 0.3  # constant: nothing to rank
+    scores[7, 1] = float("nan")
+    targets[:, 2] = 0  # no positives
+    thresholds, kept = tune_thresholds(scores, targets, "f1")
+    assert thresholds[:3].tolist() == [0.5, 0.5, 0.5] and (thresholds[3:] != 0.5).all()
+    assert kept == {
+        0: "every validation score is 0.3: nothing to rank",
+        1: "1 validation scores are not finite",
+        2: "no positives in validation",
+    }
+
+
 def test_fixed_rule_keeps_one_half_and_unknown_rule_is_refused():
     scores, targets = _predictions(100, seed=2)
-    assert torch.equal(tune_thresholds(scores, targets, "fixed"), torch.full((14,), 0.5))
+    assert torch.equal(tune_thresholds(scores, targets, "fixed")[0], torch.full((14,), 0.5))
     with pytest.raises(UserError, match="thresholds.rule='best' is unknown"):
         tune_thresholds(scores, targets, "best")
 
 
 def test_test_labels_never_influence_thresholds():
     val, test = _predictions(300, seed=3), _predictions(300, seed=4)
-    report = build_report(val, test, LABELS)
+    prevalence = val[1].float().mean(0)
+    report = build_report(val, test, LABELS, prevalence)
     flipped = (test[0], 1 - test[1])
-    assert torch.equal(build_report(val, flipped, LABELS)["thresholds"], report["thresholds"])
-    assert not torch.equal(build_report(flipped, test, LABELS)["thresholds"], report["thresholds"])
+    assert torch.equal(
+        build_report(val, flipped, LABELS, prevalence)["thresholds"], report["thresholds"]
+    )
+    assert not torch.equal(
+        build_report(flipped, test, LABELS, prevalence)["thresholds"], report["thresholds"]
+    )
 
 
 def compose_evaluate(overrides):
@@ -154,6 +201,106 @@ def test_evaluate_reads_each_split_once(trained_run, tmp_path, synthetic_npz, mo
     np.testing.assert_allclose(saved["scores"], expected.numpy(), atol=1e-6)
     assert (saved["labels"] == labels).all()
     assert metrics["test/n_images"] == 256
+
+
+def test_from_checkpoint_lists_every_key_of_the_data_module():
+    """data/from_checkpoint.yaml names each MedMNISTDataModule argument once, so that each one
+    can be given on evaluate's command line (data.root=DIR)."""
+    import inspect
+
+    import yaml
+
+    from chest_mnist.data import MedMNISTDataModule
+    from tests.conftest import CONF
+
+    keys = yaml.safe_load((CONF / "data" / "from_checkpoint.yaml").read_text())
+    parameters = list(inspect.signature(MedMNISTDataModule).parameters)
+    assert list(keys) == parameters and set(keys.values()) == {"???"}
+
+
+@pytest.mark.slow
+def test_evaluate_replaces_single_keys_of_the_checkpoints_data(
+    trained_run, tmp_path, synthetic_npz
+):
+    """The data moved: data.root=DIR (and any other key) replaces the checkpoint's value, the
+    rest stays as saved. Here a checkpoint that read the official file from a folder that is
+    gone, evaluated with the file in another folder."""
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    checkpoint["datamodule_hyper_parameters"] |= {"path": None, "root": "/gone", "subset": 100}
+    moved = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    moved.parent.mkdir(parents=True)
+    torch.save(checkpoint, moved)
+    root = tmp_path / "medmnist"
+    root.mkdir()
+    shutil.copy(synthetic_npz, root / "chestmnist.npz")
+
+    with pytest.raises(UserError, match="data.root=/gone does not exist"):
+        evaluate(
+            compose_evaluate(
+                [f"ckpt_path={moved}", "trainer=cpu", f"paths.output_dir={tmp_path}/a"]
+            )
+        )
+    overrides = [f"data.root={root}", "data.verify_md5=false", "data.eval_batch_size=64"]
+    metrics = evaluate(
+        compose_evaluate(
+            [f"ckpt_path={moved}", "trainer=cpu", f"paths.output_dir={tmp_path}/b", *overrides]
+        )
+    )
+    assert metrics["test/n_images"] == 100  # data.subset as saved
+    metrics = evaluate(
+        compose_evaluate(
+            [f"ckpt_path={moved}", "trainer=cpu", f"paths.output_dir={tmp_path}/c", *overrides]
+            + ["data.subset=null"]  # given as null: all images, not the saved 100
+        )
+    )
+    assert metrics["test/n_images"] == 256
+
+
+def test_training_on_the_checkpoint_data_placeholder_is_refused(tiny_overrides):
+    from chest_mnist.train import check_config
+
+    cfg = compose_train(tiny_overrides + ["data=from_checkpoint"])
+    with pytest.raises(UserError, match="data=from_checkpoint is for evaluate"):
+        check_config(cfg)
+
+
+@pytest.mark.slow
+def test_lightning_trainer_test_gives_the_reports_numbers(trained_run, tmp_path):
+    """trainer.test still works for who calls it, and agrees with the report (which is made
+    from one predict pass instead)."""
+    import lightning as L
+
+    best = resolve_checkpoint(trained_run)
+    metrics = evaluate(
+        compose_evaluate([f"ckpt_path={best}", "trainer=cpu", f"paths.output_dir={tmp_path}"])
+    )
+    checkpoint = load_checkpoint(best)
+    from chest_mnist.data import MedMNISTDataModule
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (logged,) = trainer.test(
+        model_from_checkpoint(checkpoint),
+        datamodule=MedMNISTDataModule(**checkpoint["datamodule_hyper_parameters"]),
+        verbose=False,
+    )
+    for name in ("test/auroc", "test/acc", "test/loss", "test/f1_macro"):
+        assert logged[name] == pytest.approx(metrics[name], abs=1e-5), name
+
+
+def test_thresholds_that_cannot_be_tuned_are_named_in_the_report(tmp_path):
+    from chest_mnist.report import write_report
+
+    val, test = _predictions(300, seed=3), _predictions(300, seed=4)
+    val[0][:, 1] = 0.25  # a model that gives every image the same score for cardiomegaly
+    val[1][:, 13] = 0  # no hernia in validation
+    report = build_report(val, test, LABELS, val[1].float().mean(0))
+    write_report(tmp_path, report, val, test, LABELS, "chestmnist", 28)
+    text = (tmp_path / "report.md").read_text()
+    assert "**Kept at 0.5:** cardiomegaly: every validation score is 0.25: nothing to rank" in text
+    assert "**Kept at 0.5:** hernia: no positives in validation" in text
+    saved = json.loads((tmp_path / "thresholds.json").read_text())
+    assert saved["labels"]["cardiomegaly"] == saved["labels"]["hernia"] == 0.5
+    assert set(saved["kept_at_default"]) == {"cardiomegaly", "hernia"}
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def test_report_text_of_a_model_level_with_the_baseline(tmp_path):
 
     scores, targets = _predictions(seed=2)
     test = (torch.full(targets.shape, 0.1), targets)
-    report = build_report((scores, targets), test, LABELS)
+    report = build_report((scores, targets), test, LABELS, targets.float().mean(0))
     write_report(tmp_path, report, (scores, targets), test, LABELS, "chestmnist", 28)
     text = (tmp_path / "report.md").read_text()
     assert "This model's ACC is the same (to 4 decimals):" in text and "0.0000 from it" not in text
@@ -127,4 +127,95 @@ def test_multiclass_task_equals_medmnist_evaluator():
         assert row["acc"] == pytest.approx(((y[:, 0] == k) == (predicted == k)).mean(), abs=1e-6)
         assert row["tp"] + row["fn"] == (y[:, 0] == k).sum()
     assert report["confusion"].shape == (8, 8) and report["confusion"].sum() == 400
-    assert report["scalars"]["acc_majority"] == pytest.approx(np.bincount(y[:, 0]).max() / 400)
+
+
+def test_a_label_without_positives_has_no_auroc_or_ap_and_is_left_out_of_the_means():
+    """torchmetrics scores such a label 0.0 (AUROC) and -0.0 (AP), which would pull every macro
+    mean down; medmnist's getAUC is NaN there. Hernia is 0.2% of ChestMNIST: a subset lacks it."""
+    from sklearn.metrics import average_precision_score
+
+    from chest_mnist.metrics import scalar_metrics
+
+    scores, targets = _predictions(seed=8)
+    targets[:, 13] = 0  # Hernia: no positives: AUROC and AP undefined
+    targets[:, 12] = 1  # every image positive: AUROC undefined, AP defined (1.0)
+    report = evaluate_predictions(scores, targets, LABELS)
+    rows, s = report["per_label"], report["scalars"]
+    assert np.isnan(rows[13]["auroc"]) and np.isnan(rows[13]["ap"])
+    assert np.isnan(rows[12]["auroc"]) and rows[12]["ap"] == pytest.approx(1.0)
+    assert s["auroc_labels"] == 12 and s["ap_macro_labels"] == 13
+    y, p = targets.numpy(), scores.numpy()
+    assert s["auroc"] == pytest.approx(
+        getAUC(y[:, :12], p[:, :12], "multi-label, binary-class"), abs=1e-6
+    )
+    with pytest.warns(UserWarning, match="Only one class"):  # medmnist: NaN, undefined
+        assert np.isnan(getAUC(y, p, "multi-label, binary-class"))
+    expected_ap = np.mean([average_precision_score(y[:, k], p[:, k]) for k in range(13)])
+    assert s["ap_macro"] == pytest.approx(expected_ap, abs=1e-6)
+    # the val/test AUROC logged during training (torchmetrics) is the same mean
+    logged = scalar_metrics(14)
+    logged.update(scores, targets)
+    assert logged.compute()["auroc"].item() == pytest.approx(s["auroc"], abs=1e-6)
+
+
+def test_undefined_auroc_in_binary_and_multiclass_tasks():
+    from sklearn.metrics import roc_auc_score
+
+    from chest_mnist.metrics import scalar_metrics
+
+    scores, targets = _predictions(n=50, labels=1, seed=9)
+    report = evaluate_predictions(scores, torch.zeros_like(targets), ["pneumonia"])
+    assert np.isnan(report["scalars"]["auroc"]) and report["scalars"]["auroc_labels"] == 0
+    logged = scalar_metrics(1, "binary-class")
+    logged.update(scores, torch.zeros_like(targets))
+    assert np.isnan(logged.compute()["auroc"].item())
+
+    g = torch.Generator().manual_seed(10)
+    classes = torch.randint(0, 4, (300, 1), generator=g)
+    classes[classes == 2] = 3  # class 2 never occurs
+    probabilities = torch.randn(300, 4, generator=g).softmax(-1)
+    report = evaluate_predictions(probabilities, classes, list("abcd"), task="multi-class")
+    assert np.isnan(report["per_label"][2]["auroc"]) and report["scalars"]["auroc_labels"] == 3
+    y, p = classes[:, 0].numpy(), probabilities.numpy()
+    expected = np.mean([roc_auc_score(y == k, p[:, k]) for k in (0, 1, 3)])
+    assert report["scalars"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    logged = scalar_metrics(4, "multi-class")
+    logged.update(probabilities, classes[:, 0])
+    assert logged.compute()["auroc"].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_report_says_undefined_and_writes_nan(tmp_path):
+    import csv
+    import json
+
+    from chest_mnist.report import build_report, write_report
+
+    scores, targets = _predictions(seed=11)
+    targets[:, 13] = 0
+    val = _predictions(seed=12)
+    report = build_report(val, (scores, targets), LABELS, val[1].float().mean(0))
+    write_report(tmp_path, report, val, (scores, targets), LABELS, "chestmnist", 28)
+    text = (tmp_path / "report.md").read_text()
+    row = "| hernia | 0.0000 | 0 | undefined: no positives in test | undefined: no positives in test |"
+    assert row in text
+    assert f"**{report['scalars']['auroc']:.4f}** (over 13 of 14; undefined for hernia)" in text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isnan(metrics["test/auroc/hernia"]) and metrics["test/auroc_labels"] == 13
+    assert not np.isnan(metrics["test/auroc"])
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        hernia = list(csv.DictReader(f))[13]
+    assert hernia["label"] == "hernia" and hernia["auroc"] == "nan" and hernia["ap"] == "nan"
+
+
+def test_the_constant_baseline_is_chosen_on_train_not_test():
+    """A label positive in 70% of training images but 30% of test images: the constant answer
+    chosen on train ("positive") scores 0.3 on it; the test split's own majority would be 0.7."""
+    from chest_mnist.metrics import majority_accuracy
+
+    targets = torch.zeros(10, 2, dtype=torch.int)
+    targets[:3, 0] = 1
+    assert majority_accuracy(targets, torch.tensor([0.7, 0.1])) == pytest.approx((0.3 + 1.0) / 2)
+    classes = torch.tensor([[0], [0], [0], [1], [2]])
+    assert majority_accuracy(
+        classes, torch.tensor([0.2, 0.5, 0.3]), "multi-class"
+    ) == pytest.approx(0.2)

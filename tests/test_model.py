@@ -77,7 +77,7 @@ def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
     # and the loss weighs a missed positive by it
     logits, targets = torch.zeros(1, 14), torch.zeros(1, 14)
     targets[0, 13] = 1  # hernia, the rarest
-    weighted = model._loss(logits, targets)
+    weighted = model.loss(logits, targets)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
     assert weighted.item() == pytest.approx(
         plain.item() * (13 + expected[13].item()) / 14, rel=1e-5

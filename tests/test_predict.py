@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from chest_mnist import UserError
+from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
 from chest_mnist.data import to_model_input
-from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
 from chest_mnist.predict import load_image, predict
 from tests.conftest import ROOT, compose_train, run_module
 
@@ -155,6 +155,60 @@ def test_without_a_report_the_threshold_is_one_half_and_said(trained_run, synthe
     for row in rows[:20]:
         p = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_")}
         assert row["predicted"] == ";".join(label for label, v in p.items() if v > 0.5)
+
+
+def test_thresholds_are_used_only_for_the_weights_they_were_tuned_for(
+    trained_run, synthetic_npz, tmp_path, capsys
+):
+    """The report's thresholds.json names the checkpoint and the digest of its weights. Other
+    weights of the same run (last.ckpt after a later best epoch, say) get 0.5 with a warning,
+    unless the file is given explicitly."""
+    from chest_mnist.checkpoints import weights_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    best = run / "checkpoints" / best_checkpoint(trained_run).name
+    tuned = json.loads((run / "report" / "thresholds.json").read_text())
+    assert tuned["checkpoint"] == best.name
+    assert tuned["weights_sha256"] == weights_digest(load_checkpoint(best)["state_dict"])
+    changed = load_checkpoint(best)
+    changed["state_dict"]["head.bias"] = changed["state_dict"]["head.bias"] + 1e-4  # barely
+    torch.save(changed, run / "checkpoints" / "changed.ckpt")
+
+    def predicted(ckpt, *overrides):
+        out = tmp_path / f"{ckpt.stem}{len(overrides)}.csv"
+        cfg = predict_cfg(
+            [f"ckpt_path={ckpt}", f"inputs={synthetic_npz}", "split=val", f"output={out}"]
+            + list(overrides),
+            tmp_path,
+        )
+        predict(cfg)
+        with open(out) as f:
+            return list(csv.DictReader(f))
+
+    def decided_at(row, thresholds):
+        return ";".join(k for k, t in thresholds.items() if float(row[f"p_{k}"]) > t)
+
+    rows = predicted(best)  # its own thresholds
+    assert rows[0]["thresholds"] == f"tuned on validation ({run}/report/thresholds.json)"
+    assert all(row["predicted"] == decided_at(row, tuned["labels"]) for row in rows)
+
+    capsys.readouterr()
+    rows = predicted(run / "checkpoints" / "changed.ckpt")  # other weights: 0.5, and why
+    why = (
+        f"{run}/report/thresholds.json was tuned for other weights ({best.name}), not changed.ckpt"
+    )
+    assert rows[0]["thresholds"] == f"0.5 for every label ({why})"
+    half = dict.fromkeys(tuned["labels"], 0.5)
+    assert all(row["predicted"] == decided_at(row, half) for row in rows)
+    assert any(decided_at(row, half) != decided_at(row, tuned["labels"]) for row in rows)
+    assert f"warning: {why}: every label at 0.5" in capsys.readouterr().err
+
+    rows = predicted(  # given explicitly: used, and said for which weights they were tuned
+        run / "checkpoints" / "changed.ckpt", f"thresholds={run}/report/thresholds.json"
+    )
+    assert rows[0]["thresholds"].startswith(f"tuned on validation for other weights ({best.name})")
+    assert all(row["predicted"] == decided_at(row, tuned["labels"]) for row in rows)
 
 
 @pytest.mark.parametrize(

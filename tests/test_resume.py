@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.config import find_user_error
-from chest_mnist.evaluate import load_checkpoint
 from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
 from tests.conftest import ROOT, compose_train, run_module
@@ -202,7 +202,9 @@ def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_n
 
 def test_rng_states_survive_a_weights_only_load(trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    states = load_checkpoint(ckpt)["rng_states"]
+    saved = load_checkpoint(ckpt)["rng_states"]
+    assert saved["world_size"] == 1  # one process: its own states (tests/test_ddp_resume.py)
+    (states,) = saved["ranks"]
     assert set(states) == {"torch", "torch.cuda", "numpy", "python"}
     assert states["torch"].dtype == torch.uint8 and len(states["numpy"][1]) == 624
 

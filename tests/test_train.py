@@ -241,7 +241,7 @@ def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
 
 
 @pytest.mark.slow
-def test_ema_callback_config_runs(tiny_overrides, tmp_path):
+def test_ema_callback_config_runs(tiny_overrides, tmp_path, synthetic_npz):
     cfg = compose_train(
         tiny_overrides + ["callbacks=ema", "callbacks.ema.update_starting_at_step=1"]
     )
@@ -252,7 +252,7 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path):
     # the ones validation chose it by, and the raw ones apart
     import torch
 
-    from chest_mnist.evaluate import load_checkpoint
+    from chest_mnist.checkpoints import load_checkpoint
 
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     best = load_checkpoint(report["best_checkpoint"])
@@ -260,6 +260,23 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path):
     assert averaged.keys() == raw.keys()
     name = "backbone.layer1.0.conv1.weight"
     assert not torch.equal(averaged[name], raw[name])
+
+    # the report (its scores, thresholds and numbers) describes the averaged weights, the ones
+    # validation chose and evaluate and predict load, not the raw ones (it once did: Lightning's
+    # averaging callback, restored for the test stage, loaded the raw weights back in)
+    from chest_mnist.checkpoints import model_from_checkpoint, weights_digest
+    from chest_mnist.data import to_model_input
+
+    data = best["datamodule_hyper_parameters"]
+    with np.load(synthetic_npz) as npz:
+        x = to_model_input(torch.from_numpy(npz["test_images"]), data["mean"], data["std"])
+    saved = np.load(tmp_path / "report" / "predictions.npz")["scores"]
+    model = model_from_checkpoint(best).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(saved, model.probabilities(x).numpy(), atol=1e-6)
+        model.load_state_dict(raw)
+        assert np.abs(saved - model.probabilities(x).numpy()).max() > 1e-3
+    assert report["weights_sha256"] == weights_digest(averaged)
 
 
 @pytest.mark.slow
@@ -281,7 +298,7 @@ def test_early_stopping_joins_the_default_callbacks(tiny_overrides, tmp_path):
     train(cfg)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["epochs_trained"] == 2 and math.isfinite(report["test/auroc"])
-    from chest_mnist.evaluate import load_checkpoint
+    from chest_mnist.checkpoints import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert (tmp_path / "report" / "report.md").exists()
@@ -389,8 +406,8 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
     import torch
     from torch._dynamo.utils import counters
 
+    from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
     from chest_mnist.data import to_model_input
-    from chest_mnist.evaluate import load_checkpoint, model_from_checkpoint
     from chest_mnist.model import MedMNISTClassifier
 
     counters.clear()
