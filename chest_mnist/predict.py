@@ -212,10 +212,12 @@ def choose_thresholds(
         tuned = read_thresholds(path, labels)
         if tuned.weights_sha256 == digest:
             return tuned.values, f"tuned on validation ({path})"
-        return tuned.values, (
-            f"tuned on validation for other weights ({tuned.checkpoint or 'not named'}), "
-            f"given as thresholds={path}"
+        weights = (
+            f"other weights ({tuned.checkpoint or 'in no checkpoint file'})"
+            if tuned.weights_sha256
+            else "weights it does not name (an older thresholds.json)"
         )
+        return tuned.values, f"tuned on validation for {weights}, given as thresholds={path}"
     beside = ckpt_path.parent.parent / "report" / "thresholds.json"
     if not beside.is_file():
         return [THRESHOLD] * len(labels), (
@@ -226,7 +228,8 @@ def choose_thresholds(
     if tuned.weights_sha256 == digest:
         return tuned.values, f"tuned on validation ({beside})"
     why = (
-        f"{beside} was tuned for other weights ({tuned.checkpoint}), not {ckpt_path.name}"
+        f"{beside} was tuned for other weights ({tuned.checkpoint or 'in no checkpoint file'}), "
+        f"not {ckpt_path.name}"
         if tuned.weights_sha256
         else f"{beside} does not say which weights it was tuned for"
     )

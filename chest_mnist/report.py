@@ -319,6 +319,8 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
     lines += ["", "## Where the model is weak", ""]
     lines.append(
         "Lowest AUROC: " + ", ".join(f"{r['label']} ({r['auroc']:.3f})" for r in weakest) + "."
+        if weakest
+        else "Lowest AUROC: none; it is undefined for every label on this split."
     )
     silent = [r["label"] for r in rows if r["recall"] == 0 and r["support"] > 0]
     if silent:

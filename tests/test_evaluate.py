@@ -35,7 +35,7 @@ def test_tuned_thresholds_reproduce_their_cut(rule):
     scores, targets = _predictions(400, seed=0)
     thresholds, kept = tune_thresholds(scores, targets, rule=rule)
     assert thresholds.shape == (14,) and ((thresholds > 0) & (thresholds < 1)).all()
-    assert not (scores == thresholds).any() and kept == {}  # between two scores, never on one
+    assert not (scores == thresholds).any() and kept == {}  # below its cut, here on no score
 
 
 def _best_f1_by_brute_force(column: torch.Tensor, truth: torch.Tensor) -> float:

@@ -207,6 +207,22 @@ def test_the_report_says_undefined_and_writes_nan(tmp_path):
     assert hernia["label"] == "hernia" and hernia["auroc"] == "nan" and hernia["ap"] == "nan"
 
 
+def test_a_report_with_no_defined_auroc_says_so(tmp_path):
+    """A one-label task (PneumoniaMNIST) whose test subset has no positives: no label to list
+    as the weakest, and report.md says why instead of an empty "Lowest AUROC: ."."""
+    from chest_mnist.report import build_report, write_report
+
+    val = _predictions(n=50, labels=1, seed=13)
+    scores, targets = _predictions(n=40, labels=1, seed=14)
+    test = (scores, torch.zeros_like(targets))
+    report = build_report(val, test, ["pneumonia"], torch.tensor([0.7]), task="binary-class")
+    write_report(tmp_path, report, val, test, ["pneumonia"], "pneumoniamnist", 28)
+    text = (tmp_path / "report.md").read_text()
+    assert "AUC (MedMNIST, macro over labels): **undefined** (over 0 of 1;" in text
+    assert "Lowest AUROC: none; it is undefined for every label on this split." in text
+    assert "Lowest AUROC: ." not in text
+
+
 def test_the_constant_baseline_is_chosen_on_train_not_test():
     """A label positive in 70% of training images but 30% of test images: the constant answer
     chosen on train ("positive") scores 0.3 on it; the test split's own majority would be 0.7."""

@@ -108,11 +108,40 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert not missing, f"imported but not in pyproject.toml's dependencies: {sorted(missing)}"
 
 
-def test_the_private_lightning_names_we_rely_on_exist():
-    """pyproject.toml bounds Lightning below 2.7 because of these two; raising the bound means
-    checking them again (this test fails first)."""
+def test_the_private_lightning_names_we_rely_on_exist(tmp_path):
+    """pyproject.toml bounds Lightning below 2.7 because of these; raising the bound means
+    checking them again (this test fails first). loggers.AppendingCSVLogger also reads the
+    writer's `_fs` and sets the logger's `_experiment`."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
     assert hasattr(ModelCheckpoint(), "_last_global_step_saved")
     assert callable(getattr(ExperimentWriter, "_check_log_dir_exists", None))
+    assert hasattr(ExperimentWriter(log_dir=str(tmp_path / "csv")), "_fs")
+    assert hasattr(CSVLogger(tmp_path), "_experiment")
+
+
+def test_lightning_is_bounded_to_the_versions_the_code_needs():
+    """2.6 at least (Trainer.fit(weights_only=), EMAWeightAveraging, save_on_exception), below
+    2.7 (the private names above); and the installed Lightning is one of them."""
+    import inspect
+
+    import lightning
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (requirement,) = [
+        Requirement(line)
+        for line in project["dependencies"]
+        if Requirement(line).name == "lightning"
+    ]
+    assert lightning.__version__ in requirement.specifier
+    assert "2.5.6" not in requirement.specifier and "2.7.0" not in requirement.specifier
+    # what 2.6 brought, and the code uses
+    from lightning.pytorch.callbacks import EMAWeightAveraging  # noqa: F401
+
+    assert "weights_only" in inspect.signature(lightning.Trainer.fit).parameters
+    assert "save_on_exception" in inspect.signature(ModelCheckpoint).parameters
