@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
-from chest_mnist import UserError
+from chest_mnist import UserError, cuda_graphs
 from chest_mnist.metrics import MULTI_LABEL, as_targets, is_multiclass, scalar_metrics
 
 STEMS = ("cifar", "imagenet")
@@ -85,6 +85,10 @@ class MedMNISTClassifier(L.LightningModule):
             batches, so it has few kernel launches to save, and each compiled evaluation graph
             (no gradients, another last-batch size, inference tensors in test) would be one
             more compilation (BENCHMARKS.md counts them).
+        cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
+            CUDA GPU, without compile or DDP; true: refuse a run where it cannot; false: the
+            plain step). With it, an optimizer whose `fused` is not set runs fused. See
+            `chest_mnist.cuda_graphs`.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class MedMNISTClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         tta_flip: bool = False,
         compile: bool | str = False,
+        cuda_graph: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -109,6 +114,8 @@ class MedMNISTClassifier(L.LightningModule):
                 "model.pos_weight weights the positives of sigmoid outputs; a multi-class task has none. "
                 "Set model.pos_weight=null."
             )
+        if cuda_graph not in cuda_graphs.SETTINGS:
+            raise UserError(f"model.cuda_graph={cuda_graph!r} must be auto, true or false.")
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         if pos_weight not in (None, "auto") and len(pos_weight) != len(labels):
@@ -124,12 +131,24 @@ class MedMNISTClassifier(L.LightningModule):
             self.backbone.compile(mode=None if compile is True else compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.multiclass = is_multiclass(task)
+        self.graphs_wanted = False  # decided in setup("fit"), once the device is known
+        self.training_graph: cuda_graphs.TrainingGraph | None = None
         self.val_metrics = scalar_metrics(len(labels), task).clone(prefix="val/")
         self.test_metrics = scalar_metrics(len(labels), task).clone(prefix="test/")
 
     @override
     def setup(self, stage: str) -> None:
-        if stage != "fit" or self.hparams.pos_weight is None:
+        if stage != "fit":
+            return
+        trainer = self.trainer
+        self.graphs_wanted = cuda_graphs.wanted(
+            self.hparams.cuda_graph,
+            trainer.strategy.root_device,
+            trainer.world_size,
+            bool(self.hparams.compile),
+        )
+        self.training_graph = None  # captured again at the first step (a resumed fit, too)
+        if self.hparams.pos_weight is None:
             return
         if self.hparams.pos_weight == "auto":
             datamodule = self.trainer.datamodule
@@ -142,6 +161,8 @@ class MedMNISTClassifier(L.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.training_graph is not None and self.training_graph.fits(x):
+            return self.training_graph(x)
         if self.hparams.compile and not self.training:
             features = self.backbone.forward(x)  # the eager code: only __call__ is compiled
         else:
@@ -164,10 +185,20 @@ class MedMNISTClassifier(L.LightningModule):
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, targets = batch
+        if self.graphs_wanted and self.training_graph is None:
+            self.training_graph = cuda_graphs.TrainingGraph(
+                cuda_graphs.Network(self.backbone, self.head), x
+            )
         loss = self.loss(self(x), targets)
         # sync_dist: the average over every process's images, reduced once, at the epoch's end
+        # (a float batch size: see _eval_step)
         self.log(
-            "train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=float(len(x)),
+            sync_dist=True,
         )
         # not prog_bar=True: Lightning would copy it to the host after every step (a GPU sync);
         # callbacks.ProgressBar shows it about once a second
@@ -239,7 +270,14 @@ class MedMNISTClassifier(L.LightningModule):
             raise UserError(
                 "model.optimizer is not set: training needs an optimizer config (see chest_mnist/conf/model/)."
             )
-        optimizer = self.optimizer_factory(params=self.parameters())
+        options = {}
+        if (
+            self.graphs_wanted
+            and getattr(self.optimizer_factory, "keywords", {}).get("fused", 0) is None
+        ):
+            # with the network graphed, the update is most of what is left: one kernel
+            options["fused"] = True
+        optimizer = self.optimizer_factory(params=self.parameters(), **options)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

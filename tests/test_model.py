@@ -69,7 +69,11 @@ def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
     datamodule = MedMNISTDataModule(path=str(synthetic_npz))
     datamodule.setup()
     model = MedMNISTClassifier(LABELS, stem="imagenet", pos_weight="auto")
-    model._trainer = SimpleNamespace(datamodule=datamodule)
+    model._trainer = SimpleNamespace(
+        datamodule=datamodule,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        world_size=1,
+    )
     model.setup("fit")
     positives = datamodule.splits["train"].labels.float().sum(0)
     expected = (len(datamodule.splits["train"]) - positives) / positives
