@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from chest_mnist import UserError
 from chest_mnist.config import resolve_device
-from chest_mnist.data import SIZES
+from chest_mnist.data import MedMNISTDataModule  # here: its imports (Lightning) count before data
+from chest_mnist.npz import SIZES
 
 CHESTMNIST_TRAIN = 78_468
 
@@ -120,7 +121,6 @@ def time_ours(
     import lightning as L
 
     from chest_mnist.config import precision_for
-    from chest_mnist.data import MedMNISTDataModule
     from chest_mnist.model import MedMNISTClassifier
 
     class StepTimer(L.Callback):

@@ -8,7 +8,7 @@
 Each image is made what the model was trained on: read with Pillow, gray (or RGB for a colour
 dataset), center-cropped to a square and resized to the checkpoint's `data.size` when it is not
 that size already (bicubic: medmnist.INFO says "resize" without naming the filter), then
-normalised on the device exactly as in training (`chest_mnist.data.to_model_input`). The output has one row per image: its path, one
+normalised on the device exactly as in training (`chest_mnist.batches.to_model_input`). The output has one row per image: its path, one
 probability per label, and the labels predicted at the per-label thresholds that evaluation
 tuned on validation for these very weights (`<run>/report/thresholds.json`, found next to the
 checkpoint, names the weights it was tuned for); for other weights (`last.ckpt` after a later
@@ -38,6 +38,7 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 
 from chest_mnist import UserError
+from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import (
     load_checkpoint,
     model_from_checkpoint,
@@ -45,9 +46,9 @@ from chest_mnist.checkpoints import (
     weights_digest,
 )
 from chest_mnist.config import report_user_errors, resolve_device
-from chest_mnist.data import SPLITS, read_npz, to_model_input
 from chest_mnist.metrics import THRESHOLD, is_multiclass
 from chest_mnist.model import MedMNISTClassifier
+from chest_mnist.npz import SPLITS, read_npz
 
 log = logging.getLogger(__name__)
 

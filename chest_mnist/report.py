@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from chest_mnist.data import size_suffix
 from chest_mnist.metrics import (
     DECISIONS,
     MULTI_LABEL,
@@ -35,6 +34,7 @@ from chest_mnist.metrics import (
     majority_accuracy,
     tune_thresholds,
 )
+from chest_mnist.npz import size_suffix
 from chest_mnist.plots import (
     plot_class_confusion,
     plot_confusion_matrices,

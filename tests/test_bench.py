@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from chest_mnist.batches import to_model_input
 from chest_mnist.bench import PILDataset, reference_transform
-from chest_mnist.data import to_model_input
 from chest_mnist.model import build_resnet18
 from chest_mnist.synthetic import make_synthetic, write_synthetic
 from chest_mnist.train import train

@@ -10,15 +10,10 @@ import torch
 from medmnist import INFO
 
 from chest_mnist import UserError
-from chest_mnist import data as data_module
-from chest_mnist.data import (
-    DeviceBatches,
-    MedMNISTDataModule,
-    fetch_official,
-    random_shift,
-    read_npz,
-    to_model_input,
-)
+from chest_mnist import npz as npz_module
+from chest_mnist.batches import DeviceBatches, random_shift, to_model_input
+from chest_mnist.data import MedMNISTDataModule
+from chest_mnist.npz import fetch_official, read_npz
 from chest_mnist.synthetic import LABELS, PREVALENCE, make_synthetic, write_synthetic
 from tests.conftest import PNEUMONIA_NPZ
 
@@ -360,7 +355,7 @@ def test_root_that_does_not_exist(tmp_path):
 
 def test_root_that_cannot_be_written(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        data_module.os, "access", lambda path, mode: False
+        npz_module.os, "access", lambda path, mode: False
     )  # tests run as root: fake it
     with pytest.raises(UserError, match=f"data.root={tmp_path} cannot be written"):
         MedMNISTDataModule(root=str(tmp_path)).prepare_data()
@@ -540,7 +535,7 @@ def test_mmap_without_room_for_the_copies_says_what_to_do(tmp_path, monkeypatch)
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_module.shutil, "copyfileobj", full_disk)
+    monkeypatch.setattr(npz_module.shutil, "copyfileobj", full_disk)
     with pytest.raises(UserError, match="free some, or set data.mmap=false") as error:
         read_npz(npz, "chestmnist", 28, mmap=True)
     assert "No space left on device" in str(error.value)
@@ -560,4 +555,4 @@ def test_md5_is_a_file_check_that_fips_builds_allow(tmp_path, monkeypatch):
     monkeypatch.setattr(hashlib, "md5", fips_md5)
     path = tmp_path / "file.npz"
     path.write_bytes(b"MedMNIST")
-    assert data_module.md5sum(path) == real_md5(b"MedMNIST").hexdigest()
+    assert npz_module.md5sum(path) == real_md5(b"MedMNIST").hexdigest()

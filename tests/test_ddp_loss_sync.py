@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
-from chest_mnist.data import to_model_input
 from tests.conftest import DDP_ON_TWO_CPUS, run_module
 
 N = 101  # validation images: 50 on rank 0 and 51 on rank 1, in batches of 32

@@ -10,8 +10,8 @@ import torch
 from medmnist.evaluator import Evaluator
 
 from chest_mnist import UserError
+from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from chest_mnist.data import to_model_input
 from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.report import build_report

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from chest_mnist import UserError
+from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
-from chest_mnist.data import to_model_input
 from chest_mnist.predict import load_image, predict
 from tests.conftest import ROOT, compose_train, run_module
 

@@ -264,8 +264,8 @@ def test_ema_callback_config_runs(tiny_overrides, tmp_path, synthetic_npz):
     # the report (its scores, thresholds and numbers) describes the averaged weights, the ones
     # validation chose and evaluate and predict load, not the raw ones (it once did: Lightning's
     # averaging callback, restored for the test stage, loaded the raw weights back in)
+    from chest_mnist.batches import to_model_input
     from chest_mnist.checkpoints import model_from_checkpoint, weights_digest
-    from chest_mnist.data import to_model_input
 
     data = best["datamodule_hyper_parameters"]
     with np.load(synthetic_npz) as npz:
@@ -406,8 +406,8 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
     import torch
     from torch._dynamo.utils import counters
 
+    from chest_mnist.batches import to_model_input
     from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
-    from chest_mnist.data import to_model_input
     from chest_mnist.model import MedMNISTClassifier
 
     counters.clear()

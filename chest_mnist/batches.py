@@ -1,0 +1,135 @@
+"""Batches cut from whole uint8 splits by one indexing operation, made model-ready on the device.
+
+No PIL and no per-sample Python: a shuffle is one `randperm`, a batch one gather, and float
+conversion, normalisation, gray -> RGB and the optional random shift run per batch on the
+device. Under DDP each rank takes its own slice: equal ones for training, every image exactly
+once for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class SplitDataset(Dataset):
+    """One split as two tensors. `__getitems__` returns a whole batch with one indexing
+    operation, which DataLoader calls in place of `__getitem__` per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+class DeviceBatches:
+    """Batches cut from a split that sits whole in one place (GPU memory, or host memory when
+    training on the CPU): a shuffle is one `randperm` there, a batch one indexing operation.
+
+    Under DDP each rank takes its own slice of the (shared, seeded) permutation. Training
+    slices are equal (the last `len % world_size` images of a shuffled epoch sit out, as
+    with DistributedSampler(drop_last=True)); evaluation slices cover every image exactly
+    once, so no test image is counted twice or dropped. `drop_last` (for training) leaves out
+    the epoch's last, partial batch, so that every step has the same shape.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
+
+    def _indices(self) -> torch.Tensor:
+        n, device = len(self.images), self.images.device
+        if not self.shuffle:
+            return torch.arange(*shard_bounds(n, self.rank, self.world_size), device=device)
+        # the same permutation on every rank: the global seed is the same everywhere
+        order = torch.randperm(n, device=device)
+        return order[: n - n % self.world_size].view(-1, self.world_size)[:, self.rank]
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        start, stop = shard_bounds(n, self.rank, self.world_size)
+        per_rank = n // self.world_size if self.shuffle else stop - start
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        indices = self._indices()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = indices[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous slice [start, stop) of n items that rank `rank` evaluates: every item once."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation under DDP for the DataLoader path: each rank reads its own contiguous slice,
+    with no padding (Lightning's default DistributedSampler repeats images to even out the
+    ranks, and interleaves them). Being a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.start, self.stop = shard_bounds(len(dataset), rank, world_size)
+        self.num_samples = self.total_size = self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def keep_batch(batch):
+    """collate_fn for SplitDataset: the batch is already stacked."""
+    return batch
+
+
+def to_model_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, H, W) gray or (B, H, W, C) colour -> float (B, 3, H, W), normalised,
+    channels_last. Gray is repeated to three identical channels, as ResNet-18 expects RGB."""
+    x = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    x = (x.float() / 255.0 - mean) / std
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def random_shift(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Translate each image by its own random offset in [-max_shift, max_shift] pixels per axis,
+    filling the border by replication. One gather for the whole batch."""
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), device=x.device, generator=generator)
+    rows = dy + torch.arange(h, device=x.device)  # (B, H)
+    cols = dx + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return shifted.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
