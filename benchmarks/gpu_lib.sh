@@ -1,4 +1,4 @@
-# Shared by the GPU session scripts: sourced, not run. Sets OUT and RES, installs the wheels
+# Shared by the GPU scripts (benchmarks/*_gpu.sh): sourced, not run. Sets OUT and RES, installs the wheels
 # the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist: `make gpu-wheels` writes them
 # into .whl/, which the device call carries), and defines
 # `say` (log a line) and `step NAME SECONDS COMMAND...` (run with a time limit, log, time;

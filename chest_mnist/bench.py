@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from chest_mnist import UserError
-from chest_mnist.config import resolve_device
+from chest_mnist.cli import resolve_device
 from chest_mnist.data import MedMNISTDataModule  # here: its imports (Lightning) count before data
 from chest_mnist.npz import SIZES
 
@@ -191,7 +191,7 @@ def profile_summary(profiler, steps: int, seconds: float, top: int = 10) -> dict
     averages = profiler.key_averages()
     # a record_function range (Optimizer.step#Adam.step, ...) also shows on the device timeline,
     # spanning the kernels it launched and the gaps between them: counted, it would count them
-    # twice (an H200 run said 175% busy)
+    # twice (the device would seem busier than the wall time allows)
     ranges = {e.key for e in averages if getattr(e, "is_user_annotation", False)}
     on_device = [e for e in averages if e.device_type != DeviceType.CPU and e.key not in ranges]
     on_host = [e for e in averages if e.device_type == DeviceType.CPU]

@@ -1,10 +1,10 @@
-"""What every command line entry point shares: the config resolvers, and turning a UserError
-into one clear line on stderr and exit code 2."""
+"""The values the configs compute (`${precision_for:...}`, `${epochs_at:...}`, the run
+directory of a resumed run), as OmegaConf resolvers. `register_resolvers()` makes them known;
+every entry point calls it when it is imported (Hydra resolves `hydra.run.dir` before the
+command's own code runs), and the tests' conftest calls it before composing a config."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,64 +52,15 @@ def config_subdir(task_name: str, ckpt_path: str | None, now: str) -> str:
     return f".hydra/resumed_{now}" if resumed_run(task_name, ckpt_path) else ".hydra"
 
 
-OmegaConf.register_new_resolver("precision_for", precision_for, replace=True)
-OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
-OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
-OmegaConf.register_new_resolver("epochs_at", epochs_at, replace=True)
+RESOLVERS = {
+    "precision_for": precision_for,
+    "run_dir": run_dir,
+    "config_subdir": config_subdir,
+    "epochs_at": epochs_at,
+}
 
 
-def resolve_device(name: str, option: str = "device=") -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against this machine. `option` spells the
-    setting in messages: "device=" (Hydra commands) or "--device " (bench)."""
-    said = f"{option}{name}"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"{said} is not a device: use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise UserError(
-                f"{said}, but this machine has no CUDA GPU that torch can use: "
-                f"use {option}cpu or {option}auto."
-            )
-        if device.index is not None and device.index >= count:
-            raise UserError(
-                f"{said}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}."
-            )
-    elif device.type != "cpu":
-        raise UserError(f"{said} is not a device for this: use auto, cpu, cuda or cuda:N.")
-    return device
-
-
-def find_user_error(error: BaseException | None) -> UserError | None:
-    """The UserError behind `error`, also when Hydra's instantiate wrapped it."""
-    while error is not None and not isinstance(error, UserError):
-        error = error.__cause__ or error.__context__
-    return error
-
-
-def report_user_errors(run: Callable[[], object]) -> object:
-    """Run `run()`; a UserError anywhere inside becomes `error: <message>` and exit code 2.
-
-    In a multirun the error is raised on instead: Hydra marks that job failed and runs the
-    others (an exit would end the whole sweep)."""
-    try:
-        return run()
-    except Exception as e:
-        user_error = find_user_error(e)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        if _in_multirun():
-            raise user_error from None
-        raise SystemExit(2) from None
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+def register_resolvers() -> None:
+    """Make the resolvers above known to OmegaConf (again: a no-op)."""
+    for name, resolver in RESOLVERS.items():
+        OmegaConf.register_new_resolver(name, resolver, replace=True)

@@ -247,6 +247,8 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @override
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, tuple | list):
+            return batch  # not one of ours (the model summary's example input)
         images, labels = batch
         x = to_model_input(images, self.hparams.mean, self.hparams.std)
         if self.hparams.augment and self.trainer is not None and self.trainer.training:

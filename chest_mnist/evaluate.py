@@ -31,12 +31,14 @@ from chest_mnist.checkpoints import (
     resolve_checkpoint,
     weights_digest,
 )
-from chest_mnist.config import report_user_errors
+from chest_mnist.cli import quiet_lightning, report_user_errors
+from chest_mnist.config import register_resolvers
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import build_report, flat_metrics, log_to_tensorboard, write_report
 
 log = logging.getLogger(__name__)
+register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (logits or probabilities, labels) of a whole split
 
@@ -180,6 +182,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_lightning()
     report_user_errors(lambda: evaluate(cfg))
 
 

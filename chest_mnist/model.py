@@ -148,6 +148,9 @@ class MedMNISTClassifier(L.LightningModule):
             bool(self.hparams.compile),
         )
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
+        if trainer.datamodule is not None:  # the model summary's FLOPs and sizes come from it
+            size = trainer.datamodule.hparams.size
+            self.example_input_array = {"x": torch.zeros(1, 3, size, size)}
         if self.hparams.pos_weight is None:
             return
         if self.hparams.pos_weight == "auto":

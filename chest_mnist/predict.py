@@ -45,12 +45,14 @@ from chest_mnist.checkpoints import (
     resolve_checkpoint,
     weights_digest,
 )
-from chest_mnist.config import report_user_errors, resolve_device
+from chest_mnist.cli import report_user_errors, resolve_device
+from chest_mnist.config import register_resolvers
 from chest_mnist.metrics import THRESHOLD, is_multiclass
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
 
 log = logging.getLogger(__name__)
+register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Pillow modes we read as they are; anything else (RGBA, LA, CMYK, 16-bit, float) is refused:

@@ -172,7 +172,7 @@ class CheckSweep(Callback):
             try:
                 check_job(job, check_devices=local)
             except Exception as e:
-                from chest_mnist.config import find_user_error
+                from chest_mnist.cli import find_user_error
 
                 error = find_user_error(e)
                 if error is None:

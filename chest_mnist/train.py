@@ -26,10 +26,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import load_checkpoint, load_weights
-from chest_mnist.config import report_user_errors
+from chest_mnist.cli import quiet_lightning, report_user_errors
+from chest_mnist.config import register_resolvers
 from chest_mnist.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
+register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -223,6 +225,7 @@ def _end_distributed() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_lightning()
     try:
         metrics = report_user_errors(lambda: train(cfg))
     except SIGTERMException:  # a SystemExit with no code: it would exit 0

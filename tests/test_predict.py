@@ -266,7 +266,7 @@ def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
 
 
 def test_device_is_checked_against_the_machine(monkeypatch):
-    from chest_mnist.config import resolve_device
+    from chest_mnist.cli import resolve_device
 
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

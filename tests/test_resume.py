@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chest_mnist.checkpoints import load_checkpoint
-from chest_mnist.config import find_user_error
+from chest_mnist.cli import find_user_error
 from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
 from tests.conftest import ROOT, compose_train, run_module

@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -342,7 +344,7 @@ def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, 
     )
     with pytest.raises(Exception) as error:
         train(cfg)
-    from chest_mnist.config import find_user_error
+    from chest_mnist.cli import find_user_error
 
     assert message in str(find_user_error(error.value))
     assert not (tmp_path / "never_written.npz").exists()  # refused before any data was made
@@ -427,3 +429,37 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
     with torch.no_grad():
         eager = model.probabilities(to_model_input(images, data["mean"], data["std"]))
     np.testing.assert_allclose(saved["scores"], eager.numpy(), atol=1e-6)
+
+
+def test_resolvers_are_registered_by_a_call_not_by_an_import():
+    """config.py only defines them; the entry points (and conftest) register them."""
+    code = (
+        "from omegaconf import OmegaConf; import chest_mnist.config as c; "
+        "print(OmegaConf.has_resolver('epochs_at')); c.register_resolvers(); "
+        "print(all(OmegaConf.has_resolver(name) for name in c.RESOLVERS))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+@pytest.mark.slow
+def test_the_console_carries_what_a_user_watches(tmp_path, synthetic_npz):
+    """No Lightning advertisement, no deprecation from inside Lightning, and a model summary
+    whose FLOPs are counted (they were all 0 without an example input)."""
+    from tests.conftest import run_module
+
+    result = run_module(
+        "chest_mnist.train",
+        "data=synthetic",
+        f"data.path={synthetic_npz}",
+        "model.stem=imagenet",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        f"paths.log_dir={tmp_path}",
+    )
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console[-3000:]
+    for chatter in ("litlogger", "LeafSpec", "Trainer already configured", "Total FLOPs: 0"):
+        assert chatter not in console, chatter
+    assert "Total FLOPs: 68.5 M" in console  # ResNet-18, imagenet stem, one 28px image
+    assert "Test AUC" in console and "report.md" in console

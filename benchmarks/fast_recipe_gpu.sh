@@ -11,8 +11,8 @@
 #      before the progress bar stopped reading the loss every step (BENCHMARKS.md).
 # Results go to $OUT (summary.txt + results.tar.gz).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session2.sh      (carry .whl: make gpu-wheels)
-#   DRY_RUN=1 OUT=/tmp/out bash benchmarks/gpu_session2.sh   (the same steps on a CPU, tiny data,
+#   OUT=/tmp/out bash benchmarks/fast_recipe_gpu.sh      (carry .whl: make gpu-wheels)
+#   DRY_RUN=1 OUT=/tmp/out bash benchmarks/fast_recipe_gpu.sh   (the same steps on a CPU, tiny data,
 #                                                             2 epochs: checks the script, times nothing)
 set -u
 DEADLINE=$(( $(date +%s) + 560 ))

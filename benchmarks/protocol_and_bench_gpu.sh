@@ -3,7 +3,7 @@
 # repository root; results go to $OUT (summary.txt + results.tar.gz). Each step has its own
 # time limit, so one failure does not cost the others.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh
+#   OUT=/tmp/out bash benchmarks/protocol_and_bench_gpu.sh
 set -u
 source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step
 

@@ -12,8 +12,8 @@
 # `+model.optimizer.fused=true` (conf/model/resnet18.yaml had no `fused` key yet); fast_gpu now
 # sets it, and the override stays to say what step 3 is about.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session3.sh      (carry .whl: make gpu-wheels)
-#   DRY_RUN=1 OUT=/tmp/out bash benchmarks/gpu_session3.sh   (the same steps on a CPU, tiny)
+#   OUT=/tmp/out bash benchmarks/fused_adam_and_profile_gpu.sh      (carry .whl: make gpu-wheels)
+#   DRY_RUN=1 OUT=/tmp/out bash benchmarks/fused_adam_and_profile_gpu.sh   (the same steps on a CPU, tiny)
 set -u
 DEADLINE=$(( $(date +%s) + ${SECONDS_LEFT:-380} ))
 source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step, say_report, compare_predict
