@@ -9,7 +9,6 @@ thresholds.json carries it, and predict uses those thresholds only for the same 
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from chest_mnist import UserError
 from chest_mnist.model import MedMNISTClassifier
+from chest_mnist.run_files import BEST_CHECKPOINT, CHECKPOINTS, read_metrics, run_of
 
 CHECKPOINT_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
 
@@ -32,11 +32,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
         return path
-    run = path.parent if path.name == "checkpoints" else path
-    folder = run / "checkpoints"
+    run = run_of(path)
+    folder = run / CHECKPOINTS
     try:  # by name: the report holds the path of when it was written; the run may have moved
-        named = json.loads((run / "report" / "metrics.json").read_text()).get("best_checkpoint")
-    except (OSError, ValueError, AttributeError):
+        named = read_metrics(run).get(BEST_CHECKPOINT)
+    except (OSError, ValueError):
         named = None
     if named and (folder / Path(named).name).is_file():
         return folder / Path(named).name

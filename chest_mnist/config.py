@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from chest_mnist import UserError
+from chest_mnist.run_files import CHECKPOINTS, run_of
 
 
 def precision_for(accelerator: str) -> str:
@@ -38,7 +39,7 @@ def resumed_run(task_name: str, ckpt_path: str | None) -> str | None:
     if task_name != "train" or not ckpt_path:
         return None
     path = Path(ckpt_path).expanduser()
-    return str(path.parent.parent) if path.parent.name == "checkpoints" else None
+    return str(run_of(path)) if path.parent.name == CHECKPOINTS else None
 
 
 def run_dir(task_name: str, ckpt_path: str | None, fresh: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from chest_mnist import UserError
+from chest_mnist import UserError, run_files
 from chest_mnist.checkpoints import (
     load_checkpoint,
     model_from_checkpoint,
@@ -103,8 +103,8 @@ def evaluate_model(
         loss = model.loss(test_logits.to(device), test_labels.to(device))
     report["scalars"]["loss"] = loss.item()
     weights = {
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "weights_sha256": weights_digest(model.state_dict()),
+        run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
+        run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),
     }
     if trainer.is_global_zero:
         write_report(
@@ -173,10 +173,10 @@ def evaluate(cfg: DictConfig) -> dict:
         trainer,
         model,
         datamodule,
-        Path(cfg.paths.output_dir) / "report",
+        Path(cfg.paths.output_dir) / run_files.REPORT,
         checkpoint=ckpt_path,
         rule=cfg.thresholds.rule,
-        run_dir=ckpt_path.parent.parent,
+        run_dir=run_files.run_of(ckpt_path),
     )
 
 

@@ -50,6 +50,7 @@ from chest_mnist.config import register_resolvers
 from chest_mnist.metrics import THRESHOLD, is_multiclass
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
+from chest_mnist.run_files import REPORT, THRESHOLDS, read_thresholds, run_of
 
 log = logging.getLogger(__name__)
 register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
@@ -166,37 +167,6 @@ def predict_scores(
     return torch.cat(out) if out else torch.empty(0, len(model.hparams.labels))
 
 
-@dataclass
-class TunedThresholds:
-    """A thresholds.json of an evaluation report: one threshold per label, and the weights
-    they were tuned for (file name and digest; None in reports older than that)."""
-
-    values: list[float]
-    checkpoint: str | None
-    weights_sha256: str | None
-
-
-def read_thresholds(path: Path, labels: list[str]) -> TunedThresholds:
-    """Per-label thresholds from an evaluation report's thresholds.json, checked against the
-    model's labels."""
-    try:
-        data = json.loads(path.read_text())
-        table = data["labels"]
-        return TunedThresholds(
-            [float(table[label]) for label in labels],
-            data.get("checkpoint"),
-            data.get("weights_sha256"),
-        )
-    except FileNotFoundError:
-        raise UserError(f"thresholds={path} does not exist.") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"thresholds={path} is not a thresholds.json for this model's labels "
-            f"({', '.join(labels)}): {type(e).__name__}: {e}. Use the one in the checkpoint "
-            f"run's report/, or thresholds=null for 0.5."
-        ) from None
-
-
 def choose_thresholds(
     cfg_thresholds: str | None,
     ckpt_path: Path,
@@ -213,15 +183,16 @@ def choose_thresholds(
     if cfg_thresholds:
         path = Path(cfg_thresholds).expanduser()
         tuned = read_thresholds(path, labels)
+        values = [tuned.labels[label] for label in labels]
         if tuned.weights_sha256 == digest:
-            return tuned.values, f"tuned on validation ({path})"
+            return values, f"tuned on validation ({path})"
         weights = (
             f"other weights ({tuned.checkpoint or 'in no checkpoint file'})"
             if tuned.weights_sha256
             else "weights it does not name (an older thresholds.json)"
         )
-        return tuned.values, f"tuned on validation for {weights}, given as thresholds={path}"
-    beside = ckpt_path.parent.parent / "report" / "thresholds.json"
+        return values, f"tuned on validation for {weights}, given as thresholds={path}"
+    beside = run_of(ckpt_path) / REPORT / THRESHOLDS
     if not beside.is_file():
         return [THRESHOLD] * len(labels), (
             f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
@@ -229,7 +200,7 @@ def choose_thresholds(
         )
     tuned = read_thresholds(beside, labels)
     if tuned.weights_sha256 == digest:
-        return tuned.values, f"tuned on validation ({beside})"
+        return [tuned.labels[label] for label in labels], f"tuned on validation ({beside})"
     why = (
         f"{beside} was tuned for other weights ({tuned.checkpoint or 'in no checkpoint file'}), "
         f"not {ckpt_path.name}"

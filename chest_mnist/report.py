@@ -4,9 +4,9 @@ From the validation and test predictions of one checkpoint: per-label thresholds
 on validation (never on test) and applied to test; every decision metric is reported at 0.5
 (MedMNIST's ACC) and at the tuned thresholds, next to the all-negative baseline.
 
-    metrics.json       every test number, and the run's facts (checkpoint, epochs)
+    metrics.json       every test number, and the run's facts (checkpoint, epochs)  } formats:
+    thresholds.json    the tuned thresholds and their weights, for `predict`     } run_files.py
     per_class.csv      one row per label
-    thresholds.json    the tuned thresholds, for `predict`
     predictions.npz    val and test scores and labels
     report.md          a summary to read, with the figures:
     confusion_matrices.png, roc_curves.png, pr_curves.png, loss_curves.png
@@ -16,7 +16,6 @@ on validation (never on test) and applied to test; every decision metric is repo
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
+from chest_mnist import run_files
 from chest_mnist.metrics import (
     DECISIONS,
     MULTI_LABEL,
@@ -235,10 +235,10 @@ def _summary(report: dict, figures: list[str], loss_note: str | None, context: d
     s, rows = report["scalars"], report["per_label"]
     multiclass = report["thresholds"] is None
     lines = [f"# Report: {context.get('flag', '')} test split ({s['n_images']:,} images)", ""]
-    if digest := context.get("weights_sha256"):
+    if digest := context.get(run_files.WEIGHTS_SHA256):
         source = (
-            f"checkpoint `{context['checkpoint']}`"
-            if context.get("checkpoint")
+            f"checkpoint `{context[run_files.CHECKPOINT]}`"
+            if context.get(run_files.CHECKPOINT)
             else "the weights at the end of training, in no checkpoint file"
         )
         lines += [f"Weights: {source} (SHA-256 `{digest[:16]}…`).", ""]
@@ -385,28 +385,28 @@ def write_report(
     report.md too."""
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
-    metrics = flat_metrics(report) | extra
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    run_files.write_metrics(out_dir, flat_metrics(report) | extra)
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report["per_label"][0]))
         writer.writeheader()
         writer.writerows(report["per_label"])
     multiclass = report["thresholds"] is None
-    checkpoint = extra.get("checkpoint")
-    thresholds = {
-        "rule": report["rule"],
-        "chosen_on": None if multiclass else "val",
-        "default": THRESHOLD,
-        # the weights they were tuned for: predict uses them for these weights only
-        "checkpoint": Path(checkpoint).name if checkpoint else None,
-        "weights_sha256": extra.get("weights_sha256"),
-    }
-    if not multiclass:
-        thresholds["labels"] = {
-            label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)
-        }
-        thresholds["kept_at_default"] = report["threshold_notes"]
-    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    checkpoint = extra.get(run_files.CHECKPOINT)
+    run_files.write_thresholds(
+        out_dir,
+        run_files.Thresholds(
+            rule=report["rule"],
+            default=THRESHOLD,
+            labels=None
+            if multiclass
+            else {label: float(t) for label, t in zip(labels, report["thresholds"], strict=True)},
+            # the weights they were tuned for: predict uses them for these weights only
+            checkpoint=Path(checkpoint).name if checkpoint else None,
+            weights_sha256=extra.get(run_files.WEIGHTS_SHA256),
+            kept_at_default=report["threshold_notes"],
+            chosen_on=None if multiclass else "val",
+        ),
+    )
     arrays = {
         "scores": test[0].float().numpy(),
         "labels": test[1].numpy().astype(np.uint8),

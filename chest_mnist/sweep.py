@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import logging
 import math
 import sys
@@ -31,6 +30,8 @@ from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from chest_mnist import run_files
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,18 @@ COLUMNS = (
 def _job_row(job_dir: Path) -> dict:
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     row = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "failed"}
-    metrics_file = job_dir / "report" / "metrics.json"
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
-        row |= {
-            "status": "completed",
-            "best_val_auroc": metrics.get("best_val/auroc"),
-            "test_auroc": metrics.get("test/auroc"),
-            "test_acc": metrics.get("test/acc"),
-            "epochs": metrics.get("epochs_trained"),
-            "train_seconds": metrics.get("train_seconds"),
-        }
-    return row
+    try:
+        metrics = run_files.read_metrics(job_dir)
+    except (OSError, ValueError):  # no report: the job failed before it was written
+        return row
+    return row | {
+        "status": "completed",
+        "best_val_auroc": metrics.get(run_files.best_score_key("val/auroc")),
+        "test_auroc": metrics.get("test/auroc"),
+        "test_acc": metrics.get("test/acc"),
+        "epochs": metrics.get(run_files.EPOCHS_TRAINED),
+        "train_seconds": metrics.get(run_files.TRAIN_SECONDS),
+    }
 
 
 def _swept_value(overrides: str, key: str) -> float | None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from medmnist import INFO
 
+from chest_mnist.npz import SPLITS
+
 # Findings per label over all 112,120 ChestX-ray14 images (Wang et al., CVPR 2017, the source
 # of ChestMNIST), in medmnist's label order. The mean rate is 5.2%, which is why predicting
 # "no finding" everywhere scores about 0.948 accuracy.
@@ -46,7 +48,6 @@ NIH_IMAGES = 112_120
 LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(len(INFO["chestmnist"]["label"]))]
 PREVALENCE = np.array([NIH_COUNTS[name] / NIH_IMAGES for name in LABELS])
 
-SPLITS = ("train", "val", "test")
 CHUNK = 2048  # images generated at once: bounds memory at size 224 (2048 x 224 x 224 float32)
 
 

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from chest_mnist import UserError
+from chest_mnist import UserError, run_files
 from chest_mnist.checkpoints import load_checkpoint, load_weights
 from chest_mnist.cli import quiet_lightning, report_user_errors
 from chest_mnist.config import register_resolvers
@@ -186,13 +186,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "No best checkpoint (no validation ran?): testing the weights at the end of training."
             )
         extra = {
-            "best_checkpoint": best or None,
-            "epochs_trained": trainer.current_epoch,
-            "train_seconds": round(time.perf_counter() - started, 1),
+            run_files.BEST_CHECKPOINT: best or None,
+            run_files.EPOCHS_TRAINED: trainer.current_epoch,
+            run_files.TRAIN_SECONDS: round(time.perf_counter() - started, 1),
         }
         if best and checkpoint.best_model_score is not None:
-            # the value of the metric the checkpoint was chosen by (val/auroc by default)
-            extra[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+            score = float(checkpoint.best_model_score)
+            extra[run_files.best_score_key(checkpoint.monitor)] = score
         metrics |= {name: value for name, value in extra.items() if isinstance(value, float)}
         if best:  # the weights validation chose, as saved (with EMA: the average)
             load_weights(model, best)
@@ -200,7 +200,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer,
             model,
             datamodule,
-            output_dir / "report",
+            output_dir / run_files.REPORT,
             checkpoint=Path(best) if best else None,
             rule=cfg.thresholds.rule,
             run_dir=output_dir,
@@ -233,7 +233,7 @@ def main(cfg: DictConfig) -> float | None:
     # the value a Hydra sweeper (e.g. Optuna) optimises: the best epoch's, when the
     # checkpoint was chosen by that metric, else the last epoch's
     name = cfg.get("optimized_metric")
-    return metrics.get(f"best_{name}", metrics.get(name)) if name else None
+    return metrics.get(run_files.best_score_key(name), metrics.get(name)) if name else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""A run directory's layout, and the files other commands read back: each has one writer and
+one reader here, and its keys are named once.
+
+    <run>/checkpoints/            epochNNN-val_auroc*.ckpt (the best), last.ckpt
+    <run>/report/metrics.json     every test number (test/auroc, test/f1/<label>, ...) and the
+                                  run's facts under the names below; written by the report,
+                                  read by evaluate and predict (a run's best checkpoint) and by
+                                  the sweep summary
+    <run>/report/thresholds.json  the per-label thresholds tuned on validation and the weights
+                                  they were tuned for; written by the report, read by predict
+
+The report's other files (per_class.csv, predictions.npz, report.md, the figures) are for
+people and other tools; no command of ours reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chest_mnist import UserError
+
+CHECKPOINTS = "checkpoints"
+REPORT = "report"
+METRICS = "metrics.json"
+THRESHOLDS = "thresholds.json"
+
+# metrics.json: the facts beside the test metrics
+BEST_CHECKPOINT = "best_checkpoint"  # train: the checkpoint validation chose (a path, or null)
+CHECKPOINT = "checkpoint"  # the checkpoint the numbers come from (null: weights in no file)
+WEIGHTS_SHA256 = "weights_sha256"  # chest_mnist.checkpoints.weights_digest of those weights
+EPOCHS_TRAINED = "epochs_trained"
+TRAIN_SECONDS = "train_seconds"
+
+
+def best_score_key(monitor: str) -> str:
+    """metrics.json's name for the best value of the metric the checkpoint was chosen by
+    (best_val/auroc by default)."""
+    return f"best_{monitor}"
+
+
+def run_of(path: Path) -> Path:
+    """The run directory that holds `path`: a run, its checkpoints/, or a checkpoint in it."""
+    path = Path(path)
+    if path.name == CHECKPOINTS:
+        return path.parent
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return path
+
+
+def write_metrics(report_dir: Path, metrics: dict) -> Path:
+    path = Path(report_dir) / METRICS
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def read_metrics(run: Path) -> dict:
+    """A run's metrics.json; FileNotFoundError or ValueError when it has none or a damaged one."""
+    metrics = json.loads((Path(run) / REPORT / METRICS).read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{Path(run) / REPORT / METRICS} holds no mapping")
+    return metrics
+
+
+@dataclass
+class Thresholds:
+    """thresholds.json: the decision rule, the per-label thresholds (None for a multi-class
+    task: arg-max), the labels that kept the default and why, and the weights they were
+    tuned for (checkpoint file name and digest; None in files written before they were)."""
+
+    rule: str
+    default: float
+    labels: dict[str, float] | None
+    checkpoint: str | None = None
+    weights_sha256: str | None = None
+    kept_at_default: dict[str, str] = field(default_factory=dict)
+    chosen_on: str | None = "val"
+
+
+def write_thresholds(report_dir: Path, thresholds: Thresholds) -> Path:
+    path = Path(report_dir) / THRESHOLDS
+    path.write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
+    return path
+
+
+def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
+    """The thresholds.json at `path`, checked against the model's `labels`: a UserError names
+    the file and what to do when it is missing or is not one for these labels."""
+    try:
+        data = json.loads(Path(path).read_text())
+        table = data["labels"]
+        return Thresholds(
+            rule=data.get("rule", "f1"),
+            default=float(data.get("default", 0.5)),
+            labels={label: float(table[label]) for label in labels},
+            checkpoint=data.get("checkpoint"),
+            weights_sha256=data.get("weights_sha256"),
+            kept_at_default=data.get("kept_at_default") or {},
+            chosen_on=data.get("chosen_on"),
+        )
+    except FileNotFoundError:
+        raise UserError(f"thresholds={path} does not exist.") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"thresholds={path} is not a thresholds.json for this model's labels "
+            f"({', '.join(labels)}): {type(e).__name__}: {e}. Use the one in the checkpoint "
+            f"run's report/, or thresholds=null for 0.5."
+        ) from None
