@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Issue 15 on a lent GPU, in one call of at most 8 minutes (the steps stop at DEADLINE, 450 s),
+# Issue 15 on a lent GPU, in one call of at most 8 minutes (the steps stop at DEADLINE, 465 s),
 # most important first:
 #   1. the goal: the default command (the MedMNIST protocol, batch 128, validation every
 #      epoch) for 100 epochs of ChestMNIST-sized data, from a cold start (a fresh process; no
 #      compile cache is involved: CUDA graphs are captured, not compiled), timed end to end
-#      against 150 s; its metrics.json and .hydra/config.yaml are kept (protocol_100/);
-#   2. graphs against the plain step on the GPU in fp32: 2 epochs, then the largest weight
-#      difference (the CPU test has them equal to 1e-6 with a stand-in for the capture);
+#      against 150 s; its metrics.json and .hydra/config.yaml are kept (protocol_100/). Training
+#      stops at 200 s (trainer.max_time) so that the rest still runs: then epochs_trained says
+#      how far it got, and the goal is missed;
+#   2. graphs against the plain step on the GPU in fp32: one epoch of 2,000 images (15 full
+#      batches, graphed, and a partial one, eager), then the largest weight difference (the CPU
+#      test has them equal to 1e-6 with a stand-in for the capture);
 #   3. PneumoniaMNIST, 100 epochs, seeds 1, 2, 3: the default (graphs) and the plain step
 #      (model.cuda_graph=false), one seed of each in turn, so that a cut-off run still pairs;
 #      last.ckpt only at the end (about 0.18 s a save on an H200, 18 s a run; it changes no
@@ -19,8 +22,10 @@
 #   DRY_RUN=1 OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh   (every step on the CPU, tiny data
 #                                                                  and 2 epochs: checks the script, times nothing)
 set -u
-DEADLINE=$(( $(date +%s) + 450 ))
+DEADLINE=$(( $(date +%s) + 465 ))
 source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step, say_report
+python3 -c "import hydra, omegaconf, medmnist" 2>/dev/null \
+  || { say "hydra, omegaconf or medmnist missing: make gpu-wheels here, carry .whl"; exit 1; }
 rm -rf /tmp/logs  # a rerun on a warm machine reads only its own runs
 if [ -n "${DRY_RUN:-}" ]; then
   SIZES="--train 600 --val 300 --test 300"; EPOCHS=2
@@ -33,9 +38,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$RES/summary.txt"
 
 # 1. the goal: the default command, 100 epochs, cold, end to end
-step make_full 60 python3 -m chest_mnist.synthetic /tmp/chest_full.npz $SIZES --no-compress
+step make_full 30 python3 -m chest_mnist.synthetic /tmp/chest_full.npz $SIZES --no-compress
 step protocol_100 240 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
-  trainer.max_epochs=$EPOCHS paths.log_dir=/tmp/logs/protocol $CPU
+  trainer.max_epochs=$EPOCHS +trainer.max_time=00:00:03:20 paths.log_dir=/tmp/logs/protocol $CPU
+grep -h "CUDA graph:" "$RES/protocol_100.log" >> "$RES/summary.txt" || say "protocol_100: no CUDA graph captured"
 RUN=$(ls -d /tmp/logs/protocol/train/runs/* 2>/dev/null | head -1)
 mkdir -p "$OUT/protocol_100"
 cp "$RUN/report/metrics.json" "$RUN/.hydra/config.yaml" "$OUT/protocol_100/" 2>/dev/null
@@ -46,15 +52,15 @@ grep -h "fused\|cuda_graph" "$RUN/.hydra/config.yaml" >> "$RES/summary.txt" 2>/d
 # 2. graphs against the plain step, fp32, the same data and seed: the largest weight difference
 for variant in graphs plain; do
   flag=$([ $variant = plain ] && echo false || echo auto)
-  step equal_$variant 60 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
-    data.subset=2048 trainer.max_epochs=2 trainer.precision=32-true trainer.deterministic=true trainer.benchmark=false \
+  step equal_$variant 45 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
+    data.subset=2000 trainer.max_epochs=1 trainer.precision=32-true trainer.deterministic=true trainer.benchmark=false \
     model.optimizer.fused=true model.cuda_graph=$flag test=false paths.log_dir=/tmp/logs/equal_$variant $CPU
 done
 python3 - >> "$RES/summary.txt" 2>&1 <<'PY'
 import glob, torch
 a, b = (torch.load(glob.glob(f"/tmp/logs/equal_{v}/train/runs/*/checkpoints/last.ckpt")[0], weights_only=True) for v in ("graphs", "plain"))
 diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
-print(f"graphs vs plain, fp32, 2 epochs of 16 steps: steps {a['global_step']} / {b['global_step']}, largest difference {diff:.3e}")
+print(f"graphs vs plain, fp32, 1 epoch of 15 full steps and a partial one: steps {a['global_step']} / {b['global_step']}, largest difference {diff:.3e}")
 PY
 
 # 3. PneumoniaMNIST, 100 epochs, seeds 1-3, graphs (the default) and the plain step
@@ -87,7 +93,7 @@ for variant in ("graphs", "plain"):
 PY
 
 # 4. where a step's host time goes, if there is time left
-step profile_2 60 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=2 \
+step profile_2 45 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=2 \
   +trainer.profiler=simple test=false paths.log_dir=/tmp/logs/profile $CPU
 grep -E "run_training_batch|optimizer_step|training_step|on_train_batch|backward|Total" "$RES/profile_2.log" | head -20 >> "$RES/summary.txt"
 cp "$RES/summary.txt" "$OUT/summary.txt"

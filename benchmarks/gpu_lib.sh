@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log, time
     [ "$left" -lt "$limit" ] && limit=$left
   fi
   local t0=$(date +%s.%N)
-  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" > "$RES/$name.log" 2>&1  # -k: a run that hangs on SIGTERM
   local rc=$?
   say "$name: rc=$rc, $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s wall: $*"
   tail -n 12 "$RES/$name.log" | sed "s/^/  [$name] /" >> "$RES/summary.txt"

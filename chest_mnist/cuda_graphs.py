@@ -11,9 +11,10 @@ the step (automatic optimisation, its hooks, the callbacks); the loss, the optim
 
 `model.cuda_graph`: auto (the default) captures on one CUDA GPU, without torch.compile (which
 makes graphs of its own with mode=reduce-overhead) and without DDP (whose gradient all-reduce
-runs in autograd hooks between the kernels); true asks for it and says why when it cannot;
-false runs the plain step. A batch of another shape (the last, partial one of an epoch) and
-evaluation run the network eagerly.
+runs in autograd hooks between the kernels) and without gradient accumulation; true asks for
+it and says why when it cannot; false runs the plain step. The graph is captured at the first
+full batch of a fit and dropped at its end; a batch of another shape (the last, partial one of
+an epoch) and evaluation run the network eagerly.
 """
 
 from __future__ import annotations
@@ -26,19 +27,28 @@ from chest_mnist import UserError
 SETTINGS = ("auto", True, False)
 
 
-def wanted(setting: bool | str, device: torch.device, world_size: int, compiled: bool) -> bool:
+def wanted(
+    setting: bool | str,
+    device: torch.device,
+    world_size: int = 1,
+    compiled: bool = False,
+    accumulate_grad_batches: int = 1,
+) -> bool:
     """Whether training should replay CUDA graphs, for `model.cuda_graph=setting`."""
     if setting not in SETTINGS:
         raise UserError(f"model.cuda_graph={setting!r} must be auto, true or false.")
-    why_not = (
-        "it needs a CUDA GPU (this run is on the CPU)"
-        if device.type != "cuda"
-        else "model.compile makes its own graphs (mode=reduce-overhead)"
-        if compiled
-        else f"under DDP ({world_size} processes) the gradients are all-reduced between the kernels"
-        if world_size > 1
-        else None
-    )
+    reasons = {
+        "it needs a CUDA GPU (this run is on the CPU)": device.type != "cuda",
+        "model.compile makes its own graphs (mode=reduce-overhead)": compiled,
+        f"under DDP ({world_size} processes) the gradients are all-reduced between the "
+        f"kernels": world_size > 1,
+        # the graph hands its own gradient buffers to .grad, and the next replay overwrites them:
+        # accumulated over steps, they would add up wrong (pytorch/pytorch#181723)
+        f"trainer.accumulate_grad_batches={accumulate_grad_batches} adds gradients over "
+        f"steps, which the graph's reused gradient buffers do not allow": accumulate_grad_batches
+        != 1,
+    }
+    why_not = next((why for why, applies in reasons.items() if applies), None)
     if setting is True and why_not:
         raise UserError(
             f"model.cuda_graph=true, but {why_not}. Set model.cuda_graph=auto (graphs where "

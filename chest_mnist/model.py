@@ -11,6 +11,8 @@ float32 even under bf16 autocast: scores in bf16 would tie often and blur AUROC.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -22,6 +24,8 @@ from typing_extensions import override
 
 from chest_mnist import UserError, cuda_graphs
 from chest_mnist.metrics import MULTI_LABEL, as_targets, is_multiclass, scalar_metrics
+
+log = logging.getLogger(__name__)
 
 STEMS = ("cifar", "imagenet")
 
@@ -144,8 +148,9 @@ class MedMNISTClassifier(L.LightningModule):
         self.graphs_wanted = cuda_graphs.wanted(
             self.hparams.cuda_graph,
             trainer.strategy.root_device,
-            trainer.world_size,
-            bool(self.hparams.compile),
+            world_size=trainer.world_size,
+            compiled=bool(self.hparams.compile),
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
         if trainer.datamodule is not None:  # the model summary's FLOPs and sizes come from it
@@ -186,12 +191,31 @@ class MedMNISTClassifier(L.LightningModule):
         return logits.softmax(-1) if self.multiclass else logits.sigmoid()
 
     @override
+    def on_fit_end(self) -> None:
+        self.training_graph = None  # its memory pool goes; evaluation runs eagerly anyway
+
+    def _capture_training_graph(self, x: torch.Tensor) -> None:
+        """At the first full batch (a partial one would fix the graph to its shape)."""
+        datamodule = self.trainer.datamodule
+        full = getattr(getattr(datamodule, "hparams", None), "batch_size", len(x))
+        if len(x) != full:
+            return
+        started = time.perf_counter()
+        network = cuda_graphs.Network(self.backbone, self.head)
+        self.training_graph = cuda_graphs.TrainingGraph(network, x)
+        log.info(
+            "CUDA graph: the training forward and backward captured for batches of %s in "
+            "%.2f s; the optimizer runs %s.",
+            tuple(x.shape),
+            time.perf_counter() - started,
+            "fused" if self.trainer.optimizers[0].defaults.get("fused") else "as configured",
+        )
+
+    @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, targets = batch
         if self.graphs_wanted and self.training_graph is None:
-            self.training_graph = cuda_graphs.TrainingGraph(
-                cuda_graphs.Network(self.backbone, self.head), x
-            )
+            self._capture_training_graph(x)
         loss = self.loss(self(x), targets)
         # sync_dist: the average over every process's images, reduced once, at the epoch's end
         # (a float batch size: see _eval_step)
@@ -277,6 +301,8 @@ class MedMNISTClassifier(L.LightningModule):
         if (
             self.graphs_wanted
             and getattr(self.optimizer_factory, "keywords", {}).get("fused", 0) is None
+            # Lightning refuses to clip the gradients of a fused optimizer under mixed precision
+            and not getattr(self._trainer, "gradient_clip_val", None)
         ):
             # with the network graphed, the update is most of what is left: one kernel
             options["fused"] = True

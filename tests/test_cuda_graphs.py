@@ -5,6 +5,8 @@ which move the batch-norm statistics) and returns the network unchanged, so the 
 fast step (which batches take the graph, the statistics put back, the fused optimizer, the
 schedule) runs for real. The capture itself is checked on a GPU (benchmarks/)."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ def test_auto_graphs_one_gpu_without_compile_or_ddp():
     assert not cuda_graphs.wanted("auto", GPU, 1, compiled=True)
     assert not cuda_graphs.wanted("auto", GPU, 2, compiled=False)
     assert not cuda_graphs.wanted(False, GPU, 1, compiled=False)
+    assert not cuda_graphs.wanted("auto", GPU, 1, accumulate_grad_batches=2)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +39,8 @@ def test_auto_graphs_one_gpu_without_compile_or_ddp():
 def test_true_says_why_it_cannot(device, world_size, compiled, why):
     with pytest.raises(UserError, match=f"model.cuda_graph=true, but {why}.*model.cuda_graph=auto"):
         cuda_graphs.wanted(True, device, world_size, compiled)
+    with pytest.raises(UserError, match=r"trainer.accumulate_grad_batches=4 adds gradients"):
+        cuda_graphs.wanted(True, GPU, accumulate_grad_batches=4)
     with pytest.raises(UserError, match="model.cuda_graph='yes' must be auto, true or false"):
         cuda_graphs.wanted("yes", device, world_size, compiled)
 
@@ -48,6 +53,11 @@ class StandIn:
         self.replayed: list[int] = []
 
     def __call__(self, module, sample_args, num_warmup_iters=3):
+        # what make_graphed_callables asserts first
+        assert not (torch.is_autocast_enabled() and torch.is_autocast_cache_enabled())
+        assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+        assert not any(b.requires_grad for b in module.buffers())
+        assert all(not a.requires_grad for a in sample_args)
         for _ in range(num_warmup_iters):
             module(*sample_args)
         forward = module.forward
@@ -77,19 +87,23 @@ def test_with_graphs_an_unset_fused_optimizer_runs_fused():
     foreach or for-loop Adam up to rounding (one step here: at most 1.2e-7 apart), so the
     equivalence test below gives both steps the same optimizer."""
     from functools import partial
+    from types import SimpleNamespace
 
     from chest_mnist.model import MedMNISTClassifier
 
-    def optimizer(fused, graphs):
+    def optimizer(fused, graphs, clip=None):
         model = MedMNISTClassifier(
             ["a", "b"], optimizer=partial(torch.optim.Adam, lr=1e-3, fused=fused)
         )
         model.graphs_wanted = graphs
+        model._trainer = SimpleNamespace(gradient_clip_val=clip)
         return model.configure_optimizers()
 
     assert optimizer(None, graphs=True).param_groups[0]["fused"] is True
     assert optimizer(False, graphs=True).param_groups[0]["fused"] is False  # as configured
     assert optimizer(None, graphs=False).param_groups[0]["fused"] is None
+    # Lightning refuses to clip a fused optimizer's gradients under mixed precision
+    assert optimizer(None, graphs=True, clip=1.0).param_groups[0]["fused"] is None
 
     g = torch.Generator().manual_seed(0)
     start, grad = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
@@ -103,7 +117,9 @@ def test_with_graphs_an_unset_fused_optimizer_runs_fused():
 
 
 @pytest.mark.slow
-def test_the_fast_step_learns_what_the_plain_step_learns(monkeypatch, tmp_path, synthetic_npz):
+def test_the_fast_step_learns_what_the_plain_step_learns(
+    monkeypatch, tmp_path, synthetic_npz, caplog
+):
     """Three epochs of three steps (32, 32 and a partial 16), the learning rate x0.1 after the
     first and the second epoch, the same optimizer (fused Adam, what the fast step uses): the
     same weights, buffers and optimizer state to 1e-6."""
@@ -128,10 +144,12 @@ def test_the_fast_step_learns_what_the_plain_step_learns(monkeypatch, tmp_path, 
     )
 
     stand_in = StandIn()
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args: True)  # as on one GPU
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
     train(compose_train([*overrides, f"paths.output_dir={tmp_path}/fast"]))
     assert stand_in.replayed == [32, 32] * 3  # the full batches; the partial ones ran eagerly
+    assert "captured for batches of (32, 3, 28, 28)" in caplog.text and "runs fused" in caplog.text
 
     plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.ckpt")
     fast = load_checkpoint(tmp_path / "fast" / "checkpoints" / "last.ckpt")

@@ -73,6 +73,7 @@ def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
         datamodule=datamodule,
         strategy=SimpleNamespace(root_device=torch.device("cpu")),
         world_size=1,
+        accumulate_grad_batches=1,
     )
     model.setup("fit")
     positives = datamodule.splits["train"].labels.float().sum(0)
