@@ -27,6 +27,11 @@ from chest_mnist import UserError
 SETTINGS = ("auto", True, False)
 
 
+def check_setting(setting: bool | str) -> None:
+    if setting not in SETTINGS:
+        raise UserError(f"model.cuda_graph={setting!r} must be auto, true or false.")
+
+
 def wanted(
     setting: bool | str,
     device: torch.device,
@@ -35,8 +40,7 @@ def wanted(
     accumulate_grad_batches: int = 1,
 ) -> bool:
     """Whether training should replay CUDA graphs, for `model.cuda_graph=setting`."""
-    if setting not in SETTINGS:
-        raise UserError(f"model.cuda_graph={setting!r} must be auto, true or false.")
+    check_setting(setting)
     reasons = {
         "it needs a CUDA GPU (this run is on the CPU)": device.type != "cuda",
         "model.compile makes its own graphs (mode=reduce-overhead)": compiled,
@@ -57,22 +61,9 @@ def wanted(
     return setting is not False and why_not is None
 
 
-class Network(nn.Module):
-    """The model's network as one module: backbone, then the head in float32 with autocast
-    off (scores in bf16 would tie often). Holds the model's own layers, not copies."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.head(features.float())
-
-
 class TrainingGraph:
-    """`network`'s training forward and backward, captured for inputs shaped like `sample`.
+    """`network`'s training forward and backward, captured for inputs shaped like `sample`
+    (`network`: a module of the model's own layers, `chest_mnist.model.Network`).
 
     Capturing runs the forward a few times first (warm-up, as CUDA graphs need); that would
     move the batch-norm running statistics, so they are put back as they were: the first

@@ -102,11 +102,11 @@ def evaluate_model(
         device = model.device
         loss = model.loss(test_logits.to(device), test_labels.to(device))
     report["scalars"]["loss"] = loss.item()
-    weights = {
-        run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
-        run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),
-    }
     if trainer.is_global_zero:
+        weights = {
+            run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
+            run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),
+        }
         write_report(
             out_dir,
             report,

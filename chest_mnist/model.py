@@ -60,6 +60,26 @@ def build_resnet18(
     return net
 
 
+def head_in_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The classifier head in float32 with autocast off, also under bf16 autocast: scores in
+    bf16 would tie often and blur AUROC."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return head(features.float())
+
+
+class Network(nn.Module):
+    """Backbone then head as one module, what `chest_mnist.cuda_graphs` captures. Holds the
+    model's own layers, not copies, and is not registered on the model (no second copy of
+    their names in the checkpoint)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return head_in_float32(self.head, self.backbone(x))
+
+
 def concat_outputs(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +138,7 @@ class MedMNISTClassifier(L.LightningModule):
                 "model.pos_weight weights the positives of sigmoid outputs; a multi-class task has none. "
                 "Set model.pos_weight=null."
             )
-        if cuda_graph not in cuda_graphs.SETTINGS:
-            raise UserError(f"model.cuda_graph={cuda_graph!r} must be auto, true or false.")
+        cuda_graphs.check_setting(cuda_graph)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         if pos_weight not in (None, "auto") and len(pos_weight) != len(labels):
@@ -175,8 +194,7 @@ class MedMNISTClassifier(L.LightningModule):
             features = self.backbone.forward(x)  # the eager code: only __call__ is compiled
         else:
             features = self.backbone(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.head(features.float())
+        return head_in_float32(self.head, features)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, mean over images (and labels)."""
@@ -201,7 +219,7 @@ class MedMNISTClassifier(L.LightningModule):
         if len(x) != full:
             return
         started = time.perf_counter()
-        network = cuda_graphs.Network(self.backbone, self.head)
+        network = Network(self.backbone, self.head)
         self.training_graph = cuda_graphs.TrainingGraph(network, x)
         log.info(
             "CUDA graph: the training forward and backward captured for batches of %s in "

@@ -183,7 +183,7 @@ def choose_thresholds(
     if cfg_thresholds:
         path = Path(cfg_thresholds).expanduser()
         tuned = read_thresholds(path, labels)
-        values = [tuned.labels[label] for label in labels]
+        values = list(tuned.labels.values())  # in the model's label order
         if tuned.weights_sha256 == digest:
             return values, f"tuned on validation ({path})"
         weights = (
@@ -200,7 +200,7 @@ def choose_thresholds(
         )
     tuned = read_thresholds(beside, labels)
     if tuned.weights_sha256 == digest:
-        return [tuned.labels[label] for label in labels], f"tuned on validation ({beside})"
+        return list(tuned.labels.values()), f"tuned on validation ({beside})"
     why = (
         f"{beside} was tuned for other weights ({tuned.checkpoint or 'in no checkpoint file'}), "
         f"not {ckpt_path.name}"

@@ -13,6 +13,7 @@ from torch import nn
 
 from chest_mnist import UserError, cuda_graphs
 from chest_mnist.checkpoints import load_checkpoint
+from chest_mnist.model import Network
 from chest_mnist.train import train
 from tests.conftest import compose_train
 
@@ -72,7 +73,7 @@ class StandIn:
 
 def test_capture_leaves_the_batch_norm_statistics_as_they_were(monkeypatch):
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", StandIn())
-    network = cuda_graphs.Network(
+    network = Network(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), nn.LazyLinear(2)
     )
     network(torch.randn(2, 3, 5, 5))  # the lazy layer's shape
