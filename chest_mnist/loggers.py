@@ -7,6 +7,7 @@ python -m chest_mnist.train "logger=[tensorboard,csv]"    # both
 from __future__ import annotations
 
 import csv
+import os
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
@@ -17,7 +18,9 @@ from typing_extensions import override
 class AppendingExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer, except that a metrics.csv already in the folder is continued,
     not deleted: its header becomes the known columns, new columns widen the file, rows are
-    appended."""
+    appended. Widening rewrites the file: into a temporary file beside it, then renamed over
+    it, so that a kill during the rewrite (Lightning truncates the file first) keeps the
+    rows already logged."""
 
     @override
     def _check_log_dir_exists(self) -> None:
@@ -25,6 +28,22 @@ class AppendingExperimentWriter(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             self.metrics_keys = next(csv.reader(file), [])
+
+    @override
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = self.metrics_file_path
+        with self._fs.open(path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with self._fs.open(temporary, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+            self._fs.mv(temporary, path)
+        finally:
+            if self._fs.exists(temporary):
+                self._fs.rm_file(temporary)
 
 
 class AppendingCSVLogger(CSVLogger):

@@ -60,3 +60,22 @@ def test_loss_curves_come_from_csv_without_tensorboard(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="val/loss or epoch that is no number"):
         read_run_loss_curves(tmp_path / "other")
+
+
+def test_a_kill_while_the_header_widens_keeps_the_rows_already_logged(tmp_path, monkeypatch):
+    """A new column rewrites metrics.csv; Lightning's writer truncates it first, so a kill in
+    between lost every earlier row (seen once in the SIGKILL resume test). Ours writes beside it
+    and renames."""
+    path = log_epochs(tmp_path, {0: (0.9, 0.8), 1: (0.7, 0.75)})
+    before = path.read_text()
+    logger = AppendingCSVLogger(save_dir=tmp_path, name="csv", version="")
+    logger.log_metrics({"epoch": 2, "test/auroc": 0.5}, step=29)  # a column not seen before
+
+    def killed(self, rows):
+        raise KeyboardInterrupt  # stands for the SIGKILL, mid-rewrite
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert path.read_text() == before
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]  # no temporary file left

@@ -11,6 +11,13 @@ import pytest
 from tests.conftest import ROOT
 
 
+def pip(*args) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_non_editable_install_trains_from_another_folder(tmp_path, synthetic_npz):
     """`pip install .` puts a copy of the package, configs included, in site-packages; it must
@@ -24,21 +31,9 @@ def test_a_non_editable_install_trains_from_another_folder(tmp_path, synthetic_n
     )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, source],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    pip("wheel", "--no-deps", "-q", "-w", wheels, source)
     (wheel,) = wheels.glob("chest_mnist-*.whl")
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    pip("install", "--no-deps", "-q", "--target", target, wheel)
     assert (target / "chest_mnist" / "conf" / "train.yaml").is_file()
     assert (target / "chest_mnist" / "conf" / "data" / "synthetic.yaml").is_file()
 
@@ -118,6 +113,7 @@ def test_the_private_lightning_names_we_rely_on_exist(tmp_path):
 
     assert hasattr(ModelCheckpoint(), "_last_global_step_saved")
     assert callable(getattr(ExperimentWriter, "_check_log_dir_exists", None))
+    assert callable(getattr(ExperimentWriter, "_rewrite_with_new_header", None))
     assert hasattr(ExperimentWriter(log_dir=str(tmp_path / "csv")), "_fs")
     assert hasattr(CSVLogger(tmp_path), "_experiment")
 
