@@ -85,7 +85,7 @@ def test_capture_leaves_the_batch_norm_statistics_as_they_were(monkeypatch):
 
 def test_with_graphs_an_unset_fused_optimizer_runs_fused():
     """The fast step's update is fused Adam (one kernel): the same update as the plain step's
-    foreach or for-loop Adam up to rounding (one step here: at most 1.2e-7 apart), so the
+    foreach or for-loop Adam up to rounding (one step here: allowed 1.2e-7 apart), so the
     equivalence test below gives both steps the same optimizer."""
     from functools import partial
     from types import SimpleNamespace
