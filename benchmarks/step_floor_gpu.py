@@ -1,0 +1,153 @@
+"""How long one training step of the protocol takes on this GPU without Lightning, and how much
+of it is the GPU's own work: the floor under `python -m chest_mnist.train`'s step.
+
+ResNet-18 (the 28px model), batch 128 at 28px, 14 labels, bf16 autocast, channels-last, Adam,
+BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at the end):
+  eager         the step as written (zero_grad, forward, loss, backward, fused Adam)
+  graphed_fb    forward and backward replayed as CUDA graphs (torch.cuda.make_graphed_callables,
+                what model.cuda_graph=auto does), the loss and fused Adam eager
+  whole_step    forward, loss, backward and Adam (capturable, the learning rate a device tensor)
+                captured as one graph and replayed: one launch a step, so its time is the GPU's
+  whole_nchw    whole_step with the network and batch in NCHW
+  kernels       the CUDA kernel time of a graphed_fb step, from torch.profiler (the GPU's busy time)
+  eval_1024     an inference forward of 1,024 images (the evaluation batch)
+Prints one line per measurement, and writes them as JSON to the path given (if any).
+
+    python benchmarks/step_floor_gpu.py [OUT.json]
+"""
+
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from chest_mnist.model import build_resnet18
+
+BATCH, SIZE, LABELS, STEPS = 128, 28, 14, 300
+
+
+def network(channels_last: bool = True) -> torch.nn.Module:
+    net = build_resnet18("cifar", num_classes=LABELS).cuda()
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def batch(channels_last: bool = True):
+    x = torch.rand(BATCH, 3, SIZE, SIZE, device="cuda")
+    y = (torch.rand(BATCH, LABELS, device="cuda") < 0.1).float()
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
+def timed(step, steps: int = STEPS) -> float:
+    """ms per call of `step`, after 20 warm-up calls."""
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+def eager() -> float:
+    net, (x, y) = network(), batch()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    return timed(step)
+
+
+def graphed_fb(profile: bool = False) -> float:
+    net, (x, y) = network(), batch()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(net, (x.clone(),))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            loss = F.binary_cross_entropy_with_logits(graphed(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    if not profile:
+        return timed(step)
+    timed(step, 20)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / 50 / 1e3
+
+
+def whole_step(channels_last: bool = True) -> float:
+    net, (x, y) = network(channels_last), batch(channels_last)
+    lr = torch.tensor(1e-3, device="cuda")
+    opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True, foreach=True)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timed(graph.replay)
+
+
+def eval_1024() -> float:
+    net = network().eval()
+    x = torch.rand(1024, 3, SIZE, SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            net(x)
+
+    return timed(forward, 50)
+
+
+def main() -> None:
+    torch.backends.cudnn.benchmark = True
+    results = {}
+    for name, measure in [
+        ("whole_step", whole_step),
+        ("graphed_fb", graphed_fb),
+        ("eager", eager),
+        ("whole_nchw", lambda: whole_step(channels_last=False)),
+        ("kernels", lambda: graphed_fb(profile=True)),
+        ("eval_1024", eval_1024),
+    ]:
+        try:
+            results[name] = round(measure(), 4)
+            print(f"{name}: {results[name]:.3f} ms", flush=True)
+        except Exception as e:  # one failure should not lose the other numbers
+            results[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: failed: {results[name]}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH}, {STEPS} steps"
+    )
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), **results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
