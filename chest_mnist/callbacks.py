@@ -259,9 +259,10 @@ class ProgressBar(RichProgressBar):
 
     Lightning's bar asks for the logged values after every training step, and a value logged
     with `prog_bar=True` is copied to the host each time it is asked for: a GPU sync per step,
-    which stops the CPU from queueing the next steps while the GPU works. So the model logs
-    `train/loss_step` without `prog_bar`, and this bar shows it when its values are due.
-    (`refresh_rate` is Rich's redraws per second, which read nothing from the GPU.)
+    which stops the CPU from queueing the next steps while the GPU works. So this bar shows
+    the training step's own loss (what `training_step` returned) as `train/loss_step` when its
+    values are due. (`refresh_rate` is Rich's redraws per second, which read nothing from the
+    GPU.)
     """
 
     def __init__(self, refresh_rate: int = 10, metrics_interval_s: float = 1.0, **kwargs: Any):
@@ -270,6 +271,7 @@ class ProgressBar(RichProgressBar):
         self._last_read = -math.inf
         self._due = True
         self._shown: dict[str, Any] = {}
+        self._step_loss: torch.Tensor | None = None
 
     @override
     def on_train_batch_end(
@@ -285,6 +287,8 @@ class ProgressBar(RichProgressBar):
             now - self._last_read >= self.metrics_interval_s
             or batch_idx + 1 >= self.total_train_batches
         )
+        if self._due:
+            self._step_loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
@@ -296,9 +300,8 @@ class ProgressBar(RichProgressBar):
             return self._shown
         self._last_read = time.monotonic()
         metrics = super().get_metrics(trainer, pl_module)
-        loss = trainer.callback_metrics.get("train/loss_step")
-        if loss is not None:
-            metrics["train/loss_step"] = loss.item()
+        if self._step_loss is not None:
+            metrics["train/loss_step"] = self._step_loss.item()
         self._shown = metrics
         return metrics
 

@@ -235,20 +235,33 @@ class MedMNISTClassifier(L.LightningModule):
         if self.graphs_wanted and self.training_graph is None:
             self._capture_training_graph(x)
         loss = self.loss(self(x), targets)
-        # sync_dist: the average over every process's images, reduced once, at the epoch's end
-        # (a float batch size: see _eval_step)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            batch_size=float(len(x)),
-            sync_dist=True,
-        )
-        # not prog_bar=True: Lightning would copy it to the host after every step (a GPU sync);
-        # callbacks.ProgressBar shows it about once a second
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(x))
+        # The epoch's mean loss is summed on the device and logged once, at the epoch's end;
+        # the step's loss is logged only on the steps the loggers write. Lightning's self.log
+        # costs about as much host time as the GPU's work for a step at batch 128 (BENCHMARKS.md,
+        # "Where the rest goes"), and the step is bound by the host.
+        self._train_loss_sum.add_(loss.detach(), alpha=len(x))
+        self._train_images += len(x)
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:
+            # not prog_bar=True: Lightning would copy it to the host after every step (a GPU
+            # sync); callbacks.ProgressBar shows the step's loss about once a second
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(x))
         return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum = torch.zeros((), device=self.device)
+        self._train_images = 0
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        # the mean over every process's images (DDP): sums and counts added up, then divided
+        images = self._train_loss_sum.new_tensor(self._train_images)
+        total = torch.stack([self._train_loss_sum, images])
+        loss_sum, images = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if images > 0:  # a resumed run that stopped at an epoch's very end trains no step
+            # sync_dist: every process holds the same value; it keeps Lightning from warning
+            self.log("train/loss", loss_sum / images, sync_dist=True)
 
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.tta_flip:

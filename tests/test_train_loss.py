@@ -1,0 +1,84 @@
+"""The training loss as logged: `train/loss` is the epoch's mean over its images, and
+`train/loss_step` the step's own loss on the steps the loggers write. Lightning's `self.log`
+is called only then: at batch 128 on a GPU it cost as much host time as the GPU's work for
+the step (BENCHMARKS.md), so calling it every step slowed every run."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+
+from chest_mnist.model import MedMNISTClassifier
+from chest_mnist.synthetic import write_synthetic
+from chest_mnist.train import train
+from tests.conftest import compose_train, tiny_training_overrides
+
+
+class RecordSteps(L.Callback):
+    """Each training step's (step, loss, images, epoch), as training_step returned it."""
+
+    steps: list[tuple[int, float, int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # the optimizer has stepped already
+        type(self).steps.append(
+            (step, float(outputs["loss"]), len(batch[0]), trainer.current_epoch)
+        )
+
+
+@pytest.mark.parametrize("every", [2, 50])
+def test_train_loss_is_the_epochs_mean_and_logged_once_per_epoch(tmp_path, monkeypatch, every):
+    npz = write_synthetic(tmp_path / "chest.npz", n_train=70, n_val=32, n_test=32, seed=0)
+    calls: list[str] = []
+    original = MedMNISTClassifier.log
+
+    def counted(self, name, *args, **kwargs):
+        if name.startswith("train/"):
+            calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(MedMNISTClassifier, "log", counted)
+    RecordSteps.steps = []
+    overrides = [
+        o for o in tiny_training_overrides(npz, tmp_path) if o != "+trainer.limit_train_batches=3"
+    ]
+    train(
+        compose_train(
+            overrides
+            + [
+                "trainer.max_epochs=2",  # 70 images in batches of 32: 32, 32 and 6, twice
+                f"trainer.log_every_n_steps={every}",
+                "logger=csv",
+                "test=false",
+                "+callbacks.record._target_=tests.test_train_loss.RecordSteps",
+            ]
+        )
+    )
+    steps = RecordSteps.steps
+    assert [(s, n, e) for s, _, n, e in steps] == [
+        (0, 32, 0), (1, 32, 0), (2, 6, 0), (3, 32, 1), (4, 32, 1), (5, 6, 1)
+    ]  # fmt: skip
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    epoch_loss = {int(r["epoch"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    expected = {
+        epoch: sum(loss * n for _, loss, n, e in steps if e == epoch)
+        / sum(n for _, _, n, e in steps if e == epoch)
+        for epoch in (0, 1)
+    }
+    assert epoch_loss == pytest.approx(expected, rel=1e-6)
+    # the mean over images, not over steps: the 6-image batch counts for 6/70
+    unweighted = sum(loss for _, loss, _, e in steps if e == 0) / 3
+    assert abs(epoch_loss[0] - unweighted) > 1e-4
+
+    step_loss = {
+        int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")
+    }
+    logged_steps = [s for s, *_ in steps if (s + 1) % every == 0]
+    assert step_loss == pytest.approx(
+        {s: loss for s, loss, *_ in steps if s in logged_steps}, rel=1e-6
+    )
+    assert sorted(calls) == ["train/loss"] * 2 + ["train/loss_step"] * len(logged_steps)
