@@ -23,6 +23,7 @@ run is measured against the size of the uint8 training split.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -100,6 +102,27 @@ def time_reference(images, labels, net, device, batch_size, warmup, steps) -> fl
     return time.perf_counter() - started
 
 
+class StepTimer(L.Callback):
+    """Times the training steps after the first `warmup`; with `profile`, profiles them."""
+
+    def __init__(self, device: torch.device, warmup: int, profile: bool):
+        self.device, self.warmup, self.profile = device, warmup, profile
+        self.started = self.finished = self.profiler = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.started is None:
+            _sync(self.device)
+            if self.profile:
+                self.profiler = start_profiler(self.device)
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, module):
+        _sync(self.device)
+        self.finished = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.stop()
+
+
 def time_ours(
     npz: Path,
     size: int,
@@ -116,28 +139,8 @@ def time_ours(
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
     precision it used, the peak RSS (MB) once the data was loaded, before training, and with
     `profile` a `torch.profiler` summary of the timed steps (else None)."""
-    import functools
-
-    import lightning as L
-
     from chest_mnist.config import precision_for
     from chest_mnist.model import MedMNISTClassifier
-
-    class StepTimer(L.Callback):
-        started = finished = profiler = None
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == warmup and self.started is None:
-                _sync(device)
-                if profile:
-                    self.profiler = start_profiler(device)
-                self.started = time.perf_counter()
-
-        def on_train_end(self, trainer, module):
-            _sync(device)
-            self.finished = time.perf_counter()
-            if self.profiler is not None:
-                self.profiler.stop()
 
     datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size, mmap=mmap)
     model = MedMNISTClassifier(
@@ -148,7 +151,7 @@ def time_ours(
     )
     datamodule.setup("fit")  # load here, to measure memory with the data in and before training
     rss_loaded_mb = peak_rss_mb()
-    timer = StepTimer()
+    timer = StepTimer(device, warmup, profile)
     precision = precision_for(device.type)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -238,7 +241,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -285,57 +288,89 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
-    try:
-        device = resolve_device(args.device, option="--device ")
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-    torch.backends.cudnn.benchmark = True
+    return args
 
+
+def write_training_file(npz: Path, n_train: int, size: int) -> None:
+    """A synthetic ChestMNIST-shaped file, uncompressed. A child process writes it, so that its
+    float buffers never count in our peak memory."""
+    options = ["--train", str(n_train), "--val", "16", "--test", "16", "--size", str(size)]
+    subprocess.run(
+        [sys.executable, "-m", "chest_mnist.synthetic", str(npz), *options, "--no-compress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def throughput(images: int, seconds: float, precision: str) -> dict:
+    """One pipeline's timing, as images/s and as one ChestMNIST training epoch extrapolated."""
+    images_per_s = images / seconds
+    return {
+        "seconds": seconds,
+        "images_per_s": images_per_s,
+        "precision": precision,
+        "chestmnist_epoch_s": CHESTMNIST_TRAIN / images_per_s,
+    }
+
+
+def measure_ours(npz: Path, n_train: int, args: argparse.Namespace, device: torch.device):
+    """Our pipeline's throughput, the host memory it took (against the uint8 training split)
+    and, with --profile, its profile summary (else None)."""
+    dataset_mb = n_train * args.size * args.size / 2**20
+    measured_peak = reset_peak_rss()
+    rss_before_mb = peak_rss_mb()
+    seconds, precision, rss_loaded_mb, profiled = time_ours(
+        npz,
+        args.size,
+        args.stem,
+        device,
+        args.batch_size,
+        args.warmup,
+        args.steps,
+        compile={None: False, "default": True}.get(args.compile, args.compile),
+        mmap=args.mmap,
+        fused_adam=args.fused_adam,
+        profile=args.profile,
+    )
+    memory = {
+        "train_split_uint8_mb": dataset_mb,
+        "rss_before_data_mb": rss_before_mb,
+        "peak_rss_data_loaded_mb": rss_loaded_mb,
+        "loading_over_split": (rss_loaded_mb - rss_before_mb) / dataset_mb,
+        "peak_rss_training_mb": peak_rss_mb(),
+        "peak_measured": measured_peak,
+    }
+    return throughput(args.steps * args.batch_size, seconds, precision), memory, profiled
+
+
+def measure_reference(npz: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    """The classic per-sample loop's throughput, on the same file."""
+    from chest_mnist.model import build_resnet18
+
+    data = np.load(npz)
+    torch.manual_seed(0)
+    net = build_resnet18(args.stem, num_classes=14)
+    images, labels = data["train_images"], data["train_labels"]
+    seconds = time_reference(images, labels, net, device, args.batch_size, args.warmup, args.steps)
+    return throughput(args.steps * args.batch_size, seconds, "32-true")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """Both measurements on one synthetic file, ours first, as the dict `--out` writes."""
     n_train = args.n_train or (args.warmup + args.steps) * args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / f"chestmnist_{args.size}.npz"
-        # a child process writes the file, so that its float buffers never count in our peak memory
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chest_mnist.synthetic",
-                str(npz),
-                "--train",
-                str(n_train),
-                "--val",
-                "16",
-                "--test",
-                "16",
-                "--size",
-                str(args.size),
-                "--no-compress",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        dataset_mb = n_train * args.size * args.size / 2**20
-        measured_peak = reset_peak_rss()
-        rss_before_mb = peak_rss_mb()
-        ours_s, precision, rss_loaded_mb, profiled = time_ours(
-            npz,
-            args.size,
-            args.stem,
-            device,
-            args.batch_size,
-            args.warmup,
-            args.steps,
-            compile={None: False, "default": True}.get(args.compile, args.compile),
-            mmap=args.mmap,
-            fused_adam=args.fused_adam,
-            profile=args.profile,
-        )
-        rss_peak_mb = peak_rss_mb()
-
+        write_training_file(npz, n_train, args.size)
+        ours, memory, profiled = measure_ours(npz, n_train, args, device)
         result = {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            # named after our run: naming a GPU starts CUDA, which would inflate rss_before_data_mb
+            "device": describe_device(device),
             "torch": torch.__version__,
             "size": args.size,
             "stem": args.stem,
@@ -346,50 +381,21 @@ def main(argv: list[str] | None = None) -> dict:
             "compile": args.compile,
             "mmap": args.mmap,
             "fused_adam": args.fused_adam,
-            "ours": {
-                "seconds": ours_s,
-                "images_per_s": args.steps * args.batch_size / ours_s,
-                "precision": precision,
-            },
-            "memory": {
-                "train_split_uint8_mb": dataset_mb,
-                "rss_before_data_mb": rss_before_mb,
-                "peak_rss_data_loaded_mb": rss_loaded_mb,
-                "loading_over_split": (rss_loaded_mb - rss_before_mb) / dataset_mb,
-                "peak_rss_training_mb": rss_peak_mb,
-                "peak_measured": measured_peak,
-            },
+            "ours": ours,
+            "memory": memory,
         }
         if profiled is not None:
             result["profile"] = profiled
         if not args.skip_reference:
-            data = np.load(npz)
-            torch.manual_seed(0)
-            from chest_mnist.model import build_resnet18
-
-            net = build_resnet18(args.stem, num_classes=14)
-            ref_s = time_reference(
-                data["train_images"],
-                data["train_labels"],
-                net,
-                device,
-                args.batch_size,
-                args.warmup,
-                args.steps,
-            )
-            result["reference"] = {
-                "seconds": ref_s,
-                "images_per_s": args.steps * args.batch_size / ref_s,
-                "precision": "32-true",
-            }
+            result["reference"] = measure_reference(npz, args, device)
             result["speedup"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
-    for name in ("ours", "reference"):
-        if name in result:
-            result[name]["chestmnist_epoch_s"] = CHESTMNIST_TRAIN / result[name]["images_per_s"]
+    return result
 
+
+def print_results(result: dict) -> None:
     print(
-        f"{result['device']}, torch {result['torch']}, {args.size}px, stem {args.stem}, batch {args.batch_size}, "
-        f"{args.steps} steps after {args.warmup} warm-up"
+        f"{result['device']}, torch {result['torch']}, {result['size']}px, stem {result['stem']}, "
+        f"batch {result['batch_size']}, {result['steps']} steps after {result['warmup']} warm-up"
     )
     print(f"{'pipeline':<10} {'images/s':>10} {'ChestMNIST epoch (s)':>22} {'precision':>11}")
     for name in ("reference", "ours"):
@@ -407,18 +413,32 @@ def main(argv: list[str] | None = None) -> dict:
         f"added), {m['peak_rss_training_mb']:.0f} MB training (on the CPU this includes the activations)"
     )
     if "profile" in result:
-        p = result["profile"]
-        line = f"profile of our steps: {p['wall_ms_per_step']:.2f} ms wall per step (profiler included)"
-        if "device_ms_per_step" in p:
-            line += f", {p['device_ms_per_step']:.2f} ms of it on the device ({100 * p['device_busy']:.0f}% busy)"
-        print(line)
-        for title, key in (("device", "top_device"), ("host", "top_host")):
-            if key in p:
-                print(f"  top {title} time per step:")
-                for row in p[key]:
-                    print(
-                        f"    {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  {row['name'][:90]}"
-                    )
+        print_profile(result["profile"])
+
+
+def print_profile(p: dict) -> None:
+    line = f"profile of our steps: {p['wall_ms_per_step']:.2f} ms wall per step (profiler included)"
+    if "device_ms_per_step" in p:
+        line += f", {p['device_ms_per_step']:.2f} ms of it on the device ({100 * p['device_busy']:.0f}% busy)"
+    print(line)
+    for title, key in (("device", "top_device"), ("host", "top_host")):
+        if key in p:
+            print(f"  top {title} time per step:")
+            for row in p[key]:
+                print(
+                    f"    {row['ms_per_step']:8.3f} ms {row['calls_per_step']:7.1f} calls  {row['name'][:90]}"
+                )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device, option="--device ")
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    torch.backends.cudnn.benchmark = True
+    result = measure(args, device)
+    print_results(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,11 +34,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from chest_mnist import UserError
 
 log = logging.getLogger(__name__)
+
+
+def step_loss(outputs: STEP_OUTPUT) -> torch.Tensor | None:
+    """The loss a training step returned: alone, or as the "loss" of a dict."""
+    return outputs["loss"] if isinstance(outputs, dict) else outputs
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -106,14 +112,10 @@ class StopOnNonFiniteLoss(Callback):
 
     @override
     def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: STEP_OUTPUT, *args: Any
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        _batch, batch_idx = args  # the hook's last two arguments; the batch itself is not needed
+        loss = step_loss(outputs)
         if loss is None:
             return
         loss = loss.detach().float()
@@ -278,7 +280,7 @@ class ProgressBar(RichProgressBar):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: Any,
+        outputs: STEP_OUTPUT,
         batch: Any,
         batch_idx: int,
     ) -> None:
@@ -288,7 +290,7 @@ class ProgressBar(RichProgressBar):
             or batch_idx + 1 >= self.total_train_batches
         )
         if self._due:
-            self._step_loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self._step_loss = step_loss(outputs)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:

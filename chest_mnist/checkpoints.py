@@ -102,6 +102,15 @@ def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
     return model
 
 
+def load_model(ckpt_path: str | Path) -> tuple[Path, MedMNISTClassifier, dict]:
+    """(the checkpoint file, its model, its data config) for `ckpt_path` as evaluate and predict
+    take it: a file, or a run directory (its best checkpoint). The rest of the checkpoint (the
+    optimizer's state) is freed on return."""
+    path = resolve_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(path)
+    return path, model_from_checkpoint(checkpoint), checkpoint["datamodule_hyper_parameters"]
+
+
 def load_weights(model: MedMNISTClassifier, path: str | Path) -> MedMNISTClassifier:
     """`model` with the weights of the checkpoint at `path` (as saved: with EMA, the average)."""
     model.load_state_dict(load_checkpoint(path)["state_dict"])

@@ -1,7 +1,8 @@
 """The values the configs compute (`${precision_for:...}`, `${epochs_at:...}`, the run
-directory of a resumed run), as OmegaConf resolvers. `register_resolvers()` makes them known;
-every entry point calls it when it is imported (Hydra resolves `hydra.run.dir` before the
-command's own code runs), and the tests' conftest calls it before composing a config."""
+directory of a resumed run), as OmegaConf resolvers. `register()` makes them known, with the
+config schemas of `chest_mnist.schema`; every entry point calls it when it is imported (Hydra
+resolves `hydra.run.dir` before the command's own code runs), and the tests' conftest calls it
+before composing a config."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.run_files import CHECKPOINTS, run_of
+from chest_mnist.schema import register_schemas
 
 
 def precision_for(accelerator: str) -> str:
@@ -61,7 +63,8 @@ RESOLVERS = {
 }
 
 
-def register_resolvers() -> None:
-    """Make the resolvers above known to OmegaConf (again: a no-op)."""
+def register() -> None:
+    """Make the resolvers above known to OmegaConf and the schemas to Hydra (again: a no-op)."""
     for name, resolver in RESOLVERS.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)
+    register_schemas()

@@ -25,20 +25,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from chest_mnist import UserError, run_files
-from chest_mnist.checkpoints import (
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-    weights_digest,
-)
+from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import quiet_lightning, report_user_errors
-from chest_mnist.config import register_resolvers
+from chest_mnist.config import register
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
-from chest_mnist.report import build_report, flat_metrics, log_to_tensorboard, write_report
+from chest_mnist.report import write_report
+from chest_mnist.report_content import build_report
+from chest_mnist.report_figures import log_to_tensorboard
+from chest_mnist.report_tables import flat_metrics
 
 log = logging.getLogger(__name__)
-register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
+register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (logits or probabilities, labels) of a whole split
 
@@ -79,17 +77,8 @@ def evaluate_model(
     return its flat metrics. `checkpoint`: the file the weights are from (None: in no file);
     the report names it, with the digest of the weights evaluated. `run_dir`: the training
     run, whose TensorBoard or CSV log holds the loss curves."""
-    if list(model.hparams.labels) != list(datamodule.labels):
-        raise UserError(
-            f"The model predicts {len(model.hparams.labels)} labels ({', '.join(model.hparams.labels)}) but "
-            f"data.flag={datamodule.hparams.flag} has {len(datamodule.labels)} ({', '.join(datamodule.labels)}): "
-            f"evaluate a checkpoint on the task it was trained for."
-        )
-    (val_logits, val_labels), (test_logits, test_labels) = predict_splits(
-        trainer, model, datamodule
-    )
-    val = (model.scores(val_logits), val_labels)
-    test = (model.scores(test_logits), test_labels)
+    check_same_labels(model, datamodule)
+    val, test, test_loss = score_splits(trainer, model, datamodule)
     report = build_report(
         val,
         test,
@@ -98,10 +87,7 @@ def evaluate_model(
         rule=rule,
         task=datamodule.task,
     )
-    with torch.no_grad():
-        device = model.device
-        loss = model.loss(test_logits.to(device), test_labels.to(device))
-    report["scalars"]["loss"] = loss.item()
+    report.scalars["loss"] = test_loss
     if trainer.is_global_zero:
         weights = {
             run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
@@ -110,28 +96,61 @@ def evaluate_model(
         write_report(
             out_dir,
             report,
-            val,
-            test,
-            datamodule.labels,
             datamodule.hparams.flag,
             datamodule.hparams.size,
             run_dir=run_dir,
             extra=(extra or {}) | weights,
         )
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                log_to_tensorboard(
-                    logger.experiment,
-                    out_dir,
-                    test,
-                    datamodule.labels,
-                    datamodule.task,
-                    trainer.global_step,
-                )
+        report_to_tensorboard(trainer, out_dir, test, datamodule)
     metrics = flat_metrics(report)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-    scalars = report["scalars"]
+    log_summary(report.scalars, checkpoint, out_dir)
+    return metrics
+
+
+def check_same_labels(model: MedMNISTClassifier, datamodule: MedMNISTDataModule) -> None:
+    """A checkpoint is evaluated only on data with its own labels, in its order."""
+    if list(model.hparams.labels) != list(datamodule.labels):
+        raise UserError(
+            f"The model predicts {len(model.hparams.labels)} labels ({', '.join(model.hparams.labels)}) but "
+            f"data.flag={datamodule.hparams.flag} has {len(datamodule.labels)} ({', '.join(datamodule.labels)}): "
+            f"evaluate a checkpoint on the task it was trained for."
+        )
+
+
+def score_splits(
+    trainer: L.Trainer, model: MedMNISTClassifier, datamodule: MedMNISTDataModule
+) -> tuple[Split, Split, float]:
+    """(probabilities, labels) of the validation and the test split, whole and in order, and
+    the loss on test: one prediction pass (`predict_splits`)."""
+    (val_logits, val_labels), (test_logits, test_labels) = predict_splits(
+        trainer, model, datamodule
+    )
+    with torch.no_grad():
+        device = model.device
+        test_loss = model.loss(test_logits.to(device), test_labels.to(device)).item()
+    val = (model.scores(val_logits), val_labels)
+    return val, (model.scores(test_logits), test_labels), test_loss
+
+
+def report_to_tensorboard(
+    trainer: L.Trainer, out_dir: Path, test: Split, datamodule: MedMNISTDataModule
+) -> None:
+    """The report's figures and the test PR curves into each TensorBoard log of `trainer`."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            log_to_tensorboard(
+                logger.experiment,
+                out_dir,
+                test,
+                datamodule.labels,
+                datamodule.task,
+                trainer.global_step,
+            )
+
+
+def log_summary(scalars: dict, checkpoint: Path | None, out_dir: Path) -> None:
     log.info(
         "Test AUC %.4f, ACC %.4f (constant baseline %.4f), from %s. Report: %s",
         scalars["auroc"],
@@ -140,7 +159,6 @@ def evaluate_model(
         checkpoint or "the weights at the end of training",
         out_dir / "report.md",
     )
-    return metrics
 
 
 def datamodule_for(data: DictConfig, saved: dict) -> MedMNISTDataModule:
@@ -160,12 +178,9 @@ def evaluate(cfg: DictConfig) -> dict:
             "ckpt_path is missing: python -m chest_mnist.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt "
             "(or ckpt_path=<run>: its best checkpoint)"
         )
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
+    ckpt_path, model, saved_data = load_model(cfg.ckpt_path)
     log.info("Evaluating %s", ckpt_path)
-    checkpoint = load_checkpoint(ckpt_path)
-    datamodule = datamodule_for(cfg.data, checkpoint["datamodule_hyper_parameters"])
-    model = model_from_checkpoint(checkpoint)
-    del checkpoint
+    datamodule = datamodule_for(cfg.data, saved_data)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False
     )

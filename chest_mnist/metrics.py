@@ -224,15 +224,7 @@ def evaluate_predictions(
     """
     multiclass = is_multiclass(task)
     targets = as_targets(targets, task)
-    make = _classes(len(labels), task)
-    ranking = _local(MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)})).to(
-        scores.device
-    )
-    ranking.update(scores, targets)
-    per = {name: value.cpu().reshape(-1).float() for name, value in ranking.compute().items()}
-    positives, negatives = label_counts(targets, len(labels), task)
-    per["auroc"][(positives == 0) | (negatives == 0)] = float("nan")  # undefined, not 0.0
-    per["ap"][positives == 0] = float("nan")
+    per = ranking_per_label(scores, targets, len(labels), task)
     if multiclass:
         threshold = torch.full((len(labels),), float("nan"))  # arg-max: no threshold
         decisions = scores.argmax(-1)
@@ -245,10 +237,8 @@ def evaluate_predictions(
     confusion = values.pop("confusion").long()
     for name in DECISIONS:
         per[name] = values.pop(f"per_label_{name}").reshape(-1)
-    if multiclass:  # one-vs-rest counts per class, from the (C, C) matrix (rows: truth)
-        tp = confusion.diagonal()
-        fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-        counts = torch.stack([confusion.sum() - tp - fp - fn, fp, fn, tp], dim=1)
+    if multiclass:
+        counts = one_vs_rest_counts(confusion)
         per["acc"] = (counts[:, 0] + counts[:, 3]).double() / len(targets)
     else:
         confusion = confusion.reshape(-1, 2, 2)
@@ -261,14 +251,49 @@ def evaluate_predictions(
     if not multiclass:
         scalars["acc_all_negative"] = all_negative_accuracy(targets)
     scalars["n_images"] = len(targets)
+    rows = per_label_rows(labels, per, threshold, counts)
+    return {"scalars": scalars, "per_label": rows, "confusion": confusion}
+
+
+def ranking_per_label(
+    scores: torch.Tensor, targets: torch.Tensor, num_labels: int, task: str
+) -> dict[str, torch.Tensor]:
+    """{"auroc": (L,), "ap": (L,)} on the CPU from the scores, NaN where undefined (see the
+    module's docstring) rather than torchmetrics' 0.0. `targets` as `as_targets` gives them."""
+    make = _classes(num_labels, task)
+    ranking = _local(MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)})).to(
+        scores.device
+    )
+    ranking.update(scores, targets)
+    per = {name: value.cpu().reshape(-1).float() for name, value in ranking.compute().items()}
+    positives, negatives = label_counts(targets, num_labels, task)
+    per["auroc"][(positives == 0) | (negatives == 0)] = float("nan")  # undefined, not 0.0
+    per["ap"][positives == 0] = float("nan")
+    return per
+
+
+def one_vs_rest_counts(confusion: torch.Tensor) -> torch.Tensor:
+    """(C, 4) counts tn, fp, fn, tp of each class against the rest, from a (C, C) confusion
+    matrix whose rows are the true classes."""
+    tp = confusion.diagonal()
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    return torch.stack([confusion.sum() - tp - fp - fn, fp, fn, tp], dim=1)
+
+
+def per_label_rows(
+    labels: list[str], per: dict[str, torch.Tensor], threshold: torch.Tensor, counts: torch.Tensor
+) -> list[dict]:
+    """The report's row of each label: its support and prevalence (from `counts`, (L, 4) tn,
+    fp, fn, tp), its value of each metric in `per`, its threshold and its counts."""
     rows = []
     for k, label in enumerate(labels):
         tn, fp, fn, tp = counts[k].tolist()
+        n_images = tn + fp + fn + tp
         rows.append(
             {
                 "label": label,
                 "support": tp + fn,
-                "prevalence": (tp + fn) / len(targets),
+                "prevalence": (tp + fn) / n_images,
                 **{name: per[name][k].item() for name in ("auroc", "ap", *DECISIONS)},
                 "threshold": threshold[k].item(),
                 "tn": tn,
@@ -277,7 +302,7 @@ def evaluate_predictions(
                 "tp": tp,
             }
         )
-    return {"scalars": scalars, "per_label": rows, "confusion": confusion}
+    return rows
 
 
 THRESHOLD_RULES = ("f1", "youden", "fixed")

@@ -176,7 +176,13 @@ def read_npz(
     `medmnist.INFO[flag]`: keys, dtypes, image shape, number of label columns, label values.
     With `mmap`, the images are memory-mapped from plain .npy copies (`extract_npy`): host
     memory then holds only the pages that batches touch; the labels are read whole."""
-    info = INFO[flag]
+    with open_npz(path, mmap) as npz:
+        return {split: read_split(npz, path, split, flag, size) for split in SPLITS}
+
+
+def open_npz(path: Path, mmap: bool = False) -> np.lib.npyio.NpzFile | NpyFolder:
+    """The arrays of the npz archive `path`, to be used in a `with` block; with `mmap`, its
+    extracted, memory-mapped copies (`NpyFolder`)."""
     try:
         npz = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -190,51 +196,56 @@ def read_npz(
         )
     if mmap:
         npz.close()
-        npz = NpyFolder(extract_npy(path))
+        return NpyFolder(extract_npy(path))
+    return npz
+
+
+def read_split(
+    npz: np.lib.npyio.NpzFile | NpyFolder, path: Path, split: str, flag: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels uint8) of one split of the open archive `npz` (read from `path`),
+    checked against `medmnist.INFO[flag]` at `size`."""
+    info = INFO[flag]
     n_labels = len(info["label"])
     label_columns = n_labels if info["task"].startswith("multi-label") else 1
     image_shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
-    splits = {}
-    with npz:
-        for split in SPLITS:
-            for key in (f"{split}_images", f"{split}_labels"):
-                if key not in npz.files:
-                    raise UserError(
-                        f"{path} has no key '{key}' (it has {sorted(npz.files)}); a MedMNIST npz "
-                        f"has {split}_images and {split}_labels for train, val and test."
-                    )
-            try:
-                images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-                raise UserError(
-                    f"{path}: cannot read the {split} arrays ({e}); the file is damaged."
-                ) from e
-            if images.dtype != np.uint8 or images.shape[1:] != image_shape:
-                raise UserError(
-                    f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "
-                    f"(N, {', '.join(map(str, image_shape))}) for {flag} at data.size={size}."
-                )
-            if labels.ndim == 1:
-                labels = labels[:, None]
-            if labels.shape != (len(images), label_columns):
-                raise UserError(
-                    f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, "
-                    f"{label_columns}): {flag} has {n_labels} labels ({info['task']})."
-                )
-            top = 1 if label_columns > 1 or info["task"] == "binary-class" else n_labels - 1
-            check_label_values(labels, top, f"{path}: {split}_labels", flag, info["task"])
-            expected = info["n_samples"][split]
-            if len(images) != expected:
-                log.info(
-                    "%s: %s has %d images (the official %s split has %d)",
-                    path.name,
-                    split,
-                    len(images),
-                    flag,
-                    expected,
-                )
-            splits[split] = (images, np.array(labels, dtype=np.uint8))
-    return splits
+    for key in (f"{split}_images", f"{split}_labels"):
+        if key not in npz.files:
+            raise UserError(
+                f"{path} has no key '{key}' (it has {sorted(npz.files)}); a MedMNIST npz "
+                f"has {split}_images and {split}_labels for train, val and test."
+            )
+    try:
+        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(
+            f"{path}: cannot read the {split} arrays ({e}); the file is damaged."
+        ) from e
+    if images.dtype != np.uint8 or images.shape[1:] != image_shape:
+        raise UserError(
+            f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "
+            f"(N, {', '.join(map(str, image_shape))}) for {flag} at data.size={size}."
+        )
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.shape != (len(images), label_columns):
+        raise UserError(
+            f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, "
+            f"{label_columns}): {flag} has {n_labels} labels ({info['task']})."
+        )
+    top = 1 if label_columns > 1 or info["task"] == "binary-class" else n_labels - 1
+    check_label_values(labels, top, f"{path}: {split}_labels", flag, info["task"])
+    expected = info["n_samples"][split]
+    if len(images) != expected:
+        log.info(
+            "%s: %s has %d images (the official %s split has %d)",
+            path.name,
+            split,
+            len(images),
+            flag,
+            expected,
+        )
+    return images, np.array(labels, dtype=np.uint8)
 
 
 def check_label_values(labels: np.ndarray, top: int, where: str, flag: str, task: str) -> None:

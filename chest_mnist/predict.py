@@ -39,21 +39,16 @@ from PIL import Image, UnidentifiedImageError
 
 from chest_mnist import UserError
 from chest_mnist.batches import to_model_input
-from chest_mnist.checkpoints import (
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-    weights_digest,
-)
+from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
-from chest_mnist.config import register_resolvers
+from chest_mnist.config import register
 from chest_mnist.metrics import THRESHOLD, is_multiclass
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
 from chest_mnist.run_files import REPORT, THRESHOLDS, read_thresholds, run_of
 
 log = logging.getLogger(__name__)
-register_resolvers()  # before Hydra composes the config (hydra.run.dir uses them)
+register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Pillow modes we read as they are; anything else (RGBA, LA, CMYK, 16-bit, float) is refused:
@@ -285,6 +280,36 @@ def _inputs(value) -> list[str]:
 
 def predict(cfg: DictConfig) -> dict:
     """Predict every input; write the output file; return a summary (rows, failures, output)."""
+    inputs, output = check_request(cfg)
+    ckpt_path, model, data = load_model(cfg.ckpt_path)
+    labels = list(model.hparams.labels)
+    thresholds, source = choose_thresholds(
+        cfg.get("thresholds"),
+        ckpt_path,
+        weights_digest(model.state_dict()),
+        labels,
+        is_multiclass(model.hparams.task),
+    )
+    device = resolve_device(cfg.device)
+    flag = data["flag"]
+    items = collect(inputs, data["size"], INFO[flag]["n_channels"], flag, cfg.split)
+    score_items(model, items, data, cfg.batch_size, device)
+    write_output(output, cfg.format, items, labels, thresholds, source, ckpt_path)
+    failed = [item for item in items if item.error is not None]
+    for item in failed:
+        print(f"error: {item.path}: {item.error}", file=sys.stderr)
+    predicted = len(items) - len(failed)
+    print(
+        f"Predicted {predicted} images ({', '.join(labels) if len(labels) < 5 else f'{len(labels)} labels'}), "
+        f"{len(failed)} failed; thresholds: {source}. Wrote {output}",
+        file=sys.stderr,
+    )
+    return {"output": output, "predicted": predicted, "failed": len(failed)}
+
+
+def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
+    """(inputs, output file) of a valid request; a UserError for the first option that is
+    wrong, before the checkpoint is loaded."""
     if not cfg.get("ckpt_path"):
         raise UserError(
             "ckpt_path is missing: python -m chest_mnist.predict "
@@ -307,45 +332,27 @@ def predict(cfg: DictConfig) -> dict:
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."
         )
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
-    checkpoint = load_checkpoint(ckpt_path)
-    data = checkpoint["datamodule_hyper_parameters"]
-    model = model_from_checkpoint(checkpoint)
-    del checkpoint
-    labels = list(model.hparams.labels)
-    flag, size = data["flag"], data["size"]
-    thresholds, source = choose_thresholds(
-        cfg.get("thresholds"),
-        ckpt_path,
-        weights_digest(model.state_dict()),
-        labels,
-        is_multiclass(model.hparams.task),
-    )
-    device = resolve_device(cfg.device)
+    return inputs, output
 
-    items = collect(inputs, size, INFO[flag]["n_channels"], flag, cfg.split)
+
+def score_items(
+    model: MedMNISTClassifier, items: list[Item], data: dict, batch_size: int, device: torch.device
+) -> None:
+    """Each item that has pixels gets its scores (one probability per label), normalised with
+    the checkpoint's data config `data` (its mean and std)."""
     good = [item for item in items if item.error is None]
-    if good:
-        scores = predict_scores(
-            model,
-            np.stack([item.pixels for item in good]),
-            data["mean"],
-            data["std"],
-            batch_size=cfg.batch_size,
-            device=device,
-        )
-        for item, row in zip(good, scores.tolist(), strict=True):
-            item.scores = row
-    write_output(output, fmt, items, labels, thresholds, source, ckpt_path)
-    failed = [item for item in items if item.error is not None]
-    for item in failed:
-        print(f"error: {item.path}: {item.error}", file=sys.stderr)
-    print(
-        f"Predicted {len(good)} images ({', '.join(labels) if len(labels) < 5 else f'{len(labels)} labels'}), "
-        f"{len(failed)} failed; thresholds: {source}. Wrote {output}",
-        file=sys.stderr,
+    if not good:
+        return
+    scores = predict_scores(
+        model,
+        np.stack([item.pixels for item in good]),
+        data["mean"],
+        data["std"],
+        batch_size=batch_size,
+        device=device,
     )
-    return {"output": output, "predicted": len(good), "failed": len(failed)}
+    for item, row in zip(good, scores.tolist(), strict=True):
+        item.scores = row
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -30,6 +30,7 @@ from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from chest_mnist import run_files
 
@@ -155,7 +156,7 @@ def swept_configs(config: DictConfig) -> list[tuple[str, DictConfig]]:
 
 class CheckSweep(Callback):
     """Hydra callback: refuse a multirun before its first job when a swept value is invalid
-    (`train.check_job` on each), with `error: ...` and exit code 2, as a single run does.
+    (`config_checks.check_job` on each), with `error: ...` and exit code 2, as a single run does.
 
     The GPU count is checked only for launchers that run the jobs on this machine: a SLURM
     job gets its GPUs on a node, not on the machine that submits it."""
@@ -163,13 +164,19 @@ class CheckSweep(Callback):
     LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from chest_mnist.train import check_job
+        from chest_mnist.config_checks import check_job
 
         if config.get("task_name") != "train":
             return  # evaluate / predict sweeps: nothing of train's to check
         launcher = str(config.hydra.launcher.get("_target_", ""))
         local = launcher.endswith(self.LOCAL_LAUNCHERS)
-        for what, job in swept_configs(config):
+        try:
+            jobs = swept_configs(config)
+        except ValidationError as e:  # a swept value of the wrong type for the schema
+            what = e.msg.splitlines()[0]  # the lines after it repeat the key
+            print(f"error: {e.full_key}: {what} (no job was started)", file=sys.stderr)
+            raise SystemExit(2) from None
+        for what, job in jobs:
             try:
                 check_job(job, check_devices=local)
             except Exception as e:

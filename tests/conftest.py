@@ -12,13 +12,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from chest_mnist.config import register_resolvers
+from chest_mnist.config import register
 from chest_mnist.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "chest_mnist" / "conf"
 PNEUMONIA_NPZ = ROOT / "tests" / "data" / "pneumoniamnist.npz"
-register_resolvers()  # what the entry points do when imported: compose() needs them too
+register()  # what the entry points do when imported: compose() needs them too
 # Lightning DDP on two CPU processes (gloo); no sync_batchnorm, which needs a GPU
 DDP_ON_TWO_CPUS = [
     "trainer=ddp",

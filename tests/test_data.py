@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from medmnist import INFO
 
 from chest_mnist import UserError
@@ -15,7 +16,7 @@ from chest_mnist.batches import DeviceBatches, random_shift, to_model_input
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.npz import fetch_official, read_npz
 from chest_mnist.synthetic import LABELS, PREVALENCE, make_synthetic, write_synthetic
-from tests.conftest import PNEUMONIA_NPZ
+from tests.conftest import PNEUMONIA_NPZ, compose_train
 
 # --- the data module -------------------------------------------------------------------------
 
@@ -118,10 +119,26 @@ def test_drop_last_gives_equal_training_batches_and_keeps_evaluation_whole(
     assert [len(x) for x, _ in val] == [100, 100, 56]
 
 
-@pytest.mark.parametrize("key", ["augment", "drop_last", "mmap"])
+@pytest.mark.parametrize("key", ["augment", "drop_last", "mmap", "verify_md5", "download"])
 def test_a_switch_that_is_not_true_or_false_is_refused(key):
-    with pytest.raises(UserError, match=f"data.{key}='yes' must be true or false"):
-        MedMNISTDataModule(**{key: "yes"})
+    """The data schema (chest_mnist/schema.py) types the switches: Hydra refuses the value when
+    it composes the config, naming the key."""
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train([f"data.{key}=maybe"])
+    assert f"full_key: data.{key}" in str(error.value.__cause__)
+    assert "is not a valid bool" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("override", "kind"),
+    [("data.batch_size=abc", "Integer"), ("data.size=1.5", "Integer"), ("data.mean=x", "Float")],
+)
+def test_a_number_of_the_wrong_type_is_refused_by_the_schema(override, kind):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train(["data=synthetic", override])
+    key = override.split("=")[0]
+    assert f"could not be converted to {kind}" in str(error.value.__cause__)
+    assert f"full_key: {key}" in str(error.value.__cause__)
 
 
 def test_drop_last_per_rank_under_ddp():

@@ -14,7 +14,7 @@ from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
-from chest_mnist.report import build_report
+from chest_mnist.report_content import build_report
 from chest_mnist.synthetic import LABELS
 from tests.conftest import compose_train
 from tests.test_train import check_report
@@ -107,11 +107,9 @@ def test_test_labels_never_influence_thresholds():
     prevalence = val[1].float().mean(0)
     report = build_report(val, test, LABELS, prevalence)
     flipped = (test[0], 1 - test[1])
-    assert torch.equal(
-        build_report(val, flipped, LABELS, prevalence)["thresholds"], report["thresholds"]
-    )
+    assert torch.equal(build_report(val, flipped, LABELS, prevalence).thresholds, report.thresholds)
     assert not torch.equal(
-        build_report(flipped, test, LABELS, prevalence)["thresholds"], report["thresholds"]
+        build_report(flipped, test, LABELS, prevalence).thresholds, report.thresholds
     )
 
 
@@ -257,7 +255,7 @@ def test_evaluate_replaces_single_keys_of_the_checkpoints_data(
 
 
 def test_training_on_the_checkpoint_data_placeholder_is_refused(tiny_overrides):
-    from chest_mnist.train import check_config
+    from chest_mnist.config_checks import check_config
 
     cfg = compose_train(tiny_overrides + ["data=from_checkpoint"])
     with pytest.raises(UserError, match="data=from_checkpoint is for evaluate"):
@@ -294,7 +292,7 @@ def test_thresholds_that_cannot_be_tuned_are_named_in_the_report(tmp_path):
     val[0][:, 1] = 0.25  # a model that gives every image the same score for cardiomegaly
     val[1][:, 13] = 0  # no hernia in validation
     report = build_report(val, test, LABELS, val[1].float().mean(0))
-    write_report(tmp_path, report, val, test, LABELS, "chestmnist", 28)
+    write_report(tmp_path, report, "chestmnist", 28)
     text = (tmp_path / "report.md").read_text()
     assert "**Kept at 0.5:** cardiomegaly: every validation score is 0.25: nothing to rank" in text
     assert "**Kept at 0.5:** hernia: no positives in validation" in text

@@ -83,12 +83,13 @@ def test_report_of_all_negative_model_shows_its_emptiness():
 
 def test_report_text_of_a_model_level_with_the_baseline(tmp_path):
     """Its ACC equals the baseline's: said in words, never as "-0.0000"."""
-    from chest_mnist.report import build_report, write_report
+    from chest_mnist.report import write_report
+    from chest_mnist.report_content import build_report
 
     scores, targets = _predictions(seed=2)
     test = (torch.full(targets.shape, 0.1), targets)
     report = build_report((scores, targets), test, LABELS, targets.float().mean(0))
-    write_report(tmp_path, report, (scores, targets), test, LABELS, "chestmnist", 28)
+    write_report(tmp_path, report, "chestmnist", 28)
     text = (tmp_path / "report.md").read_text()
     assert "This model's ACC is the same (to 4 decimals):" in text and "0.0000 from it" not in text
 
@@ -188,17 +189,18 @@ def test_the_report_says_undefined_and_writes_nan(tmp_path):
     import csv
     import json
 
-    from chest_mnist.report import build_report, write_report
+    from chest_mnist.report import write_report
+    from chest_mnist.report_content import build_report
 
     scores, targets = _predictions(seed=11)
     targets[:, 13] = 0
     val = _predictions(seed=12)
     report = build_report(val, (scores, targets), LABELS, val[1].float().mean(0))
-    write_report(tmp_path, report, val, (scores, targets), LABELS, "chestmnist", 28)
+    write_report(tmp_path, report, "chestmnist", 28)
     text = (tmp_path / "report.md").read_text()
     row = "| hernia | 0.0000 | 0 | undefined: no positives in test | undefined: no positives in test |"
     assert row in text
-    assert f"**{report['scalars']['auroc']:.4f}** (over 13 of 14; undefined for hernia)" in text
+    assert f"**{report.scalars['auroc']:.4f}** (over 13 of 14; undefined for hernia)" in text
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isnan(metrics["test/auroc/hernia"]) and metrics["test/auroc_labels"] == 13
     assert not np.isnan(metrics["test/auroc"])
@@ -210,13 +212,14 @@ def test_the_report_says_undefined_and_writes_nan(tmp_path):
 def test_a_report_with_no_defined_auroc_says_so(tmp_path):
     """A one-label task (PneumoniaMNIST) whose test subset has no positives: no label to list
     as the weakest, and report.md says why instead of an empty "Lowest AUROC: ."."""
-    from chest_mnist.report import build_report, write_report
+    from chest_mnist.report import write_report
+    from chest_mnist.report_content import build_report
 
     val = _predictions(n=50, labels=1, seed=13)
     scores, targets = _predictions(n=40, labels=1, seed=14)
     test = (scores, torch.zeros_like(targets))
     report = build_report(val, test, ["pneumonia"], torch.tensor([0.7]), task="binary-class")
-    write_report(tmp_path, report, val, test, ["pneumonia"], "pneumoniamnist", 28)
+    write_report(tmp_path, report, "pneumoniamnist", 28)
     text = (tmp_path / "report.md").read_text()
     assert "AUC (MedMNIST, macro over labels): **undefined** (over 0 of 1;" in text
     assert "Lowest AUROC: none; it is undefined for every label on this split." in text

@@ -331,7 +331,7 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, cfg_tiny):
 def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, caplog):
     """A run resumed with another max_epochs keeps the learning-rate steps it was saved with
     (Lightning restores the scheduler); the log says so, with both."""
-    from chest_mnist.train import check_resumable
+    from chest_mnist.config_checks import check_resumable
 
     last = trained_run / "checkpoints" / "last.ckpt"  # 2 epochs: steps at [1, 1]
     with caplog.at_level("WARNING", logger="chest_mnist.train"):

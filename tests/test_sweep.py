@@ -69,11 +69,16 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
             "error: data.size=100 is not a MedMNIST size; choose one of 28, 64, 128, 224.",
         ),
         (
+            ["data.batch_size=32,abc"],
+            "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer "
+            "(no job was started)",
+        ),
+        (
             ["model.optimizer.lr=1e-3,1e-2", "trainer.accelerator=cpu", "trainer.devices=4096"],
             "error: trainer.devices=4096 asks for 4096 CPU processes but this machine has",
         ),
     ],
-    ids=["wrong_type", "bad_size", "too_many_devices"],
+    ids=["wrong_type", "bad_size", "wrong_type_for_the_schema", "too_many_devices"],
 )
 def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, sweep, message):
     result = run_module("chest_mnist.train", "-m", *sweep, *tiny(synthetic_npz, tmp_path))
@@ -93,7 +98,7 @@ def test_sweep_over_a_key_that_does_not_exist_is_refused(tmp_path, synthetic_npz
 
 def test_devices_are_checked_against_the_machine(monkeypatch):
     from chest_mnist import UserError
-    from chest_mnist.train import check_devices_exist
+    from chest_mnist.config_checks import check_devices_exist
 
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     check_devices_exist("gpu", 2)

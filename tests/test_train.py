@@ -307,7 +307,7 @@ def test_early_stopping_joins_the_default_callbacks(tiny_overrides, tmp_path):
 
 
 def test_early_stopping_alone_is_refused_with_the_way_to_add_it(tmp_path):
-    from chest_mnist.train import check_config
+    from chest_mnist.config_checks import check_config
 
     cfg = compose_train(["callbacks=early_stopping", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=r"callbacks=\[default,early_stopping\]"):
@@ -315,7 +315,7 @@ def test_early_stopping_alone_is_refused_with_the_way_to_add_it(tmp_path):
 
 
 def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
-    from chest_mnist.train import check_config
+    from chest_mnist.config_checks import check_config
 
     cfg = compose_train(["~logger", f"paths.output_dir={tmp_path}"])
     with pytest.raises(
@@ -375,7 +375,7 @@ def test_learning_rate_steps_follow_max_epochs_and_never_come_first(epochs, mile
 
 @pytest.mark.parametrize("experiment", ["pneumonia_cpu", "medmnist_v2", "fast_gpu"])
 def test_experiment_configs_compose_and_pass_the_checks(experiment, tmp_path):
-    from chest_mnist.train import check_job
+    from chest_mnist.config_checks import check_job
 
     cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     check_job(cfg, check_devices=False)  # builds the data module and the model: no data read
@@ -431,15 +431,17 @@ def test_compiled_training_writes_plain_checkpoints(tiny_overrides, tmp_path):
     np.testing.assert_allclose(saved["scores"], eager.numpy(), atol=1e-6)
 
 
-def test_resolvers_are_registered_by_a_call_not_by_an_import():
+def test_resolvers_and_schemas_are_registered_by_a_call_not_by_an_import():
     """config.py only defines them; the entry points (and conftest) register them."""
     code = (
-        "from omegaconf import OmegaConf; import chest_mnist.config as c; "
-        "print(OmegaConf.has_resolver('epochs_at')); c.register_resolvers(); "
-        "print(all(OmegaConf.has_resolver(name) for name in c.RESOLVERS))"
+        "from omegaconf import OmegaConf; from hydra.core.config_store import ConfigStore; "
+        "import chest_mnist.config as c; "
+        "stored = lambda: 'data.yaml' in ConfigStore.instance().repo.get('schema', {}); "
+        "print(OmegaConf.has_resolver('epochs_at'), stored()); c.register(); "
+        "print(all(OmegaConf.has_resolver(name) for name in c.RESOLVERS), stored())"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.split() == ["False", "True"], result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "True"], result.stderr
 
 
 @pytest.mark.slow

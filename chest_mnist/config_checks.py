@@ -1,0 +1,138 @@
+"""What a training config is checked for before any data is made: values that would fail
+later or silently do nothing, the rules that span several keys, the devices asked for, and a
+checkpoint to resume from. The data module and the model check their own keys when they are
+built (`check_job` builds them, reading no data). `train` calls `check_before_training`; a
+sweep calls `check_job` on every job before it starts one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from chest_mnist import UserError
+from chest_mnist.checkpoints import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def check_before_training(cfg: DictConfig) -> None:
+    """`check_config`, and for a resumed run (`ckpt_path`) `check_resumable`: a missing,
+    damaged or unsafe checkpoint is refused up front."""
+    check_config(cfg)
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, cfg)
+
+
+def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
+    """Values that would fail later, or silently do nothing, refused before any data is loaded.
+    (The data module and the model check their own keys, e.g. data.size, when they are built:
+    `check_job` builds them too.)"""
+    lr = cfg.model.get("optimizer", {}).get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise UserError(
+            f"model.optimizer.lr={lr!r} must be a number above 0 (the protocol's is 1e-3)."
+        )
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and epochs != -1 and (not isinstance(epochs, int) or epochs < 1):
+        raise UserError(
+            f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
+        )
+    if "_target_" not in cfg.data:
+        raise UserError(
+            "data=from_checkpoint is for evaluate (the data a checkpoint was trained on); "
+            "training needs a dataset: data=chestmnist (the default) or data=synthetic."
+        )
+    callbacks = cfg.get("callbacks") or {}
+    if "early_stopping" in callbacks and "model_checkpoint" not in callbacks:
+        raise UserError(
+            "callbacks=early_stopping holds only the early-stopping callback: no checkpoints, no "
+            "progress bar. Add it to a whole set: callbacks=[default,early_stopping]."
+        )
+    loggers = [entry for entry in (cfg.get("logger") or {}).values() if entry]
+    if not loggers and callbacks.get("lr_monitor"):
+        raise UserError(
+            "There is no logger (~logger), but callbacks.lr_monitor writes the learning rate "
+            "to one. Remove it too (~logger ~callbacks.lr_monitor), or keep a logger: "
+            "logger=tensorboard, logger=csv or logger=[tensorboard,csv]."
+        )
+    if check_devices:
+        check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+
+
+def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
+    """`trainer.devices` asks for no more GPUs (or CPU processes) than this machine has."""
+    if isinstance(devices, str) and devices != "auto":  # Lightning's "2", "-1" or "0,1"
+        if "," in devices:
+            devices = [d for d in devices.split(",") if d.strip()]
+        else:
+            devices = int(devices) if devices.lstrip("-").isdigit() else [devices]
+    if devices == "auto" or devices == -1:
+        return
+    if isinstance(devices, bool) or not isinstance(devices, int | list | ListConfig):
+        raise UserError(
+            f"trainer.devices={devices!r} must be a number of devices, a list of device "
+            f"indices, or auto."
+        )
+    wanted = len(devices) if not isinstance(devices, int) else devices
+    if wanted < 1:
+        raise UserError(f"trainer.devices={devices!r} must ask for at least one device.")
+    gpus = torch.cuda.device_count()
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if on_gpu and wanted > gpus:
+        raise UserError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}. "
+            + (
+                f"Use trainer.devices={gpus} (or fewer)."
+                if gpus
+                else "Train on the CPU with trainer=cpu (or trainer.accelerator=cpu)."
+            )
+        )
+    cores = os.cpu_count() or 1
+    if not on_gpu and accelerator in ("cpu", "auto") and wanted > cores:
+        raise UserError(
+            f"trainer.devices={devices} asks for {wanted} CPU processes but this machine has "
+            f"{cores} cores. Use trainer.devices={cores} (or fewer)."
+        )
+
+
+def check_job(cfg: DictConfig, check_devices: bool = True) -> None:
+    """Everything `train` would refuse before loading data: `check_config`, then build the data
+    module and the model (which check their own keys; neither reads data). A sweep runs this on
+    each job's values before it starts any job."""
+    check_config(cfg, check_devices=check_devices)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    hydra.utils.instantiate(
+        cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
+    )
+
+
+def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
+    """Refuse, before any data is made, a checkpoint that training cannot continue from; say
+    when its learning-rate steps are not those of `cfg` (which the resumed run will not use)."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise UserError(
+            f"ckpt_path={ckpt_path} holds the weights only (the best checkpoint is saved that "
+            f"way), not the optimizer and loop state that training continues from. Resume from "
+            f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
+            f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
+        )
+    scheduler = cfg.model.get("scheduler") if cfg is not None else None
+    states = checkpoint.get("lr_schedulers") or [{}]
+    if not scheduler or "milestones" not in scheduler or "milestones" not in states[0]:
+        return
+    saved, configured = sorted(states[0]["milestones"].elements()), sorted(scheduler.milestones)
+    if saved != configured:
+        log.warning(
+            "Resuming continues the learning-rate schedule saved in %s: lr steps at epochs %s, "
+            "not at %s as this config (trainer.max_epochs=%s) would set for a new run.",
+            ckpt_path,
+            saved,
+            configured,
+            cfg.trainer.get("max_epochs"),
+        )

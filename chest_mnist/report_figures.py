@@ -1,0 +1,113 @@
+"""The report's figures, each from a `Report` (report_content.py) and drawn by plots.py:
+
+    confusion_matrices.png   test, at the thresholds tuned on validation (multi-class: one
+                             matrix of the arg-max class)
+    roc_curves.png           one panel per label on test; the curves' points are computed here
+    pr_curves.png            the same for precision and recall
+    loss_curves.png          train and val loss per epoch, from the run's logs (report.py)
+
+and `log_to_tensorboard`: the same figures, and one PR curve per label, in TensorBoard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+from chest_mnist.metrics import is_multiclass
+from chest_mnist.plots import (
+    plot_class_confusion,
+    plot_confusion_matrices,
+    plot_loss_curves,
+    plot_pr_curves,
+    plot_roc_curves,
+)
+from chest_mnist.report_content import Report
+
+Curve = tuple[np.ndarray, np.ndarray]  # (x, y) points of one label's curve
+
+
+def label_truth(targets: torch.Tensor, k: int, multiclass: bool) -> torch.Tensor:
+    """0/1 per image for output `k`: its label column, or (multi-class) "is class k", one
+    against the rest."""
+    return (targets.reshape(-1) == k).int() if multiclass else targets[:, k].int()
+
+
+def curves_on_test(report: Report) -> tuple[list[Curve], list[Curve]]:
+    """Per label on test: the ROC curve (false positive rate, true positive rate) and the
+    precision-recall curve (recall, precision)."""
+    scores, targets = report.test[0].float(), report.test[1].int()
+    rocs, prs = [], []
+    for k in range(len(report.labels)):
+        truth = label_truth(targets, k, report.multiclass)
+        fpr, tpr, _ = binary_roc(scores[:, k], truth)
+        precision, recall, _ = binary_precision_recall_curve(scores[:, k], truth)
+        rocs.append((fpr.numpy(), tpr.numpy()))
+        prs.append((recall.numpy(), precision.numpy()))
+    return rocs, prs
+
+
+def write_confusion_matrices(report: Report, path: Path) -> Path:
+    if report.multiclass:
+        return plot_class_confusion(
+            report.confusion.numpy(),
+            report.labels,
+            path,
+            title="test confusion matrix, arg-max class (rows: truth, columns: prediction)",
+        )
+    return plot_confusion_matrices(
+        report.confusion_tuned.numpy(),
+        report.labels,
+        path,
+        title=f"test confusion matrices at thresholds tuned on validation ({report.rule}); rows: truth",
+    )
+
+
+def write_figures(
+    report: Report, out_dir: Path, loss_curves: dict[str, tuple[list[int], list[float]]] | None
+) -> list[str]:
+    """Draw every figure into `out_dir`, the loss curves only when given; return the names of
+    the files drawn, in report.md's order."""
+    write_confusion_matrices(report, out_dir / "confusion_matrices.png")
+    rocs, prs = curves_on_test(report)
+    rows = report.per_label
+    plot_roc_curves(rocs, report.labels, [r["auroc"] for r in rows], out_dir / "roc_curves.png")
+    plot_pr_curves(
+        prs,
+        report.labels,
+        [r["ap"] for r in rows],
+        [r["prevalence_test"] for r in rows],
+        out_dir / "pr_curves.png",
+    )
+    figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png"]
+    if loss_curves is not None:
+        plot_loss_curves(loss_curves, out_dir / "loss_curves.png")
+        figures.insert(0, "loss_curves.png")
+    return figures
+
+
+def log_to_tensorboard(
+    writer,
+    report_dir: Path,
+    test: tuple[torch.Tensor, torch.Tensor],
+    labels: list[str],
+    task: str,
+    step: int,
+) -> None:
+    """The report's figures into a TensorBoard run (IMAGES: `report/<figure>`) and one
+    precision-recall curve per label on test (PR CURVES: `test/pr_curve/<label>`, TensorBoard's
+    own interactive plot, with the counts at each threshold). `writer`: a SummaryWriter."""
+    from PIL import Image
+
+    for png in sorted(report_dir.glob("*.png")):
+        with Image.open(png) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        writer.add_image(f"report/{png.stem}", pixels, step, dataformats="HWC")
+    scores, targets = test[0].float(), test[1]
+    for k, label in enumerate(labels):
+        truth = label_truth(targets, k, is_multiclass(task)).bool()
+        writer.add_pr_curve(f"test/pr_curve/{label}", truth, scores[:, k], step)
+    writer.flush()

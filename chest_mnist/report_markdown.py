@@ -1,0 +1,189 @@
+"""report.md, the report to read, from a `Report` (report_content.py): which weights, the summary at
+0.5 and at the tuned thresholds next to the constant baseline, one row per label, where the
+model is weak, and links to the figures. Nothing is computed here but the wording.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from chest_mnist import run_files
+from chest_mnist.metrics import THRESHOLD
+from chest_mnist.report_content import Report
+
+
+def _undefined(row: dict, metric: str) -> str:
+    """Why a label's AUROC or AP is undefined on test."""
+    if row["support"] == 0:
+        return "undefined: no positives in test"
+    return "undefined: no negatives in test" if metric == "auroc" else ""
+
+
+def _number(value: float, undefined: str = "undefined") -> str:
+    return undefined if math.isnan(value) else f"{value:.4f}"
+
+
+def _coverage(count: int, rows: list[dict], metric: str) -> str:
+    """What a macro mean covers when it leaves labels out: " (over 13 of 14; undefined for
+    hernia)"."""
+    if count == len(rows):
+        return ""
+    left_out = ", ".join(r["label"] for r in rows if math.isnan(r[metric]))
+    return f" (over {count} of {len(rows)}; undefined for {left_out})"
+
+
+def _title(report: Report, flag: str, facts: dict) -> list[str]:
+    """The split, and the weights: the checkpoint and the digest (`facts`) when known."""
+    lines = [f"# Report: {flag} test split ({report.scalars['n_images']:,} images)", ""]
+    if digest := facts.get(run_files.WEIGHTS_SHA256):
+        source = (
+            f"checkpoint `{facts[run_files.CHECKPOINT]}`"
+            if facts.get(run_files.CHECKPOINT)
+            else "the weights at the end of training, in no checkpoint file"
+        )
+        lines += [f"Weights: {source} (SHA-256 `{digest[:16]}…`).", ""]
+    return lines
+
+
+def _summary_table(report: Report) -> list[str]:
+    """ACC and the micro and macro means: at the arg-max class, or at 0.5 and tuned."""
+    s = report.scalars
+    lines = ["## Summary", ""]
+    if report.multiclass:
+        lines += ["| | arg-max class |", "| --- | --- |", f"| ACC (MedMNIST) | {s['acc']:.4f} |"]
+        lines += [
+            f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} |"
+            for name in ("f1", "precision", "recall")
+        ]
+        return lines
+    lines += [
+        "| | at threshold 0.5 | at thresholds tuned on validation |",
+        "| --- | --- | --- |",
+        f"| ACC (MedMNIST) | {s['acc']:.4f} | {s['acc_tuned']:.4f} |",
+    ]
+    lines += [
+        f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} | "
+        f"{s[name + '_macro_tuned']:.4f} / {s[name + '_micro_tuned']:.4f} |"
+        for name in ("f1", "precision", "recall")
+    ]
+    return lines
+
+
+def _ranking_and_baseline(report: Report) -> list[str]:
+    """AUC and AP, with the labels they leave out; the constant baseline's ACC beside ours."""
+    s, rows = report.scalars, report.per_label
+    constant = (
+        "the class most frequent in training"
+        if report.multiclass
+        else "each label's more frequent value in training"
+    )
+    if "acc_all_negative" in s and abs(s["acc_all_negative"] - s["acc_majority"]) < 1e-12:
+        constant = "no finding for every label (each label's more frequent value in training)"
+    over = "classes, one against the rest" if report.multiclass else "labels"
+    gap = round(s["acc"] - s["acc_majority"], 4)
+    versus = "the same (to 4 decimals)" if gap == 0 else f"{gap:+.4f} from it"  # never "-0.0000"
+    return [
+        "",
+        f"AUC (MedMNIST, macro over {over}): **{_number(s['auroc'])}**"
+        f"{_coverage(s['auroc_labels'], rows, 'auroc')}; macro average precision: "
+        f"{_number(s['ap_macro'])}{_coverage(s['ap_macro_labels'], rows, 'ap')}.",
+        "",
+        f"**Baseline:** a model that always answers {constant} scores ACC **{s['acc_majority']:.4f}** on this "
+        f"split. This model's ACC is {versus}: where the answers are "
+        f"imbalanced, ACC says little; read AUROC, AP and the per-label recall.",
+        "",
+    ]
+
+
+def _thresholds(report: Report) -> list[str]:
+    """How the thresholds were chosen, and the labels that kept 0.5 and why."""
+    if report.multiclass:
+        return []
+    lines = [
+        f"Thresholds were chosen per label on the validation split (rule: {report.rule}) and only "
+        f"then applied to test.",
+        "",
+    ]
+    lines += [
+        f"**Kept at {THRESHOLD}:** {label}: {reason}; nothing was tuned for it."
+        for label, reason in report.threshold_notes.items()
+    ]
+    if report.threshold_notes:
+        lines.append("")
+    return lines
+
+
+def _per_label_table(report: Report) -> list[str]:
+    """One row per label: its ranking metrics, and its decisions (tuned, when tuned)."""
+    lines = ["## Per label", ""]
+    if report.multiclass:
+        lines += [
+            "| class | test prevalence | support | AUROC | AP | precision | recall | F1 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
+            f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
+            for r in report.per_label
+        ]
+        return lines
+    lines += [
+        "| label | test prevalence | support | AUROC | AP | F1 @0.5 | threshold | precision | recall | F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
+        f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
+        f"{r['f1_tuned']:.4f} |"
+        for r in report.per_label
+    ]
+    return lines
+
+
+def _weaknesses(report: Report) -> list[str]:
+    """The three lowest AUROCs, the labels never found at 0.5 and never predicted at all."""
+    rows = report.per_label
+    weakest = sorted((r for r in rows if not math.isnan(r["auroc"])), key=lambda r: r["auroc"])[:3]
+    lines = ["", "## Where the model is weak", ""]
+    lines.append(
+        "Lowest AUROC: " + ", ".join(f"{r['label']} ({r['auroc']:.3f})" for r in weakest) + "."
+        if weakest
+        else "Lowest AUROC: none; it is undefined for every label on this split."
+    )
+    silent = [r["label"] for r in rows if r["recall"] == 0 and r["support"] > 0]
+    if silent:
+        at_half = "" if report.multiclass else " at threshold 0.5"
+        lines.append(f"Never found{at_half}: {', '.join(silent)}.")
+    never = [r["label"] for r in rows if r["tp"] + r["fp"] == 0]
+    if never and not report.multiclass:
+        lines.append(f"Never predicted even at the tuned threshold: {', '.join(never)}.")
+    return lines
+
+
+def markdown(
+    report: Report, figures: list[str], loss_note: str | None, flag: str, facts: dict
+) -> str:
+    """report.md's text. `figures`: the files drawn; `loss_note`: why the loss curves were not;
+    `flag`: the data; `facts`: metrics.json's, whose checkpoint and digest name the weights."""
+    lines = _title(report, flag, facts)
+    lines += _summary_table(report) + _ranking_and_baseline(report) + _thresholds(report)
+    lines += _per_label_table(report) + _weaknesses(report)
+    lines += ["", "## Figures", ""]
+    lines += [f"- [{name}]({name})" for name in figures]
+    if loss_note:
+        lines.append(f"- loss curves: not drawn ({loss_note})")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(
+    report: Report,
+    out_dir: Path,
+    figures: list[str],
+    loss_note: str | None,
+    flag: str,
+    facts: dict,
+) -> Path:
+    path = out_dir / "report.md"
+    path.write_text(markdown(report, figures, loss_note, flag, facts))
+    return path

@@ -1,0 +1,45 @@
+"""The types of the config's own keys, declared once as dataclasses and stored in Hydra's
+ConfigStore: a config group's YAML names its schema in its defaults list, and Hydra refuses a
+value of the wrong type when it composes the config (`data.augment=yes`, `data.batch_size=abc`),
+naming the key, before any code runs. Ranges and rules that span several keys are checked in
+`chest_mnist.config_checks`, and by the classes the configs build.
+
+`register_schemas()` stores them; every entry point calls it (through
+`chest_mnist.config.register`) before Hydra composes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DataSchema:
+    """`data=chestmnist` and `data=synthetic`: the arguments of `MedMNISTDataModule`."""
+
+    _target_: str = "chest_mnist.data.MedMNISTDataModule"
+    flag: str = "chestmnist"
+    size: int = 28
+    root: str | None = None
+    path: str | None = None
+    synthetic: dict[str, Any] | None = None
+    download: bool = True
+    verify_md5: bool = True
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    subset: int | None = None
+    augment: bool = False
+    max_shift: int = 2
+    drop_last: bool = False
+    mean: float = 0.5
+    std: float = 0.5
+    num_workers: int = 0
+    on_device: Any = "auto"  # true, false or auto: checked by MedMNISTDataModule
+    mmap: bool = False
+
+
+def register_schemas() -> None:
+    """Store the schemas (again: a no-op) under `schema/<group>`."""
+    ConfigStore.instance().store(group="schema", name="data", node=DataSchema)
