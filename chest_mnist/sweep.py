@@ -9,6 +9,9 @@ it reads the job directories of the sweep (their `.hydra/overrides.yaml` and
 directory. Reading the directories, not memory, makes it work with any launcher, and a job
 that failed is listed as failed instead of being lost.
 
+For tables over seeds (`-m seed=1,2,3`, alone or with other swept keys), `python -m
+chest_mnist.compare <sweep dir>` gives each setting's mean ± sd; the end of a sweep says so.
+
 `CheckSweep`, another Hydra callback, checks every swept value before the first job starts:
 a learning rate of the wrong type in job 7 of 8 is an error at once, not after six runs.
 """
@@ -130,6 +133,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._write(config.hydra.sweep.dir)
+        log.info(
+            "Sweep summary: %s. Mean ± sd over the seeds of each setting: "
+            "python -m chest_mnist.compare %s",
+            Path(config.hydra.sweep.dir) / "sweep_summary.csv",
+            config.hydra.sweep.dir,
+        )
 
 
 def swept_configs(config: DictConfig) -> list[tuple[str, DictConfig]]:

@@ -1,0 +1,274 @@
+"""Tables over runs: one row per group of runs that differ only by seed.
+
+    python -m chest_mnist.train -m seed=1,2,3                      # a sweep over seeds
+    python -m chest_mnist.compare logs/train/multiruns/<time>      # mean ± sd over them
+    python -m chest_mnist.compare RUN_OR_SWEEP_DIR... [--out DIR]
+
+Each run is a folder with `report/metrics.json` and `.hydra/config.yaml` (what `train` writes);
+a folder given is searched for them. Runs whose configs are equal but for the seed (and the
+paths a run writes to) form a group; a row gives the number of seeds and, for each metric, the
+mean ± sample standard deviation and the min to max. For two groups a second table gives the
+difference of their means (second minus first) with a 95% Student-t interval: paired by seed
+when the groups ran the same seeds, else Welch's. The tables are printed as markdown and
+written as `compare.md` and `compare.csv` (and `compare_difference.csv`) into `--out`: by
+default the folder given, or the current folder when several are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from scipy import stats
+
+from chest_mnist import UserError, run_files
+from chest_mnist.cli import report_user_errors
+
+# (column, metrics.json key): what a row shows
+METRICS = (
+    ("test AUC", "test/auroc"),
+    ("test ACC", "test/acc"),
+    ("ACC tuned", "test/acc_tuned"),
+    ("macro AP", "test/ap_macro"),
+    ("macro F1 tuned", "test/f1_macro_tuned"),
+)
+# config keys that say where a run writes or what it resumed, not what it trains
+NOT_THE_RECIPE = ("seed", "paths", "ckpt_path", "hydra")
+CONFIG = Path(".hydra") / "config.yaml"
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    recipe: dict[str, Any]  # the flattened config without NOT_THE_RECIPE
+    metrics: dict[str, Any]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        prefix = "test/auroc/"
+        return tuple(sorted(k[len(prefix) :] for k in self.metrics if k.startswith(prefix)))
+
+
+@dataclass
+class Group:
+    name: str
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
+
+    def values(self, key: str) -> list[float]:
+        return [float(run.metrics[key]) for run in self.runs]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat |= (
+            flatten(value, f"{prefix}{key}.")
+            if isinstance(value, dict)
+            else {f"{prefix}{key}": value}
+        )
+    return flat
+
+
+def read_run(path: Path) -> Run:
+    """A run's seed, recipe and metrics; UserError naming the folder when it is not a whole
+    run of this version."""
+    if not (path / CONFIG).is_file():
+        raise UserError(f"{path} has a report but no {CONFIG}: not a run that train wrote.")
+    try:
+        metrics = run_files.read_metrics(path)
+        config = yaml.safe_load((path / CONFIG).read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: could not read its report or config ({e}).") from e
+    missing = [key for _, key in METRICS if key not in metrics]
+    if missing:
+        raise UserError(
+            f"{path / run_files.REPORT / run_files.METRICS} has no {', '.join(missing)}: a "
+            f"report of an older version. Evaluate the run again: python -m chest_mnist.evaluate "
+            f"ckpt_path={path}"
+        )
+    recipe = {
+        key: value
+        for key, value in flatten(config).items()
+        if key.split(".")[0] not in NOT_THE_RECIPE
+    }
+    return Run(path, int(config.get("seed", 0)), recipe, metrics)
+
+
+def find_runs(folders: list[Path]) -> list[Run]:
+    runs = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder.")
+        reports = sorted(folder.rglob(f"{run_files.REPORT}/{run_files.METRICS}"))
+        if not reports:
+            raise UserError(
+                f"{folder} holds no run report ({run_files.REPORT}/{run_files.METRICS}): "
+                f"give a run or sweep folder of python -m chest_mnist.train."
+            )
+        runs += [read_run(report.parent.parent) for report in reports]
+    return runs
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """One dataset and one label set: rows of different tasks are not a table."""
+    for what, of in (
+        ("dataset", lambda r: r.recipe.get("data.flag")),
+        ("labels", lambda r: r.labels),
+    ):
+        kinds = {of(run): run.path for run in runs}
+        if len(kinds) > 1:
+            (a, first), (b, second) = list(kinds.items())[:2]
+            raise UserError(
+                f"The runs are of different {what}: {first} has {a}, {second} has {b}. "
+                f"Compare runs of one dataset."
+            )
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs with equal recipes, named by the keys in which the groups differ."""
+    by_recipe: dict[str, list[Run]] = {}
+    for run in runs:  # values can be lists (milestones, plugins): compare them as JSON
+        by_recipe.setdefault(json.dumps(run.recipe, sort_keys=True, default=str), []).append(run)
+    recipes = [members[0].recipe for members in by_recipe.values()]
+    differing = sorted(
+        {k for r in recipes for k in r if any(o.get(k) != r.get(k) for o in recipes)}
+    )
+    groups = []
+    for recipe, members in zip(recipes, by_recipe.values(), strict=True):
+        name = ", ".join(f"{k}={recipe.get(k)}" for k in differing) or "all runs"
+        seeds = [run.seed for run in members]
+        if len(set(seeds)) < len(seeds):
+            raise UserError(
+                f"Two runs of the group {name!r} have the same seed ({sorted(seeds)}): "
+                + ", ".join(str(run.path) for run in members)
+            )
+        groups.append(Group(name, sorted(members, key=lambda run: run.seed)))
+    return groups
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return {"mean": statistics.mean(values), "sd": sd, "min": min(values), "max": max(values)}
+
+
+def difference(first: Group, second: Group, key: str) -> dict[str, Any]:
+    """Mean of `second` minus mean of `first`, with a 95% Student-t interval: paired by seed
+    when both groups ran the same seeds, else Welch's."""
+    a, b = first.values(key), second.values(key)
+    paired = first.seeds == second.seeds
+    if paired:
+        d = [y - x for x, y in zip(a, b, strict=True)]
+        n, mean = len(d), statistics.mean(d)
+        half = stats.t.ppf(0.975, n - 1) * statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
+    else:
+        mean = statistics.mean(b) - statistics.mean(a)
+        half = math.nan
+        if len(a) > 1 and len(b) > 1:
+            va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+            df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb else 1
+            half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    return {"difference": mean, "low": mean - half, "high": mean + half, "paired": paired}
+
+
+def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
+    """The markdown table and the CSV rows of the groups."""
+    lines = [
+        "| group | seeds | " + " | ".join(column for column, _ in METRICS) + " |",
+        "| --- | --- |" + " --- |" * len(METRICS),
+    ]
+    rows = []
+    for group in groups:
+        cells, row = [], {"group": group.name, "n_seeds": len(group.runs)}
+        row["seeds"] = " ".join(map(str, group.seeds))
+        for _, key in METRICS:
+            s = summary(group.values(key))
+            cells.append(f"{s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f} to {s['max']:.4f})")
+            row |= {f"{key} {stat}": value for stat, value in s.items()}
+        lines.append(
+            f"| {group.name} | {len(group.runs)} ({row['seeds']}) | " + " | ".join(cells) + " |"
+        )
+        rows.append(row)
+    return "\n".join(lines), rows
+
+
+def difference_table(first: Group, second: Group) -> tuple[str, list[dict]]:
+    kind = "paired by seed" if first.seeds == second.seeds else "Welch (the seeds differ)"
+    lines = [
+        f"Difference, ({second.name}) minus ({first.name}), 95% interval, {kind}:",
+        "",
+        "| metric | first | second | difference [95% interval] |",
+        "| --- | --- | --- | --- |",
+    ]
+    rows = []
+    for column, key in METRICS:
+        d = difference(first, second, key)
+        a, b = statistics.mean(first.values(key)), statistics.mean(second.values(key))
+        lines.append(
+            f"| {column} | {a:.4f} | {b:.4f} | {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] |"
+        )
+        rows.append({"metric": key, "first": a, "second": b} | d)
+    return "\n".join(lines), rows
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Whole or not at all: a temporary file beside `path`, then a rename."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def as_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def compare(folders: list[Path], out: Path) -> str:
+    """Read, check and group the runs, then write the tables; return the markdown."""
+    runs = find_runs(folders)
+    check_comparable(runs)
+    groups = group_runs(runs)
+    markdown, rows = group_table(groups)
+    files = {"compare.csv": as_csv(rows)}
+    if len(groups) == 2:
+        text, difference_rows = difference_table(*groups)
+        markdown += "\n\n" + text
+        files["compare_difference.csv"] = as_csv(difference_rows)
+    files["compare.md"] = markdown + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        write_atomically(out / name, text)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("--out", type=Path, help="where compare.md and compare.csv go")
+    args = parser.parse_args(argv)
+    out = args.out or (args.folders[0] if len(args.folders) == 1 else Path.cwd())
+    print(report_user_errors(lambda: compare(args.folders, out)))
+    print(f"\nwritten: {out / 'compare.md'}, {out / 'compare.csv'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""`python -m chest_mnist.compare`: tables over runs that differ only by seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from chest_mnist import UserError
+from chest_mnist.compare import METRICS, compare
+from tests.conftest import run_module
+
+LABELS = ("effusion", "hernia")
+
+
+def fake_run(folder: Path, seed: int, values: dict[str, float], **recipe) -> Path:
+    """A run folder as train writes it: .hydra/config.yaml and report/metrics.json."""
+    config = {
+        "seed": seed,
+        "paths": {"output_dir": str(folder)},
+        "data": {"flag": recipe.pop("flag", "chestmnist"), "batch_size": 128},
+        "model": {"optimizer": {"lr": recipe.pop("lr", 1e-3)}, "cuda_graph": "auto"},
+        **recipe,
+    }
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = {key: values[key] for _, key in METRICS}
+    metrics |= {f"test/auroc/{label}": 0.5 for label in values.get("labels", LABELS)}
+    (folder / "report").mkdir()
+    (folder / "report" / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metric_values(auc: float) -> dict[str, float]:
+    return {key: auc + i / 100 for i, (_, key) in enumerate(METRICS)}
+
+
+def test_one_row_per_group_with_mean_sd_min_max(tmp_path):
+    aucs = {1: 0.90, 2: 0.93, 3: 0.91}
+    for seed, auc in aucs.items():
+        fake_run(tmp_path / "sweep" / str(seed), seed, metric_values(auc))
+    markdown = compare([tmp_path / "sweep"], tmp_path / "out")
+    (row,) = read_csv(tmp_path / "out" / "compare.csv")
+    values = list(aucs.values())
+    assert row["n_seeds"] == "3" and row["seeds"] == "1 2 3" and row["group"] == "all runs"
+    assert float(row["test/auroc mean"]) == pytest.approx(statistics.mean(values))
+    assert float(row["test/auroc sd"]) == pytest.approx(statistics.stdev(values))
+    assert (float(row["test/auroc min"]), float(row["test/auroc max"])) == (0.90, 0.93)
+    assert float(row["test/acc mean"]) == pytest.approx(statistics.mean(values) + 0.01)
+    assert "0.9133 ± 0.0153 (0.9000 to 0.9300)" in markdown
+    assert (tmp_path / "out" / "compare.md").read_text() == markdown + "\n"
+
+
+def test_two_groups_paired_by_seed(tmp_path):
+    first = {1: 0.90, 2: 0.93, 3: 0.91}
+    second = {1: 0.92, 2: 0.94, 3: 0.95}
+    for seed in (1, 2, 3):
+        fake_run(tmp_path / "a" / str(seed), seed, metric_values(first[seed]))
+        fake_run(tmp_path / "b" / str(seed), seed, metric_values(second[seed]), lr=1e-2)
+    markdown = compare([tmp_path / "a", tmp_path / "b"], tmp_path)
+    rows = read_csv(tmp_path / "compare_difference.csv")
+    auc = next(r for r in rows if r["metric"] == "test/auroc")
+    d = [second[s] - first[s] for s in (1, 2, 3)]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(d) / 3**0.5
+    assert auc["paired"] == "True"
+    assert float(auc["difference"]) == pytest.approx(statistics.mean(d))
+    assert float(auc["low"]) == pytest.approx(statistics.mean(d) - half)
+    assert float(auc["high"]) == pytest.approx(statistics.mean(d) + half)
+    # the groups are named by the key they differ in
+    groups = [r["group"] for r in read_csv(tmp_path / "compare.csv")]
+    assert sorted(groups) == ["model.optimizer.lr=0.001", "model.optimizer.lr=0.01"]
+    assert "paired by seed" in markdown
+
+
+def test_two_groups_with_other_seeds_use_welch(tmp_path):
+    first = {1: 0.90, 2: 0.93, 3: 0.91}
+    second = {4: 0.92, 5: 0.96}
+    for seed, auc in first.items():
+        fake_run(tmp_path / "a" / str(seed), seed, metric_values(auc))
+    for seed, auc in second.items():
+        fake_run(tmp_path / "b" / str(seed), seed, metric_values(auc), lr=1e-2)
+    compare([tmp_path], tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "compare_difference.csv")
+    auc = next(r for r in rows if r["metric"] == "test/auroc")
+    # Welch's interval, from scipy's own test of the same difference
+    a, b = list(first.values()), list(second.values())
+    welch = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert auc["paired"] == "False"
+    assert (float(auc["low"]), float(auc["high"])) == pytest.approx((welch.low, welch.high))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("empty", "holds no run report"),
+        ("datasets", "The runs are of different dataset"),
+        ("labels", "The runs are of different labels"),
+        ("older", "a report of an older version"),
+        ("no_config", "not a run that train wrote"),
+        ("same_seed", "have the same seed"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_folder_and_nothing_is_written(tmp_path, make, message):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if make != "empty":
+        fake_run(runs / "1", 1, metric_values(0.9))
+    if make == "datasets":
+        fake_run(runs / "2", 2, metric_values(0.9), flag="pneumoniamnist")
+    elif make == "labels":
+        fake_run(runs / "2", 2, metric_values(0.9) | {"labels": ("pneumonia",)})
+    elif make == "older":
+        metrics = runs / "1" / "report" / "metrics.json"
+        metrics.write_text(json.dumps({"test/auroc": 0.9}))
+    elif make == "no_config":
+        (runs / "1" / ".hydra" / "config.yaml").unlink()
+    elif make == "same_seed":
+        fake_run(runs / "2", 1, metric_values(0.9))
+    with pytest.raises(UserError, match=message) as error:
+        compare([runs], tmp_path / "out")
+    assert str(runs) in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_compare_on_a_seed_sweep_of_real_runs(tmp_path, synthetic_npz):
+    """`train -m seed=1,2`, then `compare` on the sweep: the table's numbers are the runs'."""
+    sweep = tmp_path / "sweep"
+    result = run_module(
+        "chest_mnist.train",
+        "-m",
+        "seed=1,2",
+        "data=synthetic",
+        f"data.path={synthetic_npz}",
+        "data.batch_size=64",
+        "model.stem=imagenet",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"python -m chest_mnist.compare {sweep}" in result.stdout + result.stderr
+    )  # the sweep says
+    result = run_module("chest_mnist.compare", str(sweep))
+    assert result.returncode == 0, result.stderr[-3000:]
+    aucs = [
+        json.loads((sweep / j / "report" / "metrics.json").read_text())["test/auroc"] for j in "01"
+    ]
+    (row,) = read_csv(sweep / "compare.csv")
+    assert row["seeds"] == "1 2" and row["group"] == "all runs"
+    assert float(row["test/auroc mean"]) == pytest.approx(statistics.mean(aucs), abs=1e-12)
+    assert f"{statistics.mean(aucs):.4f} ± {statistics.stdev(aucs):.4f}" in result.stdout
+
+
+def test_compare_command_says_error_and_exits_2(tmp_path):
+    result = run_module("chest_mnist.compare", str(tmp_path))
+    assert result.returncode == 2
+    assert f"error: {tmp_path} holds no run report" in result.stderr
