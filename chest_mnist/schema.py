@@ -1,7 +1,8 @@
 """The types of the config's own keys, declared once as dataclasses and stored in Hydra's
 ConfigStore: a config group's YAML names its schema in its defaults list, and Hydra refuses a
-value of the wrong type when it composes the config (`data.augment=yes`, `data.batch_size=abc`),
-naming the key, before any code runs. Ranges and rules that span several keys are checked in
+value of the wrong type when it composes the config (`data.augment=maybe`,
+`data.batch_size=abc`, `model.label_smoothing=abc`), naming the key, before any code runs.
+The Trainer's keys stay open (`+trainer.max_time=...` adds any of Lightning's arguments). Ranges and rules that span several keys are checked in
 `chest_mnist.config_checks`, and by the classes the configs build.
 
 `register_schemas()` stores them; every entry point calls it (through
@@ -40,6 +41,26 @@ class DataSchema:
     mmap: bool = False
 
 
+@dataclass
+class ModelSchema:
+    """`model=resnet18`: the arguments of `MedMNISTClassifier`. The optimizer and the scheduler
+    stay open (any torch optimizer's arguments, `+model.optimizer.momentum=0.9`): their values
+    are checked where they are used."""
+
+    _target_: str = "chest_mnist.model.MedMNISTClassifier"
+    stem: str = "cifar"
+    pretrained: bool = False
+    pos_weight: Any = None  # null, auto, or one weight per label
+    label_smoothing: float = 0.0
+    tta_flip: bool = False
+    compile: Any = False  # true, false or a torch.compile mode
+    cuda_graph: Any = "auto"  # auto, true or false
+    optimizer: Any = None
+    scheduler: Any = None
+
+
 def register_schemas() -> None:
     """Store the schemas (again: a no-op) under `schema/<group>`."""
-    ConfigStore.instance().store(group="schema", name="data", node=DataSchema)
+    store = ConfigStore.instance()
+    store.store(group="schema", name="data", node=DataSchema)
+    store.store(group="schema", name="model", node=ModelSchema)
