@@ -24,6 +24,7 @@ import math
 import os
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from chest_mnist import UserError, run_files
 from chest_mnist.cli import report_user_errors
 
 # (column, metrics.json key): what a row shows
+DIFFERENCE = "compare_difference.csv"
 METRICS = (
     ("test AUC", "test/auroc"),
     ("test ACC", "test/acc"),
@@ -42,9 +44,20 @@ METRICS = (
     ("macro AP", "test/ap_macro"),
     ("macro F1 tuned", "test/f1_macro_tuned"),
 )
-# config keys that say where a run writes or what it resumed, not what it trains
-NOT_THE_RECIPE = ("seed", "paths", "ckpt_path", "hydra")
-CONFIG = Path(".hydra") / "config.yaml"
+# config keys (and the keys under them) that say where a run writes, what it resumed from, or
+# how it shows its progress, not what it learns
+NOT_THE_RECIPE = (
+    "seed",
+    "paths",
+    "ckpt_path",
+    "hydra",
+    "logger",
+    "callbacks.progress_bar",
+    "callbacks.model_summary",
+    "data.root",
+    "data.num_workers",
+    "data.on_device",
+)
 
 
 @dataclass
@@ -89,13 +102,22 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def read_run(path: Path) -> Run:
     """A run's seed, recipe and metrics; UserError naming the folder when it is not a whole
     run of this version."""
-    if not (path / CONFIG).is_file():
-        raise UserError(f"{path} has a report but no {CONFIG}: not a run that train wrote.")
+    if not (path / run_files.CONFIG).is_file():
+        raise UserError(
+            f"{path} has a report but no {run_files.CONFIG}: not a run that train wrote."
+        )
     try:
         metrics = run_files.read_metrics(path)
-        config = yaml.safe_load((path / CONFIG).read_text())
+        config = yaml.safe_load((path / run_files.CONFIG).read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UserError(f"{path}: could not read its report or config ({e}).") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{path / run_files.CONFIG} holds no config.")
+    if not isinstance(config.get("seed"), int):
+        raise UserError(
+            f"{path} was trained with seed={config.get('seed')!r}: compare needs each run's "
+            f"seed (seed=1,2,3)."
+        )
     missing = [key for _, key in METRICS if key not in metrics]
     if missing:
         raise UserError(
@@ -103,16 +125,22 @@ def read_run(path: Path) -> Run:
             f"report of an older version. Evaluate the run again: python -m chest_mnist.evaluate "
             f"ckpt_path={path}"
         )
-    recipe = {
-        key: value
-        for key, value in flatten(config).items()
-        if key.split(".")[0] not in NOT_THE_RECIPE
-    }
-    return Run(path, int(config.get("seed", 0)), recipe, metrics)
+    for _, key in METRICS:
+        if not isinstance(metrics[key], int | float):
+            raise UserError(
+                f"{path / run_files.REPORT / run_files.METRICS}: {key} is {metrics[key]!r}, "
+                f"not a number."
+            )
+    recipe = {key: value for key, value in flatten(config).items() if not _bookkeeping(key)}
+    return Run(path, config["seed"], recipe, metrics)
+
+
+def _bookkeeping(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in NOT_THE_RECIPE)
 
 
 def find_runs(folders: list[Path]) -> list[Run]:
-    runs = []
+    runs: list[Path] = []
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder.")
@@ -122,8 +150,8 @@ def find_runs(folders: list[Path]) -> list[Run]:
                 f"{folder} holds no run report ({run_files.REPORT}/{run_files.METRICS}): "
                 f"give a run or sweep folder of python -m chest_mnist.train."
             )
-        runs += [read_run(report.parent.parent) for report in reports]
-    return runs
+        runs += [report.parent.parent.resolve() for report in reports]
+    return [read_run(path) for path in dict.fromkeys(runs)]  # a run found twice counts once
 
 
 def check_comparable(runs: list[Run]) -> None:
@@ -170,21 +198,17 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def difference(first: Group, second: Group, key: str) -> dict[str, Any]:
     """Mean of `second` minus mean of `first`, with a 95% Student-t interval: paired by seed
-    when both groups ran the same seeds, else Welch's."""
+    when both groups ran the same seeds, else Welch's. NaN where a group has one run."""
     a, b = first.values(key), second.values(key)
     paired = first.seeds == second.seeds
-    if paired:
-        d = [y - x for x, y in zip(a, b, strict=True)]
-        n, mean = len(d), statistics.mean(d)
-        half = stats.t.ppf(0.975, n - 1) * statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
-    else:
-        mean = statistics.mean(b) - statistics.mean(a)
-        half = math.nan
-        if len(a) > 1 and len(b) > 1:
-            va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-            df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb else 1
-            half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
-    return {"difference": mean, "low": mean - half, "high": mean + half, "paired": paired}
+    low = high = math.nan
+    if min(len(a), len(b)) > 1:
+        with warnings.catch_warnings():  # identical values: scipy warns, the interval is exact
+            warnings.simplefilter("ignore", RuntimeWarning)
+            test = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
+            low, high = (float(v) for v in test.confidence_interval(0.95))
+    mean = statistics.mean(b) - statistics.mean(a)
+    return {"difference": mean, "low": low, "high": high, "paired": paired}
 
 
 def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
@@ -199,7 +223,11 @@ def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
         row["seeds"] = " ".join(map(str, group.seeds))
         for _, key in METRICS:
             s = summary(group.values(key))
-            cells.append(f"{s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f} to {s['max']:.4f})")
+            cells.append(
+                f"{s['mean']:.4f} (1 seed)"
+                if len(group.runs) == 1
+                else f"{s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f} to {s['max']:.4f})"
+            )
             row |= {f"{key} {stat}": value for stat, value in s.items()}
         lines.append(
             f"| {group.name} | {len(group.runs)} ({row['seeds']}) | " + " | ".join(cells) + " |"
@@ -220,18 +248,27 @@ def difference_table(first: Group, second: Group) -> tuple[str, list[dict]]:
     for column, key in METRICS:
         d = difference(first, second, key)
         a, b = statistics.mean(first.values(key)), statistics.mean(second.values(key))
-        lines.append(
-            f"| {column} | {a:.4f} | {b:.4f} | {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] |"
+        interval = (
+            "n/a (a group of one run)"
+            if math.isnan(d["low"])
+            else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
         )
+        lines.append(f"| {column} | {a:.4f} | {b:.4f} | {d['difference']:+.4f} {interval} |")
+
         rows.append({"metric": key, "first": a, "second": b} | d)
     return "\n".join(lines), rows
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Whole or not at all: a temporary file beside `path`, then a rename."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def write_all(out: Path, files: dict[str, str]) -> None:
+    """Every file whole, or none: each written beside its target first, then all renamed; a
+    difference table of an earlier comparison that this one has not is removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / f".{name}.tmp").write_text(text)
+    for name in files:
+        os.replace(out / f".{name}.tmp", out / name)
+    if DIFFERENCE not in files:
+        (out / DIFFERENCE).unlink(missing_ok=True)
 
 
 def as_csv(rows: list[dict]) -> str:
@@ -252,11 +289,9 @@ def compare(folders: list[Path], out: Path) -> str:
     if len(groups) == 2:
         text, difference_rows = difference_table(*groups)
         markdown += "\n\n" + text
-        files["compare_difference.csv"] = as_csv(difference_rows)
+        files[DIFFERENCE] = as_csv(difference_rows)
     files["compare.md"] = markdown + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        write_atomically(out / name, text)
+    write_all(out, files)
     return markdown
 
 

@@ -95,6 +95,9 @@ class MedMNISTDataModule(L.LightningDataModule):
             raise UserError(
                 f"data.subset={subset!r} must be a positive whole number or null (all images)."
             )
+        for key, value in (("augment", augment), ("drop_last", drop_last), ("mmap", mmap)):
+            if not isinstance(value, bool):  # evaluate's data=from_checkpoint has no schema
+                raise UserError(f"data.{key}={value!r} must be true or false.")
         if on_device not in (True, False, "auto"):
             raise UserError(f"data.on_device={on_device!r} must be true, false or auto.")
         self.save_hyperparameters()

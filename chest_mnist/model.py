@@ -236,20 +236,31 @@ class MedMNISTClassifier(L.LightningModule):
             self._capture_training_graph(x)
         loss = self.loss(self(x), targets)
         # The epoch's mean loss is summed on the device and logged once, at the epoch's end;
-        # the step's loss is logged only on the steps the loggers write. Lightning's self.log
-        # costs about as much host time as the GPU's work for a step at batch 128 (BENCHMARKS.md,
-        # "Where the rest goes"), and the step is bound by the host.
+        # the step's loss is logged only on the steps the loggers write (on_train_batch_end).
+        # Lightning's self.log costs about as much host time as the GPU's work for a step at
+        # batch 128 (BENCHMARKS.md, "Where the rest goes"), and the step is bound by the host.
         self._train_loss_sum.add_(loss.detach(), alpha=len(x))
         self._train_images += len(x)
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            # not prog_bar=True: Lightning would copy it to the host after every step (a GPU
-            # sync); callbacks.ProgressBar shows the step's loss about once a second
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(x))
         return loss
 
     @override
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # After the callbacks' hooks: a Timer or an early stop sets should_stop there, and then
+        # Lightning writes this step's logs whatever the step.
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step % every == 0 or self.trainer.should_stop):
+            # not prog_bar=True: Lightning would copy it to the host after every step (a GPU
+            # sync); callbacks.ProgressBar shows the step's loss about once a second
+            loss = outputs["loss"]
+            self.log(
+                "train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(batch[0])
+            )
+
+    @override
+    def on_train_start(self) -> None:
+        self._reset_train_loss()  # also when a run resumes inside an epoch (no epoch start)
+
+    def _reset_train_loss(self) -> None:
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_images = 0
 
@@ -259,7 +270,8 @@ class MedMNISTClassifier(L.LightningModule):
         images = self._train_loss_sum.new_tensor(self._train_images)
         total = torch.stack([self._train_loss_sum, images])
         loss_sum, images = self.trainer.strategy.reduce(total, reduce_op="sum")
-        if images > 0:  # a resumed run that stopped at an epoch's very end trains no step
+        self._reset_train_loss()
+        if images > 0:  # a run resumed at an epoch's very end trains no step in it
             # sync_dist: every process holds the same value; it keeps Lightning from warning
             self.log("train/loss", loss_sum / images, sync_dist=True)
 

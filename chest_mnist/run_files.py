@@ -1,6 +1,7 @@
 """A run directory's layout, and the files other commands read back: each has one writer and
 one reader here, and its keys are named once.
 
+    <run>/.hydra/config.yaml      the composed config (Hydra writes it); read by compare
     <run>/checkpoints/            epochNNN-val_auroc*.ckpt (the best), last.ckpt
     <run>/report/metrics.json     every test number (test/auroc, test/f1/<label>, ...) and the
                                   run's facts under the names below; written by the report,
@@ -22,6 +23,7 @@ from pathlib import Path
 from chest_mnist import UserError
 
 CHECKPOINTS = "checkpoints"
+CONFIG = Path(".hydra") / "config.yaml"
 REPORT = "report"
 METRICS = "metrics.json"
 THRESHOLDS = "thresholds.json"

@@ -108,6 +108,9 @@ def test_two_groups_with_other_seeds_use_welch(tmp_path):
         ("older", "a report of an older version"),
         ("no_config", "not a run that train wrote"),
         ("same_seed", "have the same seed"),
+        ("no_seed", "was trained with seed=None"),
+        ("empty_config", "holds no config"),
+        ("null_metric", "test/acc is None, not a number"),
     ],
 )
 def test_bad_input_is_refused_naming_the_folder_and_nothing_is_written(tmp_path, make, message):
@@ -126,6 +129,14 @@ def test_bad_input_is_refused_naming_the_folder_and_nothing_is_written(tmp_path,
         (runs / "1" / ".hydra" / "config.yaml").unlink()
     elif make == "same_seed":
         fake_run(runs / "2", 1, metric_values(0.9))
+    elif make == "no_seed":
+        config = runs / "1" / ".hydra" / "config.yaml"
+        config.write_text(config.read_text().replace("seed: 1", "seed: null"))
+    elif make == "empty_config":
+        (runs / "1" / ".hydra" / "config.yaml").write_text("")
+    elif make == "null_metric":
+        metrics = runs / "1" / "report" / "metrics.json"
+        metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"test/acc": None}))
     with pytest.raises(UserError, match=message) as error:
         compare([runs], tmp_path / "out")
     assert str(runs) in str(error.value)
@@ -169,3 +180,23 @@ def test_compare_command_says_error_and_exits_2(tmp_path):
     result = run_module("chest_mnist.compare", str(tmp_path))
     assert result.returncode == 2
     assert f"error: {tmp_path} holds no run report" in result.stderr
+
+
+def test_a_run_found_twice_counts_once_and_settings_that_only_show_do_not_split(tmp_path):
+    fake_run(tmp_path / "sweep" / "1", 1, metric_values(0.90))
+    fake_run(tmp_path / "sweep" / "2", 2, metric_values(0.92), logger={"csv": {"x": 1}})
+    compare([tmp_path / "sweep", tmp_path / "sweep" / "1"], tmp_path / "out")
+    (row,) = read_csv(tmp_path / "out" / "compare.csv")
+    assert (row["group"], row["seeds"]) == ("all runs", "1 2")
+
+
+def test_a_group_of_one_run_and_no_stale_difference_table(tmp_path):
+    fake_run(tmp_path / "a" / "1", 1, metric_values(0.90))
+    fake_run(tmp_path / "b" / "1", 1, metric_values(0.92), lr=1e-2)
+    markdown = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert "0.9000 (1 seed)" in markdown and "+0.0200 n/a (a group of one run)" in markdown
+    assert (tmp_path / "out" / "compare_difference.csv").exists()
+    fake_run(tmp_path / "c" / "1", 1, metric_values(0.95), lr=3e-2)  # three groups now
+    compare([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "out")
+    assert not (tmp_path / "out" / "compare_difference.csv").exists()
+    assert len(read_csv(tmp_path / "out" / "compare.csv")) == 3

@@ -119,6 +119,13 @@ def test_drop_last_gives_equal_training_batches_and_keeps_evaluation_whole(
     assert [len(x) for x, _ in val] == [100, 100, 56]
 
 
+@pytest.mark.parametrize("key", ["augment", "drop_last", "mmap"])
+def test_a_switch_that_is_not_true_or_false_is_refused_by_the_data_module(key):
+    """Where no schema applies: Python callers, and evaluate's data=from_checkpoint."""
+    with pytest.raises(UserError, match=f"data.{key}='yes' must be true or false"):
+        MedMNISTDataModule(**{key: "yes"})
+
+
 @pytest.mark.parametrize("key", ["augment", "drop_last", "mmap", "verify_md5", "download"])
 def test_a_switch_that_is_not_true_or_false_is_refused(key):
     """The data schema (chest_mnist/schema.py) types the switches: Hydra refuses the value when

@@ -6,6 +6,7 @@ the step (BENCHMARKS.md), so calling it every step slowed every run."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -82,3 +83,77 @@ def test_train_loss_is_the_epochs_mean_and_logged_once_per_epoch(tmp_path, monke
         {s: loss for s, loss, *_ in steps if s in logged_steps}, rel=1e-6
     )
     assert sorted(calls) == ["train/loss"] * 2 + ["train/loss_step"] * len(logged_steps)
+
+
+class StopAtStep(L.Callback):
+    """Asks the trainer to stop after step `step` (as a Timer or early stopping does)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step - 1 == self.step:
+            trainer.should_stop = True
+
+
+def run_small(tmp_path: Path, extra: list[str]) -> list[dict]:
+    """Train on 70 images in batches of 32 (3 steps an epoch), recording each step; the rows
+    of the run's metrics.csv."""
+    npz = write_synthetic(tmp_path / "chest.npz", n_train=70, n_val=32, n_test=32, seed=0)
+    overrides = [
+        o for o in tiny_training_overrides(npz, tmp_path) if o != "+trainer.limit_train_batches=3"
+    ]
+    RecordSteps.steps = []
+    train(
+        compose_train(
+            overrides
+            + ["logger=csv", "test=false"]
+            + ["+callbacks.record._target_=tests.test_train_loss.RecordSteps"]
+            + extra
+        )
+    )
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_stop_asked_for_mid_epoch_writes_that_steps_own_loss(tmp_path):
+    """Lightning writes the logs of the step where should_stop is set, whatever the cadence:
+    the row must hold that step's loss, not an older one."""
+    rows = run_small(
+        tmp_path,
+        [
+            "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=2",
+            "+callbacks.stop._target_=tests.test_train_loss.StopAtStep",
+            "+callbacks.stop.step=2",
+        ],
+    )
+    losses = {step: loss for step, loss, *_ in RecordSteps.steps}
+    step_loss = {
+        int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")
+    }
+    assert step_loss == pytest.approx({1: losses[1], 2: losses[2]}, rel=1e-6)
+
+
+def test_a_run_resumed_inside_an_epoch_trains_and_logs_the_rest_of_it(tmp_path):
+    """The checkpoint Ctrl-C or SIGTERM writes is inside an epoch; the resumed run starts
+    there, without the epoch's start hook."""
+    first = tmp_path / "first"
+    run_small(
+        first,
+        [
+            "trainer.max_epochs=2",
+            "+callbacks.mid._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.mid.dirpath={first}/mid",
+            "+callbacks.mid.filename=step4",
+            "+callbacks.mid.every_n_train_steps=4",
+            "+callbacks.mid.save_on_train_epoch_end=false",
+        ],
+    )
+    resumed = tmp_path / "resumed"
+    rows = run_small(resumed, ["trainer.max_epochs=2", f"ckpt_path={first}/mid/step4.ckpt"])
+    steps = RecordSteps.steps
+    assert [(s, e) for s, _, _, e in steps] == [(4, 1), (5, 1)]  # the rest of epoch 1
+    (row,) = [r for r in rows if r.get("train/loss")]
+    expected = sum(loss * n for _, loss, n, _ in steps) / sum(n for _, _, n, _ in steps)
+    assert (int(row["epoch"]), float(row["train/loss"])) == (1, pytest.approx(expected, rel=1e-6))
