@@ -126,3 +126,17 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def holds_training_state(checkpoint: dict) -> bool:
+    """Whether training can continue from `checkpoint`: the optimizer's and the loops' state
+    are in it (last.ckpt), not the weights only (the best checkpoint)."""
+    return "optimizer_states" in checkpoint and "loops" in checkpoint
+
+
+def saved_milestones(checkpoint: dict) -> list[int] | None:
+    """The epochs of the learning-rate steps a checkpoint's MultiStepLR will take, or None."""
+    states = checkpoint.get("lr_schedulers") or [{}]
+    if "milestones" not in states[0]:
+        return None
+    return sorted(states[0]["milestones"].elements())

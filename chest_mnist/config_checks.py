@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from chest_mnist import UserError
-from chest_mnist.checkpoints import load_checkpoint
+from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
     """Refuse, before any data is made, a checkpoint that training cannot continue from; say
     when its learning-rate steps are not those of `cfg` (which the resumed run will not use)."""
     checkpoint = load_checkpoint(ckpt_path)
-    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+    if not holds_training_state(checkpoint):
         raise UserError(
             f"ckpt_path={ckpt_path} holds the weights only (the best checkpoint is saved that "
             f"way), not the optimizer and loop state that training continues from. Resume from "
@@ -123,10 +123,10 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
         )
     scheduler = cfg.model.get("scheduler") if cfg is not None else None
-    states = checkpoint.get("lr_schedulers") or [{}]
-    if not scheduler or "milestones" not in scheduler or "milestones" not in states[0]:
+    saved = saved_milestones(checkpoint)
+    if not scheduler or "milestones" not in scheduler or saved is None:
         return
-    saved, configured = sorted(states[0]["milestones"].elements()), sorted(scheduler.milestones)
+    configured = sorted(scheduler.milestones)
     if saved != configured:
         log.warning(
             "Resuming continues the learning-rate schedule saved in %s: lr steps at epochs %s, "

@@ -334,7 +334,7 @@ def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, caplog):
     from chest_mnist.config_checks import check_resumable
 
     last = trained_run / "checkpoints" / "last.ckpt"  # 2 epochs: steps at [1, 1]
-    with caplog.at_level("WARNING", logger="chest_mnist.train"):
+    with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
         check_resumable(str(last), compose_train(["trainer.max_epochs=2"]))
         assert not caplog.records
         check_resumable(str(last), compose_train(["trainer.max_epochs=10"]))
