@@ -4,6 +4,8 @@
 MD5-checked; any file given as `data.path`; or a synthetic one it writes), keeps each split
 whole as uint8, on the GPU when it fits, and serves batches cut by indexing
 (`chest_mnist.batches`); `on_after_batch_transfer` makes them model-ready on the device.
+`task` is medmnist INFO's task name and `kind` its `Task` (task.py): which outputs the model
+has and how prevalence is counted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from chest_mnist.batches import (
     to_model_input,
 )
 from chest_mnist.npz import SIZES, extract_npy, fetch_official, official_filename, read_npz
+from chest_mnist.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +106,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.info = INFO[flag]
         self.task = self.info["task"]
+        self.kind = Task.from_medmnist(self.task)
         names = [self.info["label"][str(i)] for i in range(len(self.info["label"]))]
-        if self.task == "binary-class":
-            self.labels = names[1:]  # one sigmoid output: the positive class
-        else:
-            self.labels = names  # one output per finding (sigmoid) or per class (softmax)
+        self.labels = self.kind.outputs(names)  # binary: one sigmoid output, the positive class
         self.splits: dict[str, SplitDataset] = {}
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -167,12 +168,7 @@ class MedMNISTDataModule(L.LightningDataModule):
     def prevalence(self, split: str = "train") -> torch.Tensor:
         """Fraction of the images of `split` that are positive for each output: per label, or
         per class for a multi-class task."""
-        labels = self.splits[split].labels
-        if self.task in ("multi-class", "ordinal-regression"):
-            return torch.bincount(
-                labels.reshape(-1).long(), minlength=len(self.labels)
-            ).float() / len(labels)
-        return labels.float().mean(0)
+        return self.kind.prevalence(self.splits[split].labels, len(self.labels))
 
     def _keep_on_device(self, device: torch.device) -> bool:
         if self.hparams.on_device != "auto":

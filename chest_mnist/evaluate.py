@@ -85,7 +85,7 @@ def evaluate_model(
         datamodule.labels,
         datamodule.prevalence("train"),
         rule=rule,
-        task=datamodule.task,
+        task=datamodule.kind,
     )
     report.scalars["loss"] = test_loss
     if trainer.is_global_zero:
@@ -145,7 +145,7 @@ def report_to_tensorboard(
                 out_dir,
                 test,
                 datamodule.labels,
-                datamodule.task,
+                datamodule.kind,
                 trainer.global_step,
             )
 

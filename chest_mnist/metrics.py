@@ -6,7 +6,9 @@ Multi-class (and ordinal regression, treated as multi-class): AUC is the macro m
 one-vs-rest AUCs and ACC the accuracy of the arg-max class. Exactly `medmnist.evaluator`'s
 `getAUC` and `getACC`, so our numbers compare with the published tables. Precision, recall
 and F1 come micro (pooled, dominated by the common labels) and macro (each label equal).
-Inputs are probabilities (sigmoid, or softmax for multi-class), not logits.
+Inputs are probabilities (sigmoid, or softmax for multi-class), not logits. What differs
+between the tasks (targets, decisions, counts, baselines) is the `Task`'s (task.py); here
+only the choice of torchmetrics' binary, multilabel or multiclass classes, which it names.
 
 AUROC is undefined for a label with no positives or no negatives in the split, and AP for one
 with no positives (medmnist's getAUC gives NaN there); torchmetrics scores them 0.0. Here they are
@@ -43,25 +45,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities.data import dim_zero_cat
 
 from chest_mnist import UserError
-
-THRESHOLD = 0.5  # MedMNIST's ACC: score > 0.5 is positive
-MULTI_LABEL = "multi-label, binary-class"
-
-
-def is_multiclass(task: str) -> bool:
-    """One class per image, chosen by arg-max (ordinal regression is treated the same way)."""
-    return task in ("multi-class", "ordinal-regression")
-
-
-def label_counts(
-    targets: torch.Tensor, num_labels: int, task: str = MULTI_LABEL
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positives, negatives) per output: per label column, or per class one against the rest."""
-    if is_multiclass(task):
-        positives = torch.bincount(targets.reshape(-1).long(), minlength=num_labels)
-    else:
-        positives = targets.reshape(len(targets), -1).long().sum(0)
-    return positives.cpu(), len(targets) - positives.cpu()
+from chest_mnist.task import MULTI_CLASS_TASK, MULTI_LABEL_TASK, THRESHOLD, Task
 
 
 def mean_over_defined(values: torch.Tensor) -> tuple[float, int]:
@@ -76,11 +60,11 @@ class _MacroOverDefinedAUROC:
     when none has), not torchmetrics' mean with 0.0 for the undefined ones. For the AUROC
     classes built with average=None; compute runs on the states synced across DDP ranks."""
 
-    task = MULTI_LABEL
+    task = MULTI_LABEL_TASK
 
     def compute(self) -> torch.Tensor:
         per_label = super().compute().reshape(-1).float()
-        positives, negatives = label_counts(dim_zero_cat(self.target), len(per_label), self.task)
+        positives, negatives = self.task.label_counts(dim_zero_cat(self.target), len(per_label))
         per_label[((positives == 0) | (negatives == 0)).to(per_label.device)] = float("nan")
         return torch.tensor(mean_over_defined(per_label)[0], device=per_label.device)
 
@@ -94,40 +78,51 @@ class MultilabelMacroAUROC(_MacroOverDefinedAUROC, MultilabelAUROC):
 
 
 class MulticlassMacroAUROC(_MacroOverDefinedAUROC, MulticlassAUROC):
-    task = "multi-class"
+    task = MULTI_CLASS_TASK
 
 
-def _classes(num_labels: int, task: str = MULTI_LABEL) -> dict:
-    """torchmetrics' multilabel classes, the binary ones for a single label (torchmetrics'
-    multilabel metrics need two labels or more; same definitions), or the multiclass ones."""
-    if is_multiclass(task):
-        kw = {"num_classes": num_labels}
-        return {
-            "auroc": lambda average: MulticlassAUROC(average=average, **kw),
-            "ap": lambda average: MulticlassAveragePrecision(average=average, **kw),
-            # MedMNIST's ACC of a multi-class task is the overall accuracy (micro); per class,
-            # evaluate_predictions derives one-vs-rest accuracy from the confusion matrix
-            "acc": lambda average: MulticlassAccuracy(
-                average="micro" if average == "macro" else average, **kw
-            ),
-            "precision": lambda average: MulticlassPrecision(average=average, **kw),
-            "recall": lambda average: MulticlassRecall(average=average, **kw),
-            "f1": lambda average: MulticlassF1Score(average=average, **kw),
-            "confusion": lambda: MulticlassConfusionMatrix(**kw),
-        }
-    if num_labels == 1:
-        kw = {"threshold": THRESHOLD}
-        return {
-            "auroc": lambda average: BinaryAUROC(),
-            "ap": lambda average: BinaryAveragePrecision(),
-            "acc": lambda average: BinaryAccuracy(**kw),
-            "precision": lambda average: BinaryPrecision(**kw),
-            "recall": lambda average: BinaryRecall(**kw),
-            "f1": lambda average: BinaryF1Score(**kw),
-            "confusion": lambda: BinaryConfusionMatrix(**kw),
-        }
+def _classes(num_labels: int, task: Task = MULTI_LABEL_TASK) -> dict:
+    """torchmetrics' classes of the task's `metric_family`: multilabel, binary for a single
+    label (same definitions), or multiclass. "macro_auroc": the scalar AUC."""
+    return _FAMILIES[task.metric_family(num_labels)](num_labels)
+
+
+def _multiclass(num_labels: int) -> dict:
+    kw = {"num_classes": num_labels}
+    return {
+        "macro_auroc": lambda: MulticlassMacroAUROC(average=None, **kw),
+        "auroc": lambda average: MulticlassAUROC(average=average, **kw),
+        "ap": lambda average: MulticlassAveragePrecision(average=average, **kw),
+        # MedMNIST's ACC of a multi-class task is the overall accuracy (micro); per class,
+        # the task's output_accuracy is one-vs-rest accuracy from the confusion matrix
+        "acc": lambda average: MulticlassAccuracy(
+            average="micro" if average == "macro" else average, **kw
+        ),
+        "precision": lambda average: MulticlassPrecision(average=average, **kw),
+        "recall": lambda average: MulticlassRecall(average=average, **kw),
+        "f1": lambda average: MulticlassF1Score(average=average, **kw),
+        "confusion": lambda: MulticlassConfusionMatrix(**kw),
+    }
+
+
+def _binary(num_labels: int) -> dict:
+    kw = {"threshold": THRESHOLD}
+    return {
+        "macro_auroc": lambda: BinaryMacroAUROC(),
+        "auroc": lambda average: BinaryAUROC(),
+        "ap": lambda average: BinaryAveragePrecision(),
+        "acc": lambda average: BinaryAccuracy(**kw),
+        "precision": lambda average: BinaryPrecision(**kw),
+        "recall": lambda average: BinaryRecall(**kw),
+        "f1": lambda average: BinaryF1Score(**kw),
+        "confusion": lambda: BinaryConfusionMatrix(**kw),
+    }
+
+
+def _multilabel(num_labels: int) -> dict:
     kw = {"num_labels": num_labels, "threshold": THRESHOLD}
     return {
+        "macro_auroc": lambda: MultilabelMacroAUROC(num_labels=num_labels, average=None),
         "auroc": lambda average: MultilabelAUROC(num_labels=num_labels, average=average),
         "ap": lambda average: MultilabelAveragePrecision(num_labels=num_labels, average=average),
         "acc": lambda average: MultilabelAccuracy(average=average, **kw),
@@ -138,6 +133,9 @@ def _classes(num_labels: int, task: str = MULTI_LABEL) -> dict:
     }
 
 
+_FAMILIES = {"multiclass": _multiclass, "binary": _binary, "multilabel": _multilabel}
+
+
 def _micro_and_macro(make: dict) -> dict:
     return {
         f"{name}_{average}": make[name](average)
@@ -146,22 +144,16 @@ def _micro_and_macro(make: dict) -> dict:
     }
 
 
-def scalar_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection:
+def scalar_metrics(num_labels: int, task: Task = MULTI_LABEL_TASK) -> MetricCollection:
     """The epoch numbers for val and test (at threshold 0.5, or arg-max): one collection,
     `.clone(prefix=...)` per stage."""
     make = _classes(num_labels, task)
-    if is_multiclass(task):
-        auroc = MulticlassMacroAUROC(num_classes=num_labels, average=None)
-    elif num_labels == 1:
-        auroc = BinaryMacroAUROC()
-    else:
-        auroc = MultilabelMacroAUROC(num_labels=num_labels, average=None)
-    metrics = {"auroc": auroc, "acc": make["acc"]("macro")}
+    metrics = {"auroc": make["macro_auroc"](), "acc": make["acc"]("macro")}
     metrics |= _micro_and_macro(make)
     return MetricCollection(metrics)
 
 
-def decision_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollection:
+def decision_metrics(num_labels: int, task: Task = MULTI_LABEL_TASK) -> MetricCollection:
     """Metrics of decisions (integer preds: torchmetrics applies no threshold to them): ACC,
     micro and macro precision/recall/F1, the same per label, and the confusion matrices:
     (num_labels, 2, 2) [[tn, fp], [fn, tp]], or one (C, C) matrix for a multi-class task."""
@@ -176,29 +168,6 @@ def decision_metrics(num_labels: int, task: str = MULTI_LABEL) -> MetricCollecti
 DECISIONS = ("acc", "precision", "recall", "f1")
 
 
-def all_negative_accuracy(targets: torch.Tensor) -> float:
-    """MedMNIST ACC of the model that says "no finding" for every label of every image."""
-    return (targets == 0).float().mean(0).mean().item()
-
-
-def majority_accuracy(
-    targets: torch.Tensor, prevalence_train: torch.Tensor, task: str = MULTI_LABEL
-) -> float:
-    """MedMNIST ACC on `targets` of the constant answer chosen on the training split: each
-    label's more frequent value there (for ChestMNIST "no finding", the all-negative model), or
-    the most frequent class. Chosen on train, as a model would be: the test labels' own
-    majority would be a baseline that peeked."""
-    if is_multiclass(task):
-        return (targets.reshape(-1) == int(torch.argmax(prevalence_train))).float().mean().item()
-    answer = (prevalence_train.to(targets.device) > 0.5).to(targets.dtype)
-    return (targets == answer).float().mean(0).mean().item()
-
-
-def as_targets(targets: torch.Tensor, task: str) -> torch.Tensor:
-    """What torchmetrics expects: (N,) class indices for multi-class, (N, L) 0/1 ints otherwise."""
-    return targets.reshape(-1).long() if is_multiclass(task) else targets.int()
-
-
 def _local(collection: MetricCollection) -> MetricCollection:
     """No sync across DDP ranks on compute: the caller passes a whole split already."""
     for metric in collection.values():
@@ -211,7 +180,7 @@ def evaluate_predictions(
     targets: torch.Tensor,
     labels: list[str],
     thresholds: torch.Tensor | None = None,
-    task: str = MULTI_LABEL,
+    task: Task = MULTI_LABEL_TASK,
 ) -> dict:
     """Everything the report needs from one split's (N, L) probabilities and targets.
 
@@ -222,62 +191,43 @@ def evaluate_predictions(
     prevalence, auroc, ap, acc, precision, recall, f1, threshold, tn, fp, fn, tp}],
     "confusion": (L, 2, 2), or (C, C) for multi-class, int tensor}.
     """
-    multiclass = is_multiclass(task)
-    targets = as_targets(targets, task)
+    targets = task.targets(targets)
     per = ranking_per_label(scores, targets, len(labels), task)
-    if multiclass:
-        threshold = torch.full((len(labels),), float("nan"))  # arg-max: no threshold
-        decisions = scores.argmax(-1)
-    else:
-        threshold = torch.full((len(labels),), THRESHOLD) if thresholds is None else thresholds
-        decisions = (scores > threshold.to(scores.device)).int()
+    threshold = task.thresholds(len(labels), thresholds)  # NaN for arg-max
     decided = _local(decision_metrics(len(labels), task)).to(scores.device)
-    decided.update(decisions, targets)
+    decided.update(task.decisions(scores, threshold), targets)
     values = {name: value.cpu() for name, value in decided.compute().items()}
-    confusion = values.pop("confusion").long()
+    confusion, counts = task.confusion_counts(values.pop("confusion").long())
     for name in DECISIONS:
         per[name] = values.pop(f"per_label_{name}").reshape(-1)
-    if multiclass:
-        counts = one_vs_rest_counts(confusion)
-        per["acc"] = (counts[:, 0] + counts[:, 3]).double() / len(targets)
-    else:
-        confusion = confusion.reshape(-1, 2, 2)
-        counts = confusion.reshape(-1, 4)  # tn, fp, fn, tp
+    per["acc"] = task.output_accuracy(per["acc"], counts)
 
     scalars = {}
     scalars["auroc"], scalars["auroc_labels"] = mean_over_defined(per["auroc"])
     scalars["ap_macro"], scalars["ap_macro_labels"] = mean_over_defined(per["ap"])
     scalars |= {name: value.item() for name, value in values.items()}
-    if not multiclass:
-        scalars["acc_all_negative"] = all_negative_accuracy(targets)
+    if (all_negative := task.all_negative_accuracy(targets)) is not None:
+        scalars["acc_all_negative"] = all_negative  # a multi-class task has no such answer
     scalars["n_images"] = len(targets)
     rows = per_label_rows(labels, per, threshold, counts)
     return {"scalars": scalars, "per_label": rows, "confusion": confusion}
 
 
 def ranking_per_label(
-    scores: torch.Tensor, targets: torch.Tensor, num_labels: int, task: str
+    scores: torch.Tensor, targets: torch.Tensor, num_labels: int, task: Task
 ) -> dict[str, torch.Tensor]:
     """{"auroc": (L,), "ap": (L,)} on the CPU from the scores, NaN where undefined (see the
-    module's docstring) rather than torchmetrics' 0.0. `targets` as `as_targets` gives them."""
+    module's docstring) rather than torchmetrics' 0.0. `targets` as `task.targets` gives them."""
     make = _classes(num_labels, task)
     ranking = _local(MetricCollection({"auroc": make["auroc"](None), "ap": make["ap"](None)})).to(
         scores.device
     )
     ranking.update(scores, targets)
     per = {name: value.cpu().reshape(-1).float() for name, value in ranking.compute().items()}
-    positives, negatives = label_counts(targets, num_labels, task)
+    positives, negatives = task.label_counts(targets, num_labels)
     per["auroc"][(positives == 0) | (negatives == 0)] = float("nan")  # undefined, not 0.0
     per["ap"][positives == 0] = float("nan")
     return per
-
-
-def one_vs_rest_counts(confusion: torch.Tensor) -> torch.Tensor:
-    """(C, 4) counts tn, fp, fn, tp of each class against the rest, from a (C, C) confusion
-    matrix whose rows are the true classes."""
-    tp = confusion.diagonal()
-    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-    return torch.stack([confusion.sum() - tp - fp - fn, fp, fn, tp], dim=1)
 
 
 def per_label_rows(

@@ -4,8 +4,9 @@ Two stems: `cifar` (3x3 stride-1 first convolution, no max-pool), which keeps a 
 at 28px through the first stage, as the MedMNIST v2 ResNet-18 (28) baseline does; and
 `imagenet`, torchvision's own, the one ImageNet weights fit (`pretrained=true`).
 
-The loss is BCE with logits per label, optionally weighted by (1 - p) / p from the train
-prevalence p (`pos_weight: auto`) so that rare findings count. The classifier head runs in
+The loss and the scores are the task's (task.py): BCE with logits per label, optionally
+weighted by (1 - p) / p from the train prevalence p (`pos_weight: auto`) so that rare findings
+count, or cross-entropy over the classes of a multi-class task. The classifier head runs in
 float32 even under bf16 autocast: scores in bf16 would tie often and blur AUROC.
 """
 
@@ -17,13 +18,13 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
 from chest_mnist import UserError, cuda_graphs
-from chest_mnist.metrics import MULTI_LABEL, as_targets, is_multiclass, scalar_metrics
+from chest_mnist.metrics import scalar_metrics
+from chest_mnist.task import MULTI_LABEL, Task
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class MedMNISTClassifier(L.LightningModule):
 
     Args:
         labels: the output names, in the dataset's order (`MedMNISTDataModule.labels`).
-        task: the `medmnist.INFO` task, which decides loss, scores and metrics.
+        task: the `medmnist.INFO` task, which decides loss, scores and metrics: its `Task`
+            is `self.kind`; the checkpoint keeps the name.
         stem, pretrained: see `build_resnet18`.
         pos_weight: None, "auto" ((1 - p) / p of the train prevalence), or one weight per label.
         optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
@@ -133,11 +135,8 @@ class MedMNISTClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         labels = list(labels)
-        if pos_weight is not None and is_multiclass(task):
-            raise UserError(
-                "model.pos_weight weights the positives of sigmoid outputs; a multi-class task has none. "
-                "Set model.pos_weight=null."
-            )
+        self.kind = Task.from_medmnist(task)
+        self.kind.check_pos_weight(pos_weight)
         cuda_graphs.check_setting(cuda_graph)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
@@ -153,11 +152,10 @@ class MedMNISTClassifier(L.LightningModule):
         if compile:
             self.backbone.compile(mode=None if compile is True else compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
-        self.multiclass = is_multiclass(task)
         self.graphs_wanted = False  # decided in setup("fit"), once the device is known
         self.training_graph: cuda_graphs.TrainingGraph | None = None
-        self.val_metrics = scalar_metrics(len(labels), task).clone(prefix="val/")
-        self.test_metrics = scalar_metrics(len(labels), task).clone(prefix="test/")
+        self.val_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="val/")
+        self.test_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="test/")
 
     @override
     def setup(self, stage: str) -> None:
@@ -198,15 +196,11 @@ class MedMNISTClassifier(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, mean over images (and labels)."""
-        smoothing = self.hparams.label_smoothing
-        if self.multiclass:
-            return F.cross_entropy(logits, targets.reshape(-1).long(), label_smoothing=smoothing)
-        soft = targets.float() * (1 - smoothing) + smoothing / 2
-        return F.binary_cross_entropy_with_logits(logits, soft, pos_weight=self.pos_weight)
+        return self.kind.loss(logits, targets, self.pos_weight, self.hparams.label_smoothing)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities: softmax over classes, or a sigmoid per label."""
-        return logits.softmax(-1) if self.multiclass else logits.sigmoid()
+        return self.kind.scores(logits)
 
     @override
     def on_fit_end(self) -> None:
@@ -297,7 +291,7 @@ class MedMNISTClassifier(L.LightningModule):
             batch_size=float(len(x)),
             sync_dist=True,  # the whole split's loss, not this process's share
         )
-        return self.scores(logits), as_targets(targets, self.hparams.task)
+        return self.scores(logits), self.kind.targets(targets)
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -13,7 +13,9 @@ probability per label, and the labels predicted at the per-label thresholds that
 tuned on validation for these very weights (`<run>/report/thresholds.json`, found next to the
 checkpoint, names the weights it was tuned for); for other weights (`last.ckpt` after a later
 best epoch, say) or without that file the threshold is 0.5, and the output says why.
-`thresholds=PATH` uses that file's thresholds whatever they were tuned for.
+`thresholds=PATH` uses that file's thresholds whatever they were tuned for. A multi-class
+model predicts its arg-max class and has no thresholds: the decision rule is the checkpoint's
+task's (`MedMNISTClassifier.kind`, task.py).
 
 A file that cannot be used (not an image, truncated, empty, missing, 4 channels, 16-bit, a
 folder with no images, an npz of another dataset) gets its own row with the reason, and a
@@ -42,10 +44,11 @@ from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
 from chest_mnist.config import register
-from chest_mnist.metrics import THRESHOLD, is_multiclass
+from chest_mnist.metrics import THRESHOLD
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
 from chest_mnist.run_files import REPORT, THRESHOLDS, read_thresholds, run_of
+from chest_mnist.task import Task
 
 log = logging.getLogger(__name__)
 register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
@@ -167,13 +170,13 @@ def choose_thresholds(
     ckpt_path: Path,
     digest: str,
     labels: list[str],
-    multiclass: bool,
+    task: Task,
 ) -> tuple[list[float] | None, str]:
     """(thresholds, where they come from). The thresholds tuned for these weights (`digest`):
     the checkpoint run's report/thresholds.json when it was tuned for them, else 0.5 for every
     label, and why. A file given as `thresholds=` is used whatever it was tuned for (the
-    source says when that was other weights). A multi-class model takes the arg-max class."""
-    if multiclass:
+    source says when that was other weights). None for a task that tunes none (arg-max)."""
+    if not task.tunes_thresholds:
         return None, "arg-max class (multi-class task)"
     if cfg_thresholds:
         path = Path(cfg_thresholds).expanduser()
@@ -212,12 +215,14 @@ def choose_thresholds(
 
 
 def predicted_labels(
-    scores: list[float], labels: list[str], thresholds: list[float] | None
+    scores: list[float], labels: list[str], thresholds: list[float] | None, task: Task
 ) -> list[str]:
-    """The labels whose score is above their threshold (as in the report), or the arg-max class."""
-    if thresholds is None:
-        return [labels[int(np.argmax(scores))]]
-    return [label for label, s, t in zip(labels, scores, thresholds, strict=True) if s > t]
+    """The labels whose score is above their threshold (as in the report), or the arg-max class.
+    In float64, as Python compares the floats of the scores and of thresholds.json."""
+    scores = torch.tensor([scores], dtype=torch.float64)
+    cuts = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float64)
+    chosen = task.predicted(scores, cuts)[0].tolist()
+    return [label for label, on in zip(labels, chosen, strict=True) if on]
 
 
 def write_output(
@@ -228,6 +233,7 @@ def write_output(
     thresholds: list[float] | None,
     source: str,
     checkpoint: Path,
+    task: Task,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -235,7 +241,7 @@ def write_output(
         row = {"path": item.path, "error": item.error or ""}
         if item.error is None:
             row |= {f"p_{label}": s for label, s in zip(labels, item.scores, strict=True)}
-            row["predicted"] = ";".join(predicted_labels(item.scores, labels, thresholds))
+            row["predicted"] = ";".join(predicted_labels(item.scores, labels, thresholds, task))
         rows.append(row)
     if fmt == "json":
         document = {
@@ -254,7 +260,7 @@ def write_output(
                     else dict(zip(labels, item.scores, strict=True)),
                     "predicted": None
                     if item.error
-                    else predicted_labels(item.scores, labels, thresholds),
+                    else predicted_labels(item.scores, labels, thresholds, task),
                 }
                 for item in items
             ],
@@ -288,13 +294,13 @@ def predict(cfg: DictConfig) -> dict:
         ckpt_path,
         weights_digest(model.state_dict()),
         labels,
-        is_multiclass(model.hparams.task),
+        model.kind,
     )
     device = resolve_device(cfg.device)
     flag = data["flag"]
     items = collect(inputs, data["size"], INFO[flag]["n_channels"], flag, cfg.split)
     score_items(model, items, data, cfg.batch_size, device)
-    write_output(output, cfg.format, items, labels, thresholds, source, ckpt_path)
+    write_output(output, cfg.format, items, labels, thresholds, source, ckpt_path, model.kind)
     failed = [item for item in items if item.error is not None]
     for item in failed:
         print(f"error: {item.path}: {item.error}", file=sys.stderr)

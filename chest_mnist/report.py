@@ -13,6 +13,7 @@
                          loss_curves.png (drawn by plots.py), and the same in TensorBoard
     report_markdown.py   report.md, a summary to read, with the figures
 """
+
 from __future__ import annotations
 
 import csv

@@ -2,7 +2,9 @@
 and test predictions of one checkpoint, with no files and no logging. Per-label thresholds
 are tuned on validation (never on test) and applied to test; every decision metric is given
 at 0.5 (MedMNIST's ACC) and at the tuned thresholds, next to the constant baseline. The
-writers (report_tables.py, report_figures.py, report_markdown.py) only read it."""
+writers (report_tables.py, report_figures.py, report_markdown.py) only read it. What differs
+between tasks (arg-max and no thresholds for multi-class, the report's words) is `Report.task`'s,
+a `Task` (task.py): the writers ask it and do not branch on the task's name."""
 
 from __future__ import annotations
 
@@ -10,14 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from chest_mnist.metrics import (
-    DECISIONS,
-    MULTI_LABEL,
-    evaluate_predictions,
-    is_multiclass,
-    majority_accuracy,
-    tune_thresholds,
-)
+from chest_mnist.metrics import DECISIONS, evaluate_predictions, tune_thresholds
+from chest_mnist.task import MULTI_LABEL_TASK, Task
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of a whole split
 # scalars that no threshold changes: reported once, not again as "<name>_tuned"
@@ -37,7 +33,7 @@ class Report:
     the writers only read it."""
 
     labels: list[str]  # the model's outputs: labels, or the classes of a multi-class task
-    task: str  # MedMNIST's task name: metrics.MULTI_LABEL, "multi-class", ...
+    task: Task  # its rules: thresholds tuned or arg-max, the words for its outputs
     rule: str  # how thresholds were tuned (a thresholds.rule), or "argmax"
     # at 0.5 (or arg-max); "<name>_tuned" at the tuned thresholds; evaluate adds the "loss"
     scalars: dict[str, float]
@@ -49,10 +45,6 @@ class Report:
     val: Split
     test: Split
 
-    @property
-    def multiclass(self) -> bool:
-        return is_multiclass(self.task)
-
 
 def build_report(
     val: Split,
@@ -60,24 +52,26 @@ def build_report(
     labels: list[str],
     prevalence_train: torch.Tensor,
     rule: str = "f1",
-    task: str = MULTI_LABEL,
+    task: Task = MULTI_LABEL_TASK,
 ) -> Report:
     """Every metric on `test` = (scores, targets): at 0.5 and at thresholds tuned on `val`, or
     at the arg-max class for a multi-class task (no thresholds to tune). The constant baseline
     is chosen on the training split's `prevalence_train`."""
-    multiclass = is_multiclass(task)
-    thresholds, kept = (None, {}) if multiclass else tune_thresholds(*val, rule=rule)
+    thresholds, kept, tuned = None, {}, None
     at_half = evaluate_predictions(*test, labels, task=task)
-    tuned = None if multiclass else evaluate_predictions(*test, labels, thresholds, task=task)
+    if task.tunes_thresholds:
+        thresholds, kept = tune_thresholds(*val, rule=rule)
+        tuned = evaluate_predictions(*test, labels, thresholds, task=task)
     scalars = dict(at_half["scalars"])
-    scalars["acc_majority"] = majority_accuracy(test[1], prevalence_train, task)
+    # chosen on train, as a model would be: the test labels' own majority would have peeked
+    scalars["acc_majority"] = task.majority_accuracy(test[1], prevalence_train)
     for name, value in (tuned["scalars"] if tuned else {}).items():
         if name not in THRESHOLD_FREE:
             scalars[f"{name}_tuned"] = value
     return Report(
         labels=list(labels),
         task=task,
-        rule="argmax" if multiclass else rule,
+        rule=rule if task.tunes_thresholds else "argmax",
         scalars=scalars,
         per_label=_per_label_rows(at_half, tuned, prevalence_train),
         thresholds=thresholds,

@@ -7,6 +7,8 @@
     loss_curves.png          train and val loss per epoch, from the run's logs (report.py)
 
 and `log_to_tensorboard`: the same figures, and one PR curve per label, in TensorBoard.
+The truth of one output (a label's column, or one class against the rest) is the `Task`'s
+(task.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from chest_mnist.metrics import is_multiclass
 from chest_mnist.plots import (
     plot_class_confusion,
     plot_confusion_matrices,
@@ -26,14 +27,9 @@ from chest_mnist.plots import (
     plot_roc_curves,
 )
 from chest_mnist.report_content import Report
+from chest_mnist.task import Task
 
 Curve = tuple[np.ndarray, np.ndarray]  # (x, y) points of one label's curve
-
-
-def label_truth(targets: torch.Tensor, k: int, multiclass: bool) -> torch.Tensor:
-    """0/1 per image for output `k`: its label column, or (multi-class) "is class k", one
-    against the rest."""
-    return (targets.reshape(-1) == k).int() if multiclass else targets[:, k].int()
 
 
 def curves_on_test(report: Report) -> tuple[list[Curve], list[Curve]]:
@@ -42,7 +38,7 @@ def curves_on_test(report: Report) -> tuple[list[Curve], list[Curve]]:
     scores, targets = report.test[0].float(), report.test[1].int()
     rocs, prs = [], []
     for k in range(len(report.labels)):
-        truth = label_truth(targets, k, report.multiclass)
+        truth = report.task.truth(targets, k)
         fpr, tpr, _ = binary_roc(scores[:, k], truth)
         precision, recall, _ = binary_precision_recall_curve(scores[:, k], truth)
         rocs.append((fpr.numpy(), tpr.numpy()))
@@ -51,7 +47,9 @@ def curves_on_test(report: Report) -> tuple[list[Curve], list[Curve]]:
 
 
 def write_confusion_matrices(report: Report, path: Path) -> Path:
-    if report.multiclass:
+    """At the tuned thresholds, one (2, 2) matrix per label; without thresholds to tune, the
+    one (C, C) matrix of the arg-max class."""
+    if not report.task.tunes_thresholds:
         return plot_class_confusion(
             report.confusion.numpy(),
             report.labels,
@@ -94,7 +92,7 @@ def log_to_tensorboard(
     report_dir: Path,
     test: tuple[torch.Tensor, torch.Tensor],
     labels: list[str],
-    task: str,
+    task: Task,
     step: int,
 ) -> None:
     """The report's figures into a TensorBoard run (IMAGES: `report/<figure>`) and one
@@ -108,6 +106,6 @@ def log_to_tensorboard(
         writer.add_image(f"report/{png.stem}", pixels, step, dataformats="HWC")
     scores, targets = test[0].float(), test[1]
     for k, label in enumerate(labels):
-        truth = label_truth(targets, k, is_multiclass(task)).bool()
+        truth = task.truth(targets, k).bool()
         writer.add_pr_curve(f"test/pr_curve/{label}", truth, scores[:, k], step)
     writer.flush()

@@ -1,6 +1,8 @@
 """report.md, the report to read, from a `Report` (report_content.py): which weights, the summary at
 0.5 and at the tuned thresholds next to the constant baseline, one row per label, where the
-model is weak, and links to the figures. Nothing is computed here but the wording.
+model is weak, and links to the figures. Nothing is computed here but the wording; the words
+for a task's outputs ("label" or "class", the baseline's answer) are its `Task`'s (task.py),
+and the tuned columns appear when it tunes thresholds.
 """
 
 from __future__ import annotations
@@ -47,40 +49,39 @@ def _title(report: Report, flag: str, facts: dict) -> list[str]:
 
 
 def _summary_table(report: Report) -> list[str]:
-    """ACC and the micro and macro means: at the arg-max class, or at 0.5 and tuned."""
+    """ACC and the micro and macro means: at 0.5 (or the arg-max class), and tuned if tuned."""
     s = report.scalars
-    lines = ["## Summary", ""]
-    if report.multiclass:
-        lines += ["| | arg-max class |", "| --- | --- |", f"| ACC (MedMNIST) | {s['acc']:.4f} |"]
-        lines += [
-            f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} |"
-            for name in ("f1", "precision", "recall")
-        ]
-        return lines
+    columns = {report.task.words.untuned_rule: ""}  # heading: the suffix of its scalars' names
+    if report.task.tunes_thresholds:
+        columns["at thresholds tuned on validation"] = "_tuned"
+    lines = ["## Summary", "", "| | " + " | ".join(columns) + " |"]
+    lines.append(_row(*["---"] * (len(columns) + 1)))
+    lines.append(_row("ACC (MedMNIST)", *(f"{s['acc' + c]:.4f}" for c in columns.values())))
     lines += [
-        "| | at threshold 0.5 | at thresholds tuned on validation |",
-        "| --- | --- | --- |",
-        f"| ACC (MedMNIST) | {s['acc']:.4f} | {s['acc_tuned']:.4f} |",
-    ]
-    lines += [
-        f"| {name} macro / micro | {s[name + '_macro']:.4f} / {s[name + '_micro']:.4f} | "
-        f"{s[name + '_macro_tuned']:.4f} / {s[name + '_micro_tuned']:.4f} |"
+        _row(
+            f"{name} macro / micro",
+            *(
+                f"{s[f'{name}_macro{c}']:.4f} / {s[f'{name}_micro{c}']:.4f}"
+                for c in columns.values()
+            ),
+        )
         for name in ("f1", "precision", "recall")
     ]
     return lines
 
 
+def _row(*cells: str) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _ranking_and_baseline(report: Report) -> list[str]:
     """AUC and AP, with the labels they leave out; the constant baseline's ACC beside ours."""
     s, rows = report.scalars, report.per_label
-    constant = (
-        "the class most frequent in training"
-        if report.multiclass
-        else "each label's more frequent value in training"
-    )
+    constant = report.task.words.constant_answer
     if "acc_all_negative" in s and abs(s["acc_all_negative"] - s["acc_majority"]) < 1e-12:
         constant = "no finding for every label (each label's more frequent value in training)"
-    over = "classes, one against the rest" if report.multiclass else "labels"
+    over = report.task.words.macro_over
     gap = round(s["acc"] - s["acc_majority"], 4)
     versus = "the same (to 4 decimals)" if gap == 0 else f"{gap:+.4f} from it"  # never "-0.0000"
     return [
@@ -98,7 +99,7 @@ def _ranking_and_baseline(report: Report) -> list[str]:
 
 def _thresholds(report: Report) -> list[str]:
     """How the thresholds were chosen, and the labels that kept 0.5 and why."""
-    if report.multiclass:
+    if not report.task.tunes_thresholds:
         return []
     lines = [
         f"Thresholds were chosen per label on the validation split (rule: {report.rule}) and only "
@@ -116,28 +117,21 @@ def _thresholds(report: Report) -> list[str]:
 
 def _per_label_table(report: Report) -> list[str]:
     """One row per label: its ranking metrics, and its decisions (tuned, when tuned)."""
-    lines = ["## Per label", ""]
-    if report.multiclass:
-        lines += [
-            "| class | test prevalence | support | AUROC | AP | precision | recall | F1 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    tuned = report.task.tunes_thresholds
+    heads = [report.task.words.output, "test prevalence", "support", "AUROC", "AP"]
+    heads += ["F1 @0.5", "threshold"] if tuned else []
+    heads += ["precision", "recall", "F1"]
+    lines = ["## Per label", "", _row(*heads), _row(*["---"] * len(heads))]
+    for r in report.per_label:
+        cells = [r["label"], f"{r['prevalence_test']:.4f}", str(r["support"])]
+        cells += [
+            _number(r["auroc"], _undefined(r, "auroc")),
+            _number(r["ap"], _undefined(r, "ap")),
         ]
-        lines += [
-            f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
-            f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
-            for r in report.per_label
-        ]
-        return lines
-    lines += [
-        "| label | test prevalence | support | AUROC | AP | F1 @0.5 | threshold | precision | recall | F1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r['label']} | {r['prevalence_test']:.4f} | {r['support']} | {_number(r['auroc'], _undefined(r, 'auroc'))} | "
-        f"{_number(r['ap'], _undefined(r, 'ap'))} | {r['f1']:.4f} | {r['threshold']:.4f} | {r['precision_tuned']:.4f} | {r['recall_tuned']:.4f} | "
-        f"{r['f1_tuned']:.4f} |"
-        for r in report.per_label
-    ]
+        cells += [f"{r['f1']:.4f}", f"{r['threshold']:.4f}"] if tuned else []
+        suffix = "_tuned" if tuned else ""
+        cells += [f"{r[name + suffix]:.4f}" for name in ("precision", "recall", "f1")]
+        lines.append(_row(*cells))
     return lines
 
 
@@ -153,10 +147,10 @@ def _weaknesses(report: Report) -> list[str]:
     )
     silent = [r["label"] for r in rows if r["recall"] == 0 and r["support"] > 0]
     if silent:
-        at_half = "" if report.multiclass else " at threshold 0.5"
+        at_half = f" {report.task.words.untuned_rule}" if report.task.tunes_thresholds else ""
         lines.append(f"Never found{at_half}: {', '.join(silent)}.")
     never = [r["label"] for r in rows if r["tp"] + r["fp"] == 0]
-    if never and not report.multiclass:
+    if never and report.task.tunes_thresholds:
         lines.append(f"Never predicted even at the tuned threshold: {', '.join(never)}.")
     return lines
 

@@ -45,7 +45,7 @@ def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
     checkpoint and weights_sha256): predict uses them for these weights only."""
     checkpoint = facts.get(run_files.CHECKPOINT)
     tuned = None
-    if not report.multiclass:
+    if report.thresholds is not None:  # none to tune for the arg-max (Task.tunes_thresholds)
         tuned = {label: float(t) for label, t in zip(report.labels, report.thresholds, strict=True)}
     thresholds = run_files.Thresholds(
         rule=report.rule,
@@ -54,7 +54,7 @@ def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
         checkpoint=Path(checkpoint).name if checkpoint else None,
         weights_sha256=facts.get(run_files.WEIGHTS_SHA256),
         kept_at_default=report.threshold_notes,
-        chosen_on=None if report.multiclass else "val",
+        chosen_on=None if tuned is None else "val",
     )
     return run_files.write_thresholds(out_dir, thresholds)
 
@@ -78,7 +78,7 @@ def write_predictions_npz(report: Report, out_dir: Path) -> Path:
         "val_labels": report.val[1].numpy().astype(np.uint8),
         "label_names": np.array(report.labels),
     }
-    if not report.multiclass:
+    if report.thresholds is not None:
         arrays["thresholds"] = report.thresholds.numpy()
     path = out_dir / "predictions.npz"
     np.savez_compressed(path, **arrays)

@@ -4,8 +4,12 @@ import torch
 from medmnist.evaluator import getACC, getAUC
 from sklearn.metrics import f1_score, multilabel_confusion_matrix, precision_score, recall_score
 
-from chest_mnist.metrics import all_negative_accuracy, evaluate_predictions
+from chest_mnist.metrics import evaluate_predictions
 from chest_mnist.synthetic import LABELS
+from chest_mnist.task import MULTI_LABEL_TASK, Task
+
+BINARY = Task.from_medmnist("binary-class")
+MULTI_CLASS = Task.from_medmnist("multi-class")
 
 
 def _predictions(n=600, labels=14, seed=0):
@@ -62,10 +66,10 @@ def test_precision_recall_f1_and_confusion_equal_sklearn():
 def test_all_negative_baseline_by_hand():
     # 4 images x 3 labels, 3 positives of 12: "no finding" everywhere is right 9 times in 12
     targets = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 0, 0]])
-    assert all_negative_accuracy(targets) == pytest.approx(0.75)
+    assert MULTI_LABEL_TASK.all_negative_accuracy(targets) == pytest.approx(0.75)
     # and it is exactly what MedMNIST ACC gives an all-zero score
     zeros = torch.zeros(4, 3)
-    assert all_negative_accuracy(targets) == pytest.approx(
+    assert MULTI_LABEL_TASK.all_negative_accuracy(targets) == pytest.approx(
         getACC(targets.numpy(), zeros.numpy(), "multi-label, binary-class")
     )
 
@@ -114,7 +118,7 @@ def test_multiclass_task_equals_medmnist_evaluator():
     logits = torch.randn(400, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(targets[:, 0], 8)
     scores = logits.softmax(-1)
     names = [f"c{k}" for k in range(8)]
-    report = evaluate_predictions(scores, targets, names, task="multi-class")
+    report = evaluate_predictions(scores, targets, names, task=MULTI_CLASS)
     y, s = targets.numpy(), scores.numpy()
     assert report["scalars"]["auroc"] == pytest.approx(getAUC(y, s, "multi-class"), abs=1e-6)
     assert report["scalars"]["acc"] == pytest.approx(getACC(y, s, "multi-class"), abs=1e-6)
@@ -167,7 +171,7 @@ def test_undefined_auroc_in_binary_and_multiclass_tasks():
     scores, targets = _predictions(n=50, labels=1, seed=9)
     report = evaluate_predictions(scores, torch.zeros_like(targets), ["pneumonia"])
     assert np.isnan(report["scalars"]["auroc"]) and report["scalars"]["auroc_labels"] == 0
-    logged = scalar_metrics(1, "binary-class")
+    logged = scalar_metrics(1, BINARY)
     logged.update(scores, torch.zeros_like(targets))
     assert np.isnan(logged.compute()["auroc"].item())
 
@@ -175,12 +179,12 @@ def test_undefined_auroc_in_binary_and_multiclass_tasks():
     classes = torch.randint(0, 4, (300, 1), generator=g)
     classes[classes == 2] = 3  # class 2 never occurs
     probabilities = torch.randn(300, 4, generator=g).softmax(-1)
-    report = evaluate_predictions(probabilities, classes, list("abcd"), task="multi-class")
+    report = evaluate_predictions(probabilities, classes, list("abcd"), task=MULTI_CLASS)
     assert np.isnan(report["per_label"][2]["auroc"]) and report["scalars"]["auroc_labels"] == 3
     y, p = classes[:, 0].numpy(), probabilities.numpy()
     expected = np.mean([roc_auc_score(y == k, p[:, k]) for k in (0, 1, 3)])
     assert report["scalars"]["auroc"] == pytest.approx(expected, abs=1e-6)
-    logged = scalar_metrics(4, "multi-class")
+    logged = scalar_metrics(4, MULTI_CLASS)
     logged.update(probabilities, classes[:, 0])
     assert logged.compute()["auroc"].item() == pytest.approx(expected, abs=1e-6)
 
@@ -218,7 +222,7 @@ def test_a_report_with_no_defined_auroc_says_so(tmp_path):
     val = _predictions(n=50, labels=1, seed=13)
     scores, targets = _predictions(n=40, labels=1, seed=14)
     test = (scores, torch.zeros_like(targets))
-    report = build_report(val, test, ["pneumonia"], torch.tensor([0.7]), task="binary-class")
+    report = build_report(val, test, ["pneumonia"], torch.tensor([0.7]), task=BINARY)
     write_report(tmp_path, report, "pneumoniamnist", 28)
     text = (tmp_path / "report.md").read_text()
     assert "AUC (MedMNIST, macro over labels): **undefined** (over 0 of 1;" in text
@@ -229,12 +233,12 @@ def test_a_report_with_no_defined_auroc_says_so(tmp_path):
 def test_the_constant_baseline_is_chosen_on_train_not_test():
     """A label positive in 70% of training images but 30% of test images: the constant answer
     chosen on train ("positive") scores 0.3 on it; the test split's own majority would be 0.7."""
-    from chest_mnist.metrics import majority_accuracy
-
     targets = torch.zeros(10, 2, dtype=torch.int)
     targets[:3, 0] = 1
-    assert majority_accuracy(targets, torch.tensor([0.7, 0.1])) == pytest.approx((0.3 + 1.0) / 2)
+    assert MULTI_LABEL_TASK.majority_accuracy(targets, torch.tensor([0.7, 0.1])) == pytest.approx(
+        (0.3 + 1.0) / 2
+    )
     classes = torch.tensor([[0], [0], [0], [1], [2]])
-    assert majority_accuracy(
-        classes, torch.tensor([0.2, 0.5, 0.3]), "multi-class"
-    ) == pytest.approx(0.2)
+    assert MULTI_CLASS.majority_accuracy(classes, torch.tensor([0.2, 0.5, 0.3])) == pytest.approx(
+        0.2
+    )

@@ -217,6 +217,7 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
     source says its weights are unknown, not that they are other weights; a report of weights
     in no checkpoint file says so instead of "None"."""
     from chest_mnist.predict import choose_thresholds
+    from chest_mnist.task import MULTI_LABEL_TASK
 
     labels = ["a", "b"]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -224,13 +225,13 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
     beside.parent.mkdir(parents=True)
     beside.write_text(json.dumps({"rule": "f1", "labels": {"a": 0.3, "b": 0.7}}))  # older file
 
-    values, source = choose_thresholds(None, ckpt, "0" * 64, labels, multiclass=False)
+    values, source = choose_thresholds(None, ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
     assert values == [0.5, 0.5]
     assert source == f"0.5 for every label ({beside} does not say which weights it was tuned for)"
     assert "does not say which weights it was tuned for: every label at 0.5" in (
         capsys.readouterr().err
     )
-    values, source = choose_thresholds(str(beside), ckpt, "0" * 64, labels, multiclass=False)
+    values, source = choose_thresholds(str(beside), ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
     assert values == [0.3, 0.7]
     assert source == (
         "tuned on validation for weights it does not name (an older thresholds.json), "
@@ -239,7 +240,7 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
 
     named = {"rule": "f1", "labels": {"a": 0.3, "b": 0.7}, "checkpoint": None}
     beside.write_text(json.dumps(named | {"weights_sha256": "f" * 64}))  # no checkpoint file
-    values, source = choose_thresholds(None, ckpt, "0" * 64, labels, multiclass=False)
+    values, source = choose_thresholds(None, ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
     assert values == [0.5, 0.5] and "None" not in source
     assert "tuned for other weights (in no checkpoint file), not last.ckpt" in source
 
