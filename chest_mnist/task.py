@@ -64,7 +64,7 @@ class Task:
             return SigmoidTask(name)
         raise UserError(
             f"task={name!r} is not a MedMNIST task; it is one of medmnist INFO's: "
-            f"{', '.join((MULTI_LABEL, BINARY, *SOFTMAX_TASKS))}."
+            f"{', '.join(map(repr, (MULTI_LABEL, BINARY, *SOFTMAX_TASKS)))}."
         )
 
     def outputs(self, names: list[str]) -> list[str]:
@@ -121,7 +121,11 @@ class SigmoidTask(Task):
 
     def thresholds(self, num_outputs: int, tuned: Tensor | None = None) -> Tensor:
         """Each label's threshold: `tuned`, or THRESHOLD."""
-        return torch.full((num_outputs,), THRESHOLD) if tuned is None else tuned
+        if tuned is None:
+            return torch.full((num_outputs,), THRESHOLD)
+        if tuned.shape != (num_outputs,):  # no broadcasting one threshold over every label
+            raise ValueError(f"{tuned.numel()} thresholds for {num_outputs} labels")
+        return tuned
 
     def decisions(self, scores: Tensor, thresholds: Tensor | None = None) -> Tensor:
         """(N, L) 0/1 ints: score above the label's threshold (THRESHOLD when None)."""

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +95,8 @@ def test_thresholds_default_to_half_and_are_nan_for_arg_max():
     assert MULTI_LABEL.thresholds(2, tuned) is tuned
     assert all(math.isnan(t) for t in MULTI_CLASS.thresholds(3, tuned).tolist())
     assert MULTI_LABEL.tunes_thresholds and not MULTI_CLASS.tunes_thresholds
+    with pytest.raises(ValueError, match="1 thresholds for 2 labels"):  # not broadcast
+        MULTI_LABEL.thresholds(2, torch.tensor([0.3]))
 
 
 def test_decisions_are_strictly_above_the_threshold_or_the_arg_max():
@@ -155,3 +158,54 @@ def test_metric_family_and_words():
     assert MULTI_CLASS.words.macro_over == "classes, one against the rest"
     assert MULTI_LABEL.words.untuned_rule == "at threshold 0.5"
     assert MULTI_CLASS.words.untuned_rule == "arg-max class"
+
+
+def test_predict_compares_as_python_does_in_float64():
+    """A score stored as float32 and a threshold written by hand: 0.1 as a float32 is
+    0.10000000149..., above the float64 0.1 (Python says so); in float32 they are equal."""
+    from chest_mnist.predict import predicted_labels
+
+    score = float(np.float32(0.1))
+    assert score > 0.1
+    assert predicted_labels([score, 0.0], ["a", "b"], [0.1, 0.5], MULTI_LABEL) == ["a"]
+    with pytest.raises(ValueError):  # one threshold for two labels is refused, not broadcast
+        predicted_labels([score, 0.0], ["a", "b"], [0.1], MULTI_LABEL)
+
+
+@pytest.mark.parametrize("task", [MULTI_LABEL, MULTI_CLASS])
+def test_report_md_tables_hold_per_class_csv_numbers(tmp_path, task):
+    """report.md's per-label table against per_class.csv, column by column: for sigmoid
+    outputs F1 at 0.5, then the tuned threshold, precision, recall and F1; for classes the
+    decisions at the arg-max (no threshold column)."""
+    import csv
+
+    from chest_mnist.report import write_report
+    from chest_mnist.report_content import build_report
+
+    g = torch.Generator().manual_seed(0)
+    if task is MULTI_LABEL:
+        targets = (torch.rand(60, 2, generator=g) < 0.4).int()
+        scores = targets * 0.3 + torch.rand(60, 2, generator=g) * 0.7
+    else:
+        targets = torch.randint(0, 2, (60, 1), generator=g)
+        scores = torch.nn.functional.one_hot(targets[:, 0], 2) * 0.3 + torch.rand(
+            60, 2, generator=g
+        )
+        scores = scores / scores.sum(1, keepdim=True)
+    report = build_report(
+        (scores, targets), (scores, targets), ["a", "b"], torch.tensor([0.4, 0.4]), "f1", task
+    )
+    write_report(tmp_path, report, "chestmnist", 28)
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        rows = {row["label"]: row for row in csv.DictReader(f)}
+    table = (tmp_path / "report.md").read_text().split("## Per label")[1].split("\n## ")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    tuned = task.tunes_thresholds
+    columns = ["f1", "threshold", "precision_tuned", "recall_tuned", "f1_tuned"] if tuned else []
+    columns = columns or ["precision", "recall", "f1"]
+    assert ("| threshold |" in lines[0]) == tuned
+    for label in ("a", "b"):
+        (line,) = [line for line in lines if line.startswith(f"| {label} |")]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[-len(columns) :] == [f"{float(rows[label][c]):.4f}" for c in columns]
+        assert cells[3] == f"{float(rows[label]['auroc']):.4f}"
