@@ -21,6 +21,7 @@ import numpy as np
 from medmnist import INFO
 
 from chest_mnist import UserError
+from chest_mnist.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def read_split(
     checked against `medmnist.INFO[flag]` at `size`."""
     info = INFO[flag]
     n_labels = len(info["label"])
-    label_columns = n_labels if info["task"].startswith("multi-label") else 1
+    label_columns, top = Task.from_medmnist(info["task"]).label_file_shape(n_labels)
     image_shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in npz.files:
@@ -233,7 +234,6 @@ def read_split(
             f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, "
             f"{label_columns}): {flag} has {n_labels} labels ({info['task']})."
         )
-    top = 1 if label_columns > 1 or info["task"] == "binary-class" else n_labels - 1
     check_label_values(labels, top, f"{path}: {split}_labels", flag, info["task"])
     expected = info["n_samples"][split]
     if len(images) != expected:

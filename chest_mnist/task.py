@@ -71,6 +71,11 @@ class Task:
         """The model's outputs from medmnist INFO's label names, in order."""
         return names
 
+    def label_file_shape(self, num_names: int) -> tuple[int, int]:
+        """(columns, largest value) of a MedMNIST npz's labels array, for `num_names` label
+        names: one 0/1 column per finding (multi-label), or one column of the class index."""
+        return 1, num_names - 1
+
     def check_pos_weight(self, pos_weight) -> None:
         """A UserError when the model's `pos_weight` does not fit these outputs."""
 
@@ -93,6 +98,9 @@ class SigmoidTask(Task):
 
     def outputs(self, names: list[str]) -> list[str]:
         return names[1:] if self.name == BINARY else names  # one output: the positive class
+
+    def label_file_shape(self, num_names: int) -> tuple[int, int]:
+        return (1 if self.name == BINARY else num_names), 1
 
     def loss(
         self, logits: Tensor, targets: Tensor, pos_weight: Tensor | None, smoothing: float

@@ -209,3 +209,21 @@ def test_report_md_tables_hold_per_class_csv_numbers(tmp_path, task):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[-len(columns) :] == [f"{float(rows[label][c]):.4f}" for c in columns]
         assert cells[3] == f"{float(rows[label]['auroc']):.4f}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "shape"),
+    [
+        ("chestmnist", (14, 1)),
+        ("pneumoniamnist", (1, 1)),
+        ("pathmnist", (1, 8)),
+        ("retinamnist", (1, 4)),
+    ],
+)
+def test_label_file_shape_of_a_medmnist_npz(flag, shape):
+    """(columns, largest value) of the labels array: 14 findings of 0/1, one 0/1 column, or
+    the class index (9 tissue classes; 5 retinopathy grades)."""
+    from medmnist import INFO
+
+    info = INFO[flag]
+    assert Task.from_medmnist(info["task"]).label_file_shape(len(info["label"])) == shape
