@@ -86,8 +86,8 @@ def evaluate_model(
         datamodule.prevalence("train"),
         rule=rule,
         task=datamodule.kind,
+        loss=test_loss,
     )
-    report.scalars["loss"] = test_loss
     if trainer.is_global_zero:
         weights = {
             run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,

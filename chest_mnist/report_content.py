@@ -35,7 +35,7 @@ class Report:
     labels: list[str]  # the model's outputs: labels, or the classes of a multi-class task
     task: Task  # its rules: thresholds tuned or arg-max, the words for its outputs
     rule: str  # how thresholds were tuned (a thresholds.rule), or "argmax"
-    # at 0.5 (or arg-max); "<name>_tuned" at the tuned thresholds; evaluate adds the "loss"
+    # at 0.5 (or arg-max); "<name>_tuned" at the tuned thresholds; the "loss" when given
     scalars: dict[str, float]
     per_label: list[dict]  # per_class.csv's rows, with its columns in order
     thresholds: torch.Tensor | None  # one per label, tuned on val; None for arg-max
@@ -53,10 +53,12 @@ def build_report(
     prevalence_train: torch.Tensor,
     rule: str = "f1",
     task: Task = MULTI_LABEL_TASK,
+    loss: float | None = None,
 ) -> Report:
     """Every metric on `test` = (scores, targets): at 0.5 and at thresholds tuned on `val`, or
     at the arg-max class for a multi-class task (no thresholds to tune). The constant baseline
-    is chosen on the training split's `prevalence_train`."""
+    is chosen on the training split's `prevalence_train`; `loss`, the test loss, is reported
+    as given."""
     thresholds, kept, tuned = None, {}, None
     at_half = evaluate_predictions(*test, labels, task=task)
     if task.tunes_thresholds:
@@ -68,6 +70,8 @@ def build_report(
     for name, value in (tuned["scalars"] if tuned else {}).items():
         if name not in THRESHOLD_FREE:
             scalars[f"{name}_tuned"] = value
+    if loss is not None:
+        scalars["loss"] = loss
     return Report(
         labels=list(labels),
         task=task,
