@@ -51,18 +51,25 @@ def timed(step, steps: int = STEPS) -> float:
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def eager() -> float:
-    net, (x, y) = network(), batch()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+def training_step(forward, opt, x, y, set_to_none: bool = True, cache_enabled: bool = False):
+    """One step of the protocol's training: `forward` (the network, or its graphed copy)
+    under bf16 autocast, BCE, backward, `opt`. Graphs need autocast without its weight cache,
+    and a captured step (`set_to_none=False`) the same gradient buffers every time."""
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+        opt.zero_grad(set_to_none=set_to_none)
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=cache_enabled):
+            loss = F.binary_cross_entropy_with_logits(forward(x).float(), y)
         loss.backward()
         opt.step()
 
-    return timed(step)
+    return step
+
+
+def eager() -> float:
+    net, (x, y) = network(), batch()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    return timed(training_step(net, opt, x, y, cache_enabled=True))
 
 
 def graphed_fb(profile: bool = False) -> float:
@@ -70,14 +77,7 @@ def graphed_fb(profile: bool = False) -> float:
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(net, (x.clone(),))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            loss = F.binary_cross_entropy_with_logits(graphed(x).float(), y)
-        loss.backward()
-        opt.step()
-
+    step = training_step(graphed, opt, x, y)
     if not profile:
         return timed(step)
     timed(step, 20)
@@ -93,14 +93,7 @@ def whole_step(channels_last: bool = True) -> float:
     net, (x, y) = network(channels_last), batch(channels_last)
     lr = torch.tensor(1e-3, device="cuda")
     opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True, foreach=True)
-
-    def step():
-        opt.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
-        loss.backward()
-        opt.step()
-
+    step = training_step(net, opt, x, y, set_to_none=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

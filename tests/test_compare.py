@@ -14,6 +14,7 @@ from scipy import stats
 from chest_mnist import UserError
 from chest_mnist.compare import METRICS, compare
 from tests.conftest import run_module
+from tests.test_sweep import tiny
 
 LABELS = ("effusion", "hernia")
 
@@ -151,13 +152,7 @@ def test_compare_on_a_seed_sweep_of_real_runs(tmp_path, synthetic_npz):
         "chest_mnist.train",
         "-m",
         "seed=1,2",
-        "data=synthetic",
-        f"data.path={synthetic_npz}",
-        "data.batch_size=64",
-        "model.stem=imagenet",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
+        *tiny(synthetic_npz, tmp_path),
         "callbacks.progress_bar.refresh_rate=0",
         f"hydra.sweep.dir={sweep}",
     )
