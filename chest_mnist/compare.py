@@ -44,10 +44,11 @@ METRICS = (
     ("macro AP", "test/ap_macro"),
     ("macro F1 tuned", "test/f1_macro_tuned"),
 )
-# config keys (and the keys under them) that say where a run writes, what it resumed from, or
-# how it shows its progress, not what it learns
+# config keys (and the keys under them) that say where a run writes, what it resumed from, how
+# it shows its progress, or how its report draws intervals, not what it learns
 NOT_THE_RECIPE = (
     "seed",
+    "bootstrap",
     "paths",
     "ckpt_path",
     "hydra",

@@ -32,6 +32,9 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     """Values that would fail later, or silently do nothing, refused before any data is loaded.
     (The data module and the model check their own keys, e.g. data.size, when they are built:
     `check_job` builds them too.)"""
+    from chest_mnist.report_content import ReportOptions
+
+    ReportOptions.from_config(cfg)  # thresholds, bootstrap and calibration: refused up front
     lr = cfg.model.get("optimizer", {}).get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise UserError(

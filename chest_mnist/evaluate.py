@@ -25,14 +25,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from chest_mnist import UserError, run_files
+from chest_mnist.calibration import scale, temperature_scaling
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import quiet_lightning, report_user_errors
 from chest_mnist.config import register
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import write_report
-from chest_mnist.report_content import build_report
+from chest_mnist.report_content import ReportOptions, build_report
 from chest_mnist.report_figures import log_to_tensorboard
+from chest_mnist.report_heatmaps import write_heatmap_figure
 from chest_mnist.report_tables import flat_metrics
 
 log = logging.getLogger(__name__)
@@ -69,30 +71,42 @@ def evaluate_model(
     datamodule: MedMNISTDataModule,
     out_dir: Path,
     checkpoint: Path | None = None,
-    rule: str = "f1",
+    options: ReportOptions | None = None,
     run_dir: Path | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Predict validation and test with `model` as it is, write the report from them, and
     return its flat metrics. `checkpoint`: the file the weights are from (None: in no file);
-    the report names it, with the digest of the weights evaluated. `run_dir`: the training
+    the report names it, with the digest of the weights evaluated. `options`: the thresholds'
+    rule, the intervals, the calibration (the defaults when None). `run_dir`: the training
     run, whose TensorBoard or CSV log holds the loss curves."""
+    options = options or ReportOptions()
     check_same_labels(model, datamodule)
-    val, test, test_loss = score_splits(trainer, model, datamodule)
+    val, test = predict_splits(trainer, model, datamodule)
+    with torch.no_grad():
+        test_loss = model.loss(test[0].to(model.device), test[1].to(model.device)).item()
+    scaling = None
+    if options.calibration == "temperature":
+        scaling = temperature_scaling(val, test, model.kind, options.per_label_temperature)
+    temperature = scaling.temperature if scaling else None
     report = build_report(
-        val,
-        test,
+        *((model.scores(scale(logits, temperature)), labels) for logits, labels in (val, test)),
         datamodule.labels,
         datamodule.prevalence("train"),
-        rule=rule,
+        rule=options.rule,
         task=datamodule.kind,
         loss=test_loss,
+        bootstrap=options.bootstrap,
+        scaling=scaling,
+        bins=options.bins,
     )
     if trainer.is_global_zero:
         weights = {
             run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
             run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),
         }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        heatmaps = write_heatmap_figure(model, datamodule, report, out_dir)
         write_report(
             out_dir,
             report,
@@ -100,8 +114,9 @@ def evaluate_model(
             datamodule.hparams.size,
             run_dir=run_dir,
             extra=(extra or {}) | weights,
+            figures=(heatmaps.name,),
         )
-        report_to_tensorboard(trainer, out_dir, test, datamodule)
+        report_to_tensorboard(trainer, out_dir, report.test, datamodule)
     metrics = flat_metrics(report)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
@@ -117,21 +132,6 @@ def check_same_labels(model: MedMNISTClassifier, datamodule: MedMNISTDataModule)
             f"data.flag={datamodule.hparams.flag} has {len(datamodule.labels)} ({', '.join(datamodule.labels)}): "
             f"evaluate a checkpoint on the task it was trained for."
         )
-
-
-def score_splits(
-    trainer: L.Trainer, model: MedMNISTClassifier, datamodule: MedMNISTDataModule
-) -> tuple[Split, Split, float]:
-    """(probabilities, labels) of the validation and the test split, whole and in order, and
-    the loss on test: one prediction pass (`predict_splits`)."""
-    (val_logits, val_labels), (test_logits, test_labels) = predict_splits(
-        trainer, model, datamodule
-    )
-    with torch.no_grad():
-        device = model.device
-        test_loss = model.loss(test_logits.to(device), test_labels.to(device)).item()
-    val = (model.scores(val_logits), val_labels)
-    return val, (model.scores(test_logits), test_labels), test_loss
 
 
 def report_to_tensorboard(
@@ -190,7 +190,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule,
         Path(cfg.paths.output_dir) / run_files.REPORT,
         checkpoint=ckpt_path,
-        rule=cfg.thresholds.rule,
+        options=ReportOptions.from_config(cfg),
         run_dir=run_files.run_of(ckpt_path),
     )
 

@@ -23,6 +23,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
 from chest_mnist import UserError, cuda_graphs
+from chest_mnist.calibration import scale
 from chest_mnist.metrics import scalar_metrics
 from chest_mnist.task import MULTI_LABEL, Task
 
@@ -274,9 +275,12 @@ class MedMNISTClassifier(L.LightningModule):
             return (self(x) + self(x.flip(-1))) / 2
         return self(x)
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """What evaluation and `chest_mnist.predict` report for model inputs `x`."""
-        return self.scores(self._eval_logits(x))
+    def probabilities(
+        self, x: torch.Tensor, temperature: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What evaluation and `chest_mnist.predict` report for model inputs `x`: with
+        `temperature` (calibration=temperature), of the logits divided by it."""
+        return self.scores(scale(self._eval_logits(x), temperature))
 
     def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, targets = batch

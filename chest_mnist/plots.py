@@ -135,3 +135,47 @@ def plot_class_confusion(confusion: np.ndarray, labels: list[str], path: Path, t
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_reliability(
+    curves: dict[str, dict[str, np.ndarray]],
+    ece_per_label: dict[str, list[float]],
+    labels: list[str],
+    title: str,
+    path: Path,
+) -> Path:
+    """Left: the reliability diagram, one line per entry of `curves` (e.g. "before" and "after"
+    temperature scaling), the share of positives against the mean score in each bin, the point
+    sized by the bin's scores; the diagonal is perfect calibration. Right: each label's ECE, one
+    bar per entry of `ece_per_label`."""
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 4.2 + 0.12 * len(labels)), dpi=110, width_ratios=(1, 1.2)
+    )
+    left.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfectly calibrated")
+    for name, points in curves.items():
+        size = 10 + 90 * np.sqrt(points["count"] / max(points["count"].max(), 1))
+        (line,) = left.plot(points["confidence"], points["frequency"], lw=1.2, label=name)
+        left.scatter(
+            points["confidence"], points["frequency"], s=size, alpha=0.6, color=line.get_color()
+        )
+    left.set_xlim(0, 1)
+    left.set_ylim(0, 1)
+    left.set_xlabel("mean predicted probability in the bin")
+    left.set_ylabel("share of positives in the bin")
+    left.legend(fontsize=8, loc="upper left")
+    left.grid(alpha=0.3)
+    height = 0.8 / max(len(ece_per_label), 1)
+    positions = np.arange(len(labels))
+    for i, (name, values) in enumerate(ece_per_label.items()):
+        right.barh(positions + i * height, values, height=height, label=name)
+    right.set_yticks(positions + height * (len(ece_per_label) - 1) / 2, labels, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("expected calibration error (ECE)")
+    if len(ece_per_label) > 1:
+        right.legend(fontsize=8)
+    right.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

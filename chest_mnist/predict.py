@@ -5,10 +5,14 @@
     python -m chest_mnist.predict ckpt_path=... inputs=[data/chestmnist.npz] split=test
     python -m chest_mnist.predict ckpt_path=... inputs=[scans/] format=json output=preds.json
 
-Each image is made what the model was trained on: read with Pillow, gray (or RGB for a colour
-dataset), center-cropped to a square and resized to the checkpoint's `data.size` when it is not
-that size already (bicubic: medmnist.INFO says "resize" without naming the filter), then
-normalised on the device exactly as in training (`chest_mnist.batches.to_model_input`). The output has one row per image: its path, one
+Each image is made what the model was trained on (`chest_mnist.images.read_image`): read with
+Pillow, or pydicom for DICOM, brought to 8 bits (a DICOM's rescale and first window, else the
+full range of a 16-bit or DICOM image; MONOCHROME1 inverted; a fully opaque alpha channel
+dropped), gray (or RGB for a colour dataset), center-cropped to a square and resized to the
+checkpoint's `data.size` when it is not that size already (bicubic: medmnist.INFO says "resize"
+without naming the filter), then normalised on the device exactly as in training
+(`chest_mnist.batches.to_model_input`). What was converted is in the output's `converted`.
+The output has one row per image: its path, one
 probability per label, and the labels predicted at the per-label thresholds that evaluation
 tuned on validation for these very weights (`<run>/report/thresholds.json`, found next to the
 checkpoint, names the weights it was tuned for); for other weights (`last.ckpt` after a later
@@ -17,8 +21,13 @@ best epoch, say) or without that file the threshold is 0.5, and the output says 
 model predicts its arg-max class and has no thresholds: the decision rule is the checkpoint's
 task's (`MedMNISTClassifier.kind`, task.py).
 
-A file that cannot be used (not an image, truncated, empty, missing, 4 channels, 16-bit, a
-folder with no images, an npz of another dataset) gets its own row with the reason, and a
+`cam=true` also draws, per image, a Grad-CAM heatmap (chest_mnist/cam.py) over it for each
+predicted finding (`cam_top_k=K`: the K most probable), as PNGs in `<output stem>_cam/`, which
+the output's `cam` column names.
+
+A file that cannot be used (not an image, truncated, empty, missing, transparent pixels, CMYK,
+a multi-frame or compressed DICOM without its decoder, a folder with no images, an npz of
+another dataset) gets its own row with the reason, and a
 line on stderr; every other file is still predicted. Exit code 1 when any input failed, 2 for
 a usage error (no checkpoint, bad thresholds file, an output file that already exists).
 """
@@ -37,26 +46,21 @@ import numpy as np
 import torch
 from medmnist import INFO
 from omegaconf import DictConfig, ListConfig
-from PIL import Image, UnidentifiedImageError
 
 from chest_mnist import UserError
 from chest_mnist.batches import to_model_input
+from chest_mnist.cam import write_overlays
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
 from chest_mnist.config import register
-from chest_mnist.metrics import THRESHOLD
+from chest_mnist.images import IMAGE_SUFFIXES, read_image
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
-from chest_mnist.run_files import REPORT, THRESHOLDS, read_thresholds, run_of
 from chest_mnist.task import Task
+from chest_mnist.tuned import choose_temperature, choose_thresholds
 
 log = logging.getLogger(__name__)
 register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Pillow modes we read as they are; anything else (RGBA, LA, CMYK, 16-bit, float) is refused:
-# dropping an alpha channel or choosing a window for 16-bit pixels is the user's call.
-READABLE_MODES = {"1": "1-bit", "L": "8-bit gray", "P": "palette", "RGB": "8-bit RGB"}
 
 
 @dataclass
@@ -67,43 +71,13 @@ class Item:
     pixels: np.ndarray | None = None
     error: str | None = None
     scores: list[float] = field(default_factory=list)
+    converted: str = ""  # what reading it changed to get 8-bit pixels (images.read_image's note)
+    cam: list[str] = field(default_factory=list)  # its heatmaps, relative to the output
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """uint8 (size, size) gray, or (size, size, 3) for a colour model, the way medmnist.INFO
-    describes making its images: center-crop to a square, resize. The filter, bicubic, is our
-    choice (INFO does not name one). ValueError says why a file cannot be used."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            mode = image.mode
-            if mode == "P" and "transparency" in image.info:
-                mode = "PA"
-            if mode not in READABLE_MODES:
-                bands = len(image.getbands())
-                kind = f"{bands} channels" if bands > 1 else "1 channel"
-                raise ValueError(
-                    f"unsupported pixel format {image.mode} ({kind}"
-                    + (", 16 or 32 bits per pixel" if mode.startswith(("I", "F")) else "")
-                    + "): save it as 8-bit gray or RGB (no alpha channel)"
-                )
-            image = image.convert("L" if channels == 1 else "RGB")
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"too large to open safely ({e})") from None
-    except (OSError, SyntaxError) as e:  # Pillow's truncated / damaged file errors
-        raise ValueError(f"damaged or truncated image ({e})") from None
-    width, height = image.size
-    side = min(width, height)
-    if width != height:
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    """The model's uint8 pixels of one file (`chest_mnist.images.read_image`, without its note)."""
+    return read_image(path, size, channels)[0]
 
 
 def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) -> list[Item]:
@@ -137,7 +111,8 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
 
 def _image_item(path: Path, size: int, channels: int) -> Item:
     try:
-        return Item(str(path), pixels=load_image(path, size, channels))
+        pixels, converted = read_image(path, size, channels)
+        return Item(str(path), pixels=pixels, converted=converted)
     except (ValueError, OSError) as e:
         return Item(str(path), error=str(e))
     except Exception as e:  # a decoder's own error: still one file's problem, not the run's
@@ -152,66 +127,20 @@ def predict_scores(
     std: float,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Probabilities (N, labels) for uint8 images (N, H, W[, C]), in batches on `device`, with
-    the same input conversion as training; bf16 autocast on a GPU, as in training."""
+    the same input conversion as training; bf16 autocast on a GPU, as in training. With
+    `temperature` (`tuned.choose_temperature`), of the logits divided by it."""
     model = model.to(device).eval()
     device = torch.device(device)
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.probabilities(to_model_input(batch, mean, std)).float().cpu())
+            x = to_model_input(batch, mean, std)
+            out.append(model.probabilities(x, temperature).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(model.hparams.labels))
-
-
-def choose_thresholds(
-    cfg_thresholds: str | None,
-    ckpt_path: Path,
-    digest: str,
-    labels: list[str],
-    task: Task,
-) -> tuple[list[float] | None, str]:
-    """(thresholds, where they come from). The thresholds tuned for these weights (`digest`):
-    the checkpoint run's report/thresholds.json when it was tuned for them, else 0.5 for every
-    label, and why. A file given as `thresholds=` is used whatever it was tuned for (the
-    source says when that was other weights). None for a task that tunes none (arg-max)."""
-    if not task.tunes_thresholds:
-        return None, "arg-max class (multi-class task)"
-    if cfg_thresholds:
-        path = Path(cfg_thresholds).expanduser()
-        tuned = read_thresholds(path, labels)
-        values = list(tuned.labels.values())  # in the model's label order
-        if tuned.weights_sha256 == digest:
-            return values, f"tuned on validation ({path})"
-        weights = (
-            f"other weights ({tuned.checkpoint or 'in no checkpoint file'})"
-            if tuned.weights_sha256
-            else "weights it does not name (an older thresholds.json)"
-        )
-        return values, f"tuned on validation for {weights}, given as thresholds={path}"
-    beside = run_of(ckpt_path) / REPORT / THRESHOLDS
-    if not beside.is_file():
-        return [THRESHOLD] * len(labels), (
-            f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
-            f"run python -m chest_mnist.evaluate, or give thresholds=PATH)"
-        )
-    tuned = read_thresholds(beside, labels)
-    if tuned.weights_sha256 == digest:
-        return list(tuned.labels.values()), f"tuned on validation ({beside})"
-    why = (
-        f"{beside} was tuned for other weights ({tuned.checkpoint or 'in no checkpoint file'}), "
-        f"not {ckpt_path.name}"
-        if tuned.weights_sha256
-        else f"{beside} does not say which weights it was tuned for"
-    )
-    print(
-        f"warning: {why}: every label at {THRESHOLD}. To use those thresholds anyway, give "
-        f"thresholds={beside}; for this checkpoint's own, python -m chest_mnist.evaluate "
-        f"ckpt_path={ckpt_path}, then thresholds=<its report>/thresholds.json.",
-        file=sys.stderr,
-    )
-    return [THRESHOLD] * len(labels), f"{THRESHOLD} for every label ({why})"
 
 
 def predicted_labels(
@@ -231,18 +160,15 @@ def write_output(
     items: list[Item],
     labels: list[str],
     thresholds: list[float] | None,
-    source: str,
+    sources: dict[str, str],
     checkpoint: Path,
     task: Task,
+    cam: bool = False,
 ) -> None:
+    """The output file. `sources`: where the "thresholds" and the "calibration" come from (a
+    column each in CSV, "thresholds_from" and "calibration_from" in JSON); with `cam`, a
+    `cam` column (a "cam" list in JSON) naming each row's heatmap files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for item in items:
-        row = {"path": item.path, "error": item.error or ""}
-        if item.error is None:
-            row |= {f"p_{label}": s for label, s in zip(labels, item.scores, strict=True)}
-            row["predicted"] = ";".join(predicted_labels(item.scores, labels, thresholds, task))
-        rows.append(row)
     if fmt == "json":
         document = {
             "checkpoint": str(checkpoint),
@@ -250,28 +176,46 @@ def write_output(
             "thresholds": None
             if thresholds is None
             else dict(zip(labels, thresholds, strict=True)),
-            "thresholds_from": source,
-            "predictions": [
-                {
-                    "path": item.path,
-                    "error": item.error,
-                    "probabilities": None
-                    if item.error
-                    else dict(zip(labels, item.scores, strict=True)),
-                    "predicted": None
-                    if item.error
-                    else predicted_labels(item.scores, labels, thresholds, task),
-                }
-                for item in items
-            ],
+            "thresholds_from": sources["thresholds"],
+            "calibration_from": sources["calibration"],
+            "predictions": [_json_row(item, labels, thresholds, task, cam) for item in items],
         }
         path.write_text(json.dumps(document, indent=2) + "\n")
         return
-    columns = ["path", *(f"p_{label}" for label in labels), "predicted", "error", "thresholds"]
+    columns = ["path", *(f"p_{label}" for label in labels), "predicted"]
+    columns += [*(["cam"] if cam else []), "error", "converted", "thresholds", "calibration"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows(row | {"thresholds": source} for row in rows)
+        writer.writerows(_csv_row(item, labels, thresholds, task, cam) | sources for item in items)
+
+
+def _csv_row(
+    item: Item, labels: list[str], thresholds: list[float] | None, task: Task, cam: bool
+) -> dict:
+    row = {"path": item.path, "error": item.error or "", "converted": item.converted}
+    if item.error is None:
+        row |= {f"p_{label}": s for label, s in zip(labels, item.scores, strict=True)}
+        row["predicted"] = ";".join(predicted_labels(item.scores, labels, thresholds, task))
+    if cam:
+        row["cam"] = ";".join(item.cam)
+    return row
+
+
+def _json_row(
+    item: Item, labels: list[str], thresholds: list[float] | None, task: Task, cam: bool
+) -> dict:
+    failed = item.error is not None
+    row = {
+        "path": item.path,
+        "error": item.error,
+        "converted": item.converted,
+        "probabilities": None if failed else dict(zip(labels, item.scores, strict=True)),
+        "predicted": None if failed else predicted_labels(item.scores, labels, thresholds, task),
+    }
+    if cam:
+        row["cam"] = None if failed else item.cam
+    return row
 
 
 def _inputs(value) -> list[str]:
@@ -289,25 +233,40 @@ def predict(cfg: DictConfig) -> dict:
     inputs, output = check_request(cfg)
     ckpt_path, model, data = load_model(cfg.ckpt_path)
     labels = list(model.hparams.labels)
+    digest = weights_digest(model.state_dict())
     thresholds, source = choose_thresholds(
-        cfg.get("thresholds"),
-        ckpt_path,
-        weights_digest(model.state_dict()),
-        labels,
-        model.kind,
+        cfg.get("thresholds"), ckpt_path, digest, labels, model.kind
     )
+    temperature, calibration = choose_temperature(cfg.get("thresholds"), ckpt_path, digest, labels)
     device = resolve_device(cfg.device)
     flag = data["flag"]
     items = collect(inputs, data["size"], INFO[flag]["n_channels"], flag, cfg.split)
-    score_items(model, items, data, cfg.batch_size, device)
-    write_output(output, cfg.format, items, labels, thresholds, source, ckpt_path, model.kind)
+    score_items(model, items, data, cfg.batch_size, device, temperature)
+    if cfg.cam:
+        write_heatmaps(model, items, data, thresholds, cam_folder(output), cfg.cam_top_k, device)
+    write_output(
+        output,
+        cfg.format,
+        items,
+        labels,
+        thresholds,
+        {"thresholds": source, "calibration": calibration},
+        ckpt_path,
+        model.kind,
+        cfg.cam,
+    )
     failed = [item for item in items if item.error is not None]
     for item in failed:
         print(f"error: {item.path}: {item.error}", file=sys.stderr)
     predicted = len(items) - len(failed)
     print(
         f"Predicted {predicted} images ({', '.join(labels) if len(labels) < 5 else f'{len(labels)} labels'}), "
-        f"{len(failed)} failed; thresholds: {source}. Wrote {output}",
+        f"{len(failed)} failed; thresholds: {source}; calibration: {calibration}. Wrote {output}"
+        + (
+            f" and {sum(len(item.cam) for item in items)} heatmaps in {cam_folder(output)}"
+            if cfg.cam
+            else ""
+        ),
         file=sys.stderr,
     )
     return {"output": output, "predicted": predicted, "failed": len(failed)}
@@ -338,14 +297,29 @@ def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."
         )
+    top_k = cfg.get("cam_top_k")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"cam_top_k={top_k!r} must be a positive whole number or null.")
+    if top_k is not None and not cfg.get("cam"):
+        raise UserError(f"cam_top_k={top_k} chooses which heatmaps to draw: add cam=true.")
+    if cfg.get("cam") and cam_folder(output).exists():
+        raise UserError(
+            f"The heatmap folder {cam_folder(output)} already exists; it was left as it is. "
+            f"Choose another output, or move that folder."
+        )
     return inputs, output
 
 
 def score_items(
-    model: MedMNISTClassifier, items: list[Item], data: dict, batch_size: int, device: torch.device
+    model: MedMNISTClassifier,
+    items: list[Item],
+    data: dict,
+    batch_size: int,
+    device: torch.device,
+    temperature: torch.Tensor | None = None,
 ) -> None:
     """Each item that has pixels gets its scores (one probability per label), normalised with
-    the checkpoint's data config `data` (its mean and std)."""
+    the checkpoint's data config `data` (its mean and std), scaled by `temperature` if any."""
     good = [item for item in items if item.error is None]
     if not good:
         return
@@ -356,9 +330,59 @@ def score_items(
         data["std"],
         batch_size=batch_size,
         device=device,
+        temperature=temperature,
     )
     for item, row in zip(good, scores.tolist(), strict=True):
         item.scores = row
+
+
+def cam_folder(output: Path) -> Path:
+    """Where `cam=true` writes its heatmaps: `<output stem>_cam/` beside the output file."""
+    return output.with_name(f"{output.stem}_cam")
+
+
+def cam_outputs(
+    scores: list[float], labels: list[str], thresholds: list[float] | None, task: Task, top_k
+) -> list[int]:
+    """The outputs to draw a heatmap of: the predicted ones (the output's `predicted`), or the
+    `top_k` most probable, most probable first."""
+    if top_k is not None:
+        return np.argsort(-np.asarray(scores), kind="stable")[:top_k].tolist()
+    chosen = set(predicted_labels(scores, labels, thresholds, task))
+    return [k for k, label in enumerate(labels) if label in chosen]
+
+
+def write_heatmaps(
+    model: MedMNISTClassifier,
+    items: list[Item],
+    data: dict,
+    thresholds: list[float] | None,
+    folder: Path,
+    top_k: int | None,
+    device: torch.device,
+) -> None:
+    """`cam=true`: into the new `folder`, one overlay PNG per (image, finding) (cam.py), named
+    after the row's number and input and the finding; each item's `cam` lists its files,
+    relative to the output's folder. Rows that failed get none."""
+    folder.mkdir(parents=True)
+    labels = list(model.hparams.labels)
+    width = len(str(len(items)))  # 0-padded row numbers: the files sort in the output's order
+    good = [(row, item) for row, item in enumerate(items) if item.error is None]
+    if not good:
+        return
+    files = write_overlays(
+        model,
+        np.stack([item.pixels for _, item in good]),
+        [cam_outputs(item.scores, labels, thresholds, model.kind, top_k) for _, item in good],
+        [f"{row:0{width}d}_{Path(item.path).name}" for row, item in good],
+        labels,
+        folder,
+        data["mean"],
+        data["std"],
+        device=device,
+    )
+    for (_, item), written in zip(good, files, strict=True):
+        item.cam = [f"{folder.name}/{path.name}" for path in written]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -6,12 +6,14 @@
     report_content.py    the Report: those numbers, at 0.5 and tuned, without side effects
     report_tables.py     metrics.json (every test number under the names of `flat_metrics`,
                          and the run's facts: checkpoint, epochs), thresholds.json (for
-                         `predict`; both formats in run_files.py), per_class.csv (one row
+                         `predict`), calibration.json (the temperatures, for `predict`;
+                         the formats in run_files.py), per_class.csv (one row
                          per label), predictions.npz (val and test scores and labels),
                          <flag>_test_[AUC]..._[ACC]...@<run>.csv (MedMNIST's result file)
     report_figures.py    confusion_matrices.png, roc_curves.png, pr_curves.png,
-                         loss_curves.png (drawn by plots.py), and the same in TensorBoard
+                         reliability.png, loss_curves.png (drawn by plots.py), and the same in TensorBoard
     report_markdown.py   report.md, a summary to read, with the figures
+    report_heatmaps.py   heatmaps.png (needs the model: evaluate draws it, report.md links it)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from chest_mnist.report_content import Report
 from chest_mnist.report_figures import write_figures
 from chest_mnist.report_markdown import write_markdown
 from chest_mnist.report_tables import (
+    write_calibration_json,
     write_medmnist_result,
     write_metrics_json,
     write_per_class_csv,
@@ -122,12 +125,14 @@ def write_report(
     size: int,
     run_dir: Path | None = None,
     extra: dict | None = None,
+    figures: tuple[str, ...] = (),
 ) -> Path:
     """Write every report file into `out_dir`. `flag` and `size`: the data, in report.md's
     title and MedMNIST's result file name. `run_dir`, the training run: its name ends that file
     name, its logs (TensorBoard, else CSV) give the loss curves; without them only that figure
     is missing (said in report.md). `extra`: facts for metrics.json; its "checkpoint" and
-    "weights_sha256" name the weights evaluated, in thresholds.json and report.md too."""
+    "weights_sha256" name the weights evaluated, in thresholds.json and report.md too.
+    `figures`: files the caller drew into `out_dir` (heatmaps.png), listed after the report's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     facts = extra or {}
     for label, reason in report.threshold_notes.items():
@@ -135,11 +140,12 @@ def write_report(
     write_metrics_json(report, out_dir, facts)
     write_per_class_csv(report, out_dir)
     write_thresholds_json(report, out_dir, facts)
+    write_calibration_json(report, out_dir, facts)
     write_predictions_npz(report, out_dir)
     run_name = Path(run_dir).name if run_dir is not None else "chest_mnist"
     write_medmnist_result(report, out_dir, flag, size, run_name)
     loss_curves, loss_note = _loss_curves(run_dir)
-    figures = write_figures(report, out_dir, loss_curves)
-    write_markdown(report, out_dir, figures, loss_note, flag, facts)
+    drawn = write_figures(report, out_dir, loss_curves) + list(figures)
+    write_markdown(report, out_dir, drawn, loss_note, flag, facts)
     log.info("Report written to %s", out_dir)
     return out_dir

@@ -4,7 +4,11 @@ are tuned on validation (never on test) and applied to test; every decision metr
 at 0.5 (MedMNIST's ACC) and at the tuned thresholds, next to the constant baseline. The
 writers (report_tables.py, report_figures.py, report_markdown.py) only read it. What differs
 between tasks (arg-max and no thresholds for multi-class, the report's words) is `Report.task`'s,
-a `Task` (task.py): the writers ask it and do not branch on the task's name."""
+a `Task` (task.py): the writers ask it and do not branch on the task's name.
+
+Beside the numbers, each has its interval when a `Bootstrap` is given (bootstrap.py: "<name>_low"
+and "<name>_high" scalars and per-label columns), and the calibration of the test scores
+(calibration.py: "ece" overall and per label; with temperature scaling, also before it)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from chest_mnist.metrics import DECISIONS, evaluate_predictions, tune_thresholds
+from chest_mnist import UserError
+from chest_mnist.bootstrap import Bootstrap, bootstrap_intervals
+from chest_mnist.calibration import BINS, METHODS, TemperatureScaling, calibration_errors
+from chest_mnist.metrics import DECISIONS, THRESHOLD_RULES, evaluate_predictions, tune_thresholds
 from chest_mnist.task import MULTI_LABEL_TASK, Task
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of a whole split
@@ -25,6 +32,63 @@ THRESHOLD_FREE = (
     "acc_all_negative",
     "n_images",
 )
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """The report's choices; `from_config` reads them from a train or evaluate config."""
+
+    rule: str = "f1"  # thresholds.rule
+    bootstrap: Bootstrap | None = Bootstrap()  # bootstrap.*; None (resamples=0): no intervals
+    calibration: str = "none"  # calibration.method: none | temperature
+    per_label_temperature: bool = False  # calibration.per_label
+    bins: int = BINS  # calibration.bins
+
+    @staticmethod
+    def from_config(cfg) -> ReportOptions:
+        """From `cfg.thresholds`, `cfg.bootstrap` and `cfg.calibration` (each optional); a
+        UserError names the first key whose value cannot be used."""
+        rule = cfg.get("thresholds", {}).get("rule", "f1")
+        if rule not in THRESHOLD_RULES:
+            raise UserError(
+                f"thresholds.rule={rule!r} is unknown; choose one of {', '.join(THRESHOLD_RULES)}."
+            )
+        drawn = cfg.get("bootstrap") or {}
+        resamples, level = drawn.get("resamples", 1000), drawn.get("level", 0.95)
+        seed = drawn.get("seed", 0)
+        _check(
+            resamples,
+            "bootstrap.resamples",
+            int,
+            0,
+            "a whole number: 0 for no intervals, 1000 or more for a paper",
+        )
+        _check(seed, "bootstrap.seed", int, 0, "a whole number of 0 or more")
+        if not isinstance(level, float) or not 0 < level < 1:
+            raise UserError(f"bootstrap.level={level!r} must be a number between 0 and 1 (0.95).")
+        calibration = cfg.get("calibration") or {}
+        method = calibration.get("method", "none")
+        if method not in METHODS:
+            raise UserError(
+                f"calibration.method={method!r} is unknown; choose one of {', '.join(METHODS)}."
+            )
+        per_label = calibration.get("per_label", False)
+        if not isinstance(per_label, bool):
+            raise UserError(f"calibration.per_label={per_label!r} must be true or false.")
+        bins = calibration.get("bins", BINS)
+        _check(bins, "calibration.bins", int, 1, "a whole number of 1 or more (15)")
+        return ReportOptions(
+            rule=rule,
+            bootstrap=Bootstrap(resamples, level, seed) if resamples else None,
+            calibration=method,
+            per_label_temperature=per_label,
+            bins=bins,
+        )
+
+
+def _check(value, key: str, kind: type, least: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value < least:
+        raise UserError(f"{key}={value!r} must be {what}.")
 
 
 @dataclass
@@ -44,6 +108,9 @@ class Report:
     confusion_tuned: torch.Tensor | None  # at the tuned thresholds: (L, 2, 2)
     val: Split
     test: Split
+    bootstrap: Bootstrap | None = None  # how the intervals were drawn; None: no intervals
+    scaling: TemperatureScaling | None = None  # calibration=temperature; val and test are after it
+    bins: int = BINS  # of the calibration error and the reliability diagram
 
 
 def build_report(
@@ -54,11 +121,16 @@ def build_report(
     rule: str = "f1",
     task: Task = MULTI_LABEL_TASK,
     loss: float | None = None,
+    bootstrap: Bootstrap | None = None,
+    scaling: TemperatureScaling | None = None,
+    bins: int = BINS,
 ) -> Report:
     """Every metric on `test` = (scores, targets): at 0.5 and at thresholds tuned on `val`, or
     at the arg-max class for a multi-class task (no thresholds to tune). The constant baseline
     is chosen on the training split's `prevalence_train`; `loss`, the test loss, is reported
-    as given."""
+    as given. `bootstrap`: intervals for the ranking metrics and ACC. `scaling`: the temperature
+    scaling `val` and `test` went through (their scores are after it; the report gives the
+    calibration before it too). The calibration error uses `bins` bins."""
     thresholds, kept, tuned = None, {}, None
     at_half = evaluate_predictions(*test, labels, task=task)
     if task.tunes_thresholds:
@@ -70,6 +142,10 @@ def build_report(
     for name, value in (tuned["scalars"] if tuned else {}).items():
         if name not in THRESHOLD_FREE:
             scalars[f"{name}_tuned"] = value
+    per_label = _per_label_rows(at_half, tuned, prevalence_train)
+    if bootstrap is not None:
+        _add_intervals(scalars, per_label, bootstrap_intervals(*test, task, bootstrap, thresholds))
+    _add_calibration(scalars, per_label, test, task, scaling, bins)
     if loss is not None:
         scalars["loss"] = loss
     return Report(
@@ -77,14 +153,66 @@ def build_report(
         task=task,
         rule=rule if task.tunes_thresholds else "argmax",
         scalars=scalars,
-        per_label=_per_label_rows(at_half, tuned, prevalence_train),
+        per_label=per_label,
         thresholds=thresholds,
         threshold_notes={labels[k]: reason for k, reason in kept.items()},
         confusion=at_half["confusion"],
         confusion_tuned=tuned["confusion"] if tuned else None,
         val=val,
         test=test,
+        bootstrap=bootstrap,
+        scaling=scaling,
+        bins=bins,
     )
+
+
+def _add_intervals(scalars: dict, rows: list[dict], intervals: dict) -> None:
+    """ "<name>_low" and "<name>_high" for the scalars and each label's AUROC and AP, after the
+    number they bound."""
+    for name, (low, high) in intervals["scalars"].items():
+        scalars[f"{name}_low"], scalars[f"{name}_high"] = low, high
+    for k, row in enumerate(rows):
+        bounds = {}
+        for name in ("auroc", "ap"):
+            low, high = intervals["per_label"][name][:, k].tolist()
+            bounds |= {f"{name}_low": low, f"{name}_high": high}
+        _insert_after(row, "ap", bounds)
+
+
+def _add_calibration(
+    scalars: dict,
+    rows: list[dict],
+    test: Split,
+    task: Task,
+    scaling: TemperatureScaling | None,
+    bins: int,
+) -> None:
+    """ "ece" overall and per label on test; with temperature scaling, "ece_before" (without
+    it), each label's "temperature", and the NLL on val and test before and after."""
+    overall, per_label = calibration_errors(*test, task, bins)
+    columns = [{"ece": value} for value in per_label.tolist()]
+    scalars["ece"] = overall
+    if scaling is not None:
+        before, before_per_label = calibration_errors(scaling.test_before, test[1], task, bins)
+        scalars["ece_before"] = before
+        scalars["nll_before"], scalars["nll"] = (
+            scaling.nll["test_before"],
+            scaling.nll["test_after"],
+        )
+        temperatures = scaling.temperature.expand(len(rows)).tolist()
+        for column, value, t in zip(columns, before_per_label.tolist(), temperatures, strict=True):
+            column |= {"ece_before": value, "temperature": t}
+    last = "ap_high" if "ap_high" in rows[0] else "ap"
+    for row, column in zip(rows, columns, strict=True):
+        _insert_after(row, last, column)
+
+
+def _insert_after(row: dict, key: str, values: dict) -> None:
+    """Put `values` into `row` right after `key`, keeping the order of per_class.csv's columns."""
+    items = list(row.items())
+    at = [name for name, _ in items].index(key) + 1
+    row.clear()
+    row.update(items[:at] + list(values.items()) + items[at:])
 
 
 def _per_label_rows(

@@ -4,6 +4,9 @@
                              matrix of the arg-max class)
     roc_curves.png           one panel per label on test; the curves' points are computed here
     pr_curves.png            the same for precision and recall
+    reliability.png          the reliability diagram of the test scores, pooled as the overall
+                             ECE pools them, and each label's ECE (before and after
+                             temperature scaling, when it was applied)
     loss_curves.png          train and val loss per epoch, from the run's logs (report.py)
 
 and `log_to_tensorboard`: the same figures, and one PR curve per label, in TensorBoard.
@@ -19,11 +22,13 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
+from chest_mnist.calibration import pooled, pooled_description, reliability_bins
 from chest_mnist.plots import (
     plot_class_confusion,
     plot_confusion_matrices,
     plot_loss_curves,
     plot_pr_curves,
+    plot_reliability,
     plot_roc_curves,
 )
 from chest_mnist.report_content import Report
@@ -64,6 +69,26 @@ def write_confusion_matrices(report: Report, path: Path) -> Path:
     )
 
 
+def write_reliability(report: Report, path: Path) -> Path:
+    """The reliability diagram and the per-label ECE, before and after temperature scaling
+    when the report has it."""
+    task, targets, rows = report.task, report.test[1], report.per_label
+    scores = {"test": report.test[0]}
+    ece = {"ECE": [r["ece"] for r in rows]}
+    if report.scaling is not None:
+        scores = {"before scaling": report.scaling.test_before, "after": report.test[0]}
+        ece = {"before scaling": [r["ece_before"] for r in rows], "after": ece["ECE"]}
+    curves = {
+        name: reliability_bins(*pooled(values, targets, task), report.bins)
+        for name, values in scores.items()
+    }
+    title = (
+        f"Calibration on test: {pooled_description(task)}, ECE {report.scalars['ece']:.4f}; "
+        f"{report.bins} equal-width bins"
+    )
+    return plot_reliability(curves, ece, report.labels, title, path)
+
+
 def write_figures(
     report: Report, out_dir: Path, loss_curves: dict[str, tuple[list[int], list[float]]] | None
 ) -> list[str]:
@@ -80,7 +105,8 @@ def write_figures(
         [r["prevalence_test"] for r in rows],
         out_dir / "pr_curves.png",
     )
-    figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png"]
+    write_reliability(report, out_dir / "reliability.png")
+    figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png", "reliability.png"]
     if loss_curves is not None:
         plot_loss_curves(loss_curves, out_dir / "loss_curves.png")
         figures.insert(0, "loss_curves.png")

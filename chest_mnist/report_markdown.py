@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from chest_mnist import run_files
+from chest_mnist.calibration import describe_bins, pooled_description
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.report_content import Report
 
@@ -24,6 +25,17 @@ def _undefined(row: dict, metric: str) -> str:
 
 def _number(value: float, undefined: str = "undefined") -> str:
     return undefined if math.isnan(value) else f"{value:.4f}"
+
+
+def _with_interval(values: dict, name: str, undefined: str = "undefined") -> str:
+    """ "0.7720 [0.7660, 0.7780]": `values[name]` and its bootstrap interval when it has one."""
+    text = _number(values[name], undefined)
+    low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+    if low is None or math.isnan(values[name]):
+        return text
+    if math.isnan(low):
+        return f"{text} [no interval]"
+    return f"{text} [{low:.4f}, {high:.4f}]"
 
 
 def _coverage(count: int, rows: list[dict], metric: str) -> str:
@@ -56,7 +68,7 @@ def _summary_table(report: Report) -> list[str]:
         columns["at thresholds tuned on validation"] = "_tuned"
     lines = ["## Summary", "", "| | " + " | ".join(columns) + " |"]
     lines.append(_row(*["---"] * (len(columns) + 1)))
-    lines.append(_row("ACC (MedMNIST)", *(f"{s['acc' + c]:.4f}" for c in columns.values())))
+    lines.append(_row("ACC (MedMNIST)", *(_with_interval(s, "acc" + c) for c in columns.values())))
     lines += [
         _row(
             f"{name} macro / micro",
@@ -86,14 +98,55 @@ def _ranking_and_baseline(report: Report) -> list[str]:
     versus = "the same (to 4 decimals)" if gap == 0 else f"{gap:+.4f} from it"  # never "-0.0000"
     return [
         "",
-        f"AUC (MedMNIST, macro over {over}): **{_number(s['auroc'])}**"
+        f"AUC (MedMNIST, macro over {over}): **{_with_interval(s, 'auroc')}**"
         f"{_coverage(s['auroc_labels'], rows, 'auroc')}; macro average precision: "
-        f"{_number(s['ap_macro'])}{_coverage(s['ap_macro_labels'], rows, 'ap')}.",
+        f"{_with_interval(s, 'ap_macro')}{_coverage(s['ap_macro_labels'], rows, 'ap')}.",
         "",
+        *_interval_method(report),
         f"**Baseline:** a model that always answers {constant} scores ACC **{s['acc_majority']:.4f}** on this "
         f"split. This model's ACC is {versus}: where the answers are "
         f"imbalanced, ACC says little; read AUROC, AP and the per-label recall.",
         "",
+    ]
+
+
+def _interval_method(report: Report) -> list[str]:
+    """How the [low, high] intervals were drawn, or that there are none."""
+    if report.bootstrap is None:
+        return ["No intervals (bootstrap.resamples=0).", ""]
+    return [
+        f"In brackets: {report.bootstrap.describe()} (the same metric on each resample; a "
+        f"label with no positives in a resample is left out of that resample's values).",
+        "",
+    ]
+
+
+def _calibration(report: Report) -> list[str]:
+    """The ECE, and what temperature scaling did when it was applied."""
+    s = report.scalars
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        f"Expected calibration error on test, {pooled_description(report.task)}: "
+        f"**{s['ece']:.4f}** (torchmetrics, {describe_bins(report.bins)}); per "
+        f"{report.task.words.output} in the table above and in reliability.png.",
+    ]
+    scaling = report.scaling
+    if scaling is None:
+        return lines + ["No temperature scaling (calibration=temperature fits it on validation)."]
+    t = scaling.temperature.tolist()
+    fitted = f"T = {t[0]:.4f}" if len(t) == 1 else f"T from {min(t):.4f} to {max(t):.4f}"
+    nll = scaling.nll
+    return lines + [
+        "",
+        f"Temperature scaling ({'one per label' if scaling.per_label else 'one for all outputs'}, "
+        f"fitted on validation): {fitted}. ECE on test {s['ece_before']:.4f} before, "
+        f"{s['ece']:.4f} after; NLL on validation {nll['val_before']:.4f} -> "
+        f"{nll['val_after']:.4f}, on test {nll['test_before']:.4f} -> {nll['test_after']:.4f}. "
+        f"It keeps each {report.task.words.output}'s order of scores and the decisions at "
+        f"{THRESHOLD} (up to float32 rounding of nearly tied scores), so AUROC, AP and ACC; every "
+        f"number here is after it, and the thresholds were tuned on the scaled validation scores.",
     ]
 
 
@@ -118,15 +171,16 @@ def _thresholds(report: Report) -> list[str]:
 def _per_label_table(report: Report) -> list[str]:
     """One row per label: its ranking metrics, and its decisions (tuned, when tuned)."""
     tuned = report.task.tunes_thresholds
-    heads = [report.task.words.output, "test prevalence", "support", "AUROC", "AP"]
+    heads = [report.task.words.output, "test prevalence", "support", "AUROC", "AP", "ECE"]
     heads += ["F1 @0.5", "threshold"] if tuned else []
     heads += ["precision", "recall", "F1"]
     lines = ["## Per label", "", _row(*heads), _row(*["---"] * len(heads))]
     for r in report.per_label:
         cells = [r["label"], f"{r['prevalence_test']:.4f}", str(r["support"])]
         cells += [
-            _number(r["auroc"], _undefined(r, "auroc")),
-            _number(r["ap"], _undefined(r, "ap")),
+            _with_interval(r, "auroc", _undefined(r, "auroc")),
+            _with_interval(r, "ap", _undefined(r, "ap")),
+            f"{r['ece']:.4f}",
         ]
         cells += [f"{r['f1']:.4f}", f"{r['threshold']:.4f}"] if tuned else []
         suffix = "_tuned" if tuned else ""
@@ -162,7 +216,7 @@ def markdown(
     `flag`: the data; `facts`: metrics.json's, whose checkpoint and digest name the weights."""
     lines = _title(report, flag, facts)
     lines += _summary_table(report) + _ranking_and_baseline(report) + _thresholds(report)
-    lines += _per_label_table(report) + _weaknesses(report)
+    lines += _per_label_table(report) + _calibration(report) + _weaknesses(report)
     lines += ["", "## Figures", ""]
     lines += [f"- [{name}]({name})" for name in figures]
     if loss_note:

@@ -2,6 +2,7 @@
 
     metrics.json       every test number (`flat_metrics` names them) and the run's facts
     thresholds.json    the tuned thresholds and the weights they were tuned for, for `predict`
+    calibration.json   with `calibration=temperature`: the temperatures, for `predict`
     per_class.csv      one row per label
     predictions.npz    val and test scores and labels
     <flag>_test_[AUC]..._[ACC]...@<run>.csv   MedMNIST's standard result file
@@ -17,12 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from chest_mnist import run_files
+from chest_mnist.calibration import describe_bins
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.npz import size_suffix
 from chest_mnist.report_content import Report
 
 # per_class.csv columns that are counts or facts, not metrics: not in metrics.json
-NOT_METRICS = ("label", "support", "prevalence_train", "prevalence_test", "tn", "fp", "fn", "tp")
+NOT_METRICS = (
+    "label",
+    "support",
+    "prevalence_train",
+    "prevalence_test",
+    "temperature",
+    "tn",
+    "fp",
+    "fn",
+    "tp",
+)
 
 
 def flat_metrics(report: Report, split: str = "test") -> dict[str, float]:
@@ -35,9 +47,44 @@ def flat_metrics(report: Report, split: str = "test") -> dict[str, float]:
     return metrics
 
 
+def report_facts(report: Report) -> dict:
+    """How the intervals and the calibration error were computed, and the temperatures."""
+    facts = {
+        "intervals": report.bootstrap.describe() if report.bootstrap else None,
+        "calibration_error": f"ECE, torchmetrics, {describe_bins(report.bins)}",
+        "calibration": "none",
+    }
+    if report.scaling is not None:
+        facts["calibration"] = "temperature, " + (
+            "one per label" if report.scaling.per_label else "one for all outputs"
+        )
+        facts["temperature"] = report.scaling.temperature.tolist()
+        nll = report.scaling.nll
+        facts["temperature_val_nll"] = {"before": nll["val_before"], "after": nll["val_after"]}
+    return facts
+
+
 def write_metrics_json(report: Report, out_dir: Path, facts: dict) -> Path:
-    """metrics.json: every test number, then the run's `facts` (checkpoint, epochs, ...)."""
-    return run_files.write_metrics(out_dir, flat_metrics(report) | facts)
+    """metrics.json: every test number, how the intervals and the calibration were made, then
+    the run's `facts` (checkpoint, epochs, ...)."""
+    return run_files.write_metrics(out_dir, flat_metrics(report) | report_facts(report) | facts)
+
+
+def write_calibration_json(report: Report, out_dir: Path, facts: dict) -> Path | None:
+    """calibration.json, with `calibration=temperature` only: the temperature of each output
+    and the weights it was fitted for, for `predict`."""
+    if report.scaling is None:
+        return None
+    checkpoint = facts.get(run_files.CHECKPOINT)
+    temperatures = report.scaling.temperature.expand(len(report.labels)).tolist()
+    calibration = run_files.Calibration(
+        method="temperature",
+        per_label=report.scaling.per_label,
+        temperatures=dict(zip(report.labels, temperatures, strict=True)),
+        checkpoint=Path(checkpoint).name if checkpoint else None,
+        weights_sha256=facts.get(run_files.WEIGHTS_SHA256),
+    )
+    return run_files.write_calibration(out_dir, calibration)
 
 
 def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
@@ -55,6 +102,7 @@ def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
         weights_sha256=facts.get(run_files.WEIGHTS_SHA256),
         kept_at_default=report.threshold_notes,
         chosen_on=None if tuned is None else "val",
+        calibrated=report.scaling is not None,
     )
     return run_files.write_thresholds(out_dir, thresholds)
 

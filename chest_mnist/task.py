@@ -127,6 +127,18 @@ class SigmoidTask(Task):
         """0/1 per image for label `k`: its column."""
         return targets[:, k].int()
 
+    def one_vs_rest(self, targets: Tensor, num_outputs: int) -> Tensor:
+        """(N, L) 0/1: the truth of every label, its columns."""
+        return targets.reshape(len(targets), -1).int()
+
+    def correct_share(
+        self, scores: Tensor, targets: Tensor, thresholds: Tensor | None = None
+    ) -> Tensor:
+        """(N,) each image's share of labels decided right: their mean over the images is ACC
+        (MedMNIST's, the macro mean of the per-label accuracies)."""
+        decided = self.decisions(scores, thresholds)
+        return (decided == targets.reshape(decided.shape).to(decided)).double().mean(1)
+
     def thresholds(self, num_outputs: int, tuned: Tensor | None = None) -> Tensor:
         """Each label's threshold: `tuned`, or THRESHOLD."""
         if tuned is None:
@@ -209,6 +221,16 @@ class SoftmaxTask(Task):
     def truth(self, targets: Tensor, k: int) -> Tensor:
         """0/1 per image: "is class k", one against the rest."""
         return (targets.reshape(-1) == k).int()
+
+    def one_vs_rest(self, targets: Tensor, num_outputs: int) -> Tensor:
+        """(N, C) 0/1: "is class k" for every class k."""
+        return F.one_hot(targets.reshape(-1).long(), num_outputs).int()
+
+    def correct_share(
+        self, scores: Tensor, targets: Tensor, thresholds: Tensor | None = None
+    ) -> Tensor:
+        """(N,) 1 where the arg-max class is the image's class: its mean is ACC."""
+        return (self.decisions(scores) == targets.reshape(-1).to(scores.device)).double()
 
     def thresholds(self, num_outputs: int, tuned: Tensor | None = None) -> Tensor:
         """NaN for every class: the arg-max has no threshold."""

@@ -28,6 +28,7 @@ from chest_mnist.cli import quiet_lightning, report_user_errors
 from chest_mnist.config import register
 from chest_mnist.config_checks import check_before_training
 from chest_mnist.evaluate import evaluate_model
+from chest_mnist.report_content import ReportOptions
 
 log = logging.getLogger(__name__)
 register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
@@ -89,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule,
             output_dir / run_files.REPORT,
             checkpoint=Path(best) if best else None,
-            rule=cfg.thresholds.rule,
+            options=ReportOptions.from_config(cfg),
             run_dir=output_dir,
             extra=extra,
         )

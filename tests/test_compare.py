@@ -179,7 +179,13 @@ def test_compare_command_says_error_and_exits_2(tmp_path):
 
 def test_a_run_found_twice_counts_once_and_settings_that_only_show_do_not_split(tmp_path):
     fake_run(tmp_path / "sweep" / "1", 1, metric_values(0.90))
-    fake_run(tmp_path / "sweep" / "2", 2, metric_values(0.92), logger={"csv": {"x": 1}})
+    fake_run(
+        tmp_path / "sweep" / "2",
+        2,
+        metric_values(0.92),
+        logger={"csv": {"x": 1}},
+        bootstrap={"resamples": 10000},  # the report's intervals: not the recipe
+    )
     compare([tmp_path / "sweep", tmp_path / "sweep" / "1"], tmp_path / "out")
     (row,) = read_csv(tmp_path / "out" / "compare.csv")
     assert (row["group"], row["seeds"]) == ("all runs", "1 2")

@@ -55,7 +55,7 @@ def mixed_folder(tmp_path, synthetic_npz) -> tuple[Path, np.ndarray]:
     (folder / "f_truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "g_empty.png").write_bytes(b"")
     Image.fromarray(np.zeros((28, 28, 4), np.uint8), "RGBA").save(folder / "h_rgba.png")
-    Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(folder / "i_16bit.png")
+    Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(folder / "i_16bit.png")  # read
     (folder / "readme.txt").write_text("ignored: not an image suffix")
     return folder, images
 
@@ -78,7 +78,7 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     with open(out) as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     # ...and every good one was predicted all the same
-    good = ["a_good.png", "b_good.png", "c_photo.jpg", "d_big_rgb.png"]
+    good = ["a_good.png", "b_good.png", "c_photo.jpg", "d_big_rgb.png", "i_16bit.png"]
     assert all(rows[name]["error"] == "" for name in good)
     labels = load_checkpoint(ckpt)["hyper_parameters"]["labels"]
     ours = np.array([[float(rows[name][f"p_{label}"]) for label in labels] for name in good])
@@ -86,7 +86,8 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     jpeg = np.asarray(Image.open(folder / "c_photo.jpg").convert("L"))
     big = Image.open(folder / "d_big_rgb.png").convert("L").crop((15, 0, 105, 90))
     big = np.asarray(big.resize((28, 28), Image.Resampling.BICUBIC))
-    expected = model_probabilities(ckpt, np.stack([images[0], images[1], jpeg, big]))
+    blank = np.zeros((28, 28), np.uint8)  # one 16-bit value: no range to scale, black
+    expected = model_probabilities(ckpt, np.stack([images[0], images[1], jpeg, big, blank]))
     np.testing.assert_allclose(ours, expected, atol=1e-6)
 
     # the tuned thresholds of the run's report decide the predicted labels
@@ -101,7 +102,6 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
         "f_truncated.png": "damaged or truncated image",
         "g_empty.png": "empty file",
         "h_rgba.png": "unsupported pixel format RGBA (4 channels)",
-        "i_16bit.png": "16 or 32 bits per pixel",
         "missing.png": "no such file or folder",
         "empty_folder": "folder with no images",
         "pneumoniamnist.npz": "chestmnist has 14 labels",
@@ -111,10 +111,14 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
         assert rows[name]["p_" + labels[0]] == ""
         assert f"{name}: {message}" in result.stderr or message in result.stderr
     assert "pneumoniamnist.npz" not in rows["pneumoniamnist.npz"]["error"]  # named once, not twice
+    assert rows["i_16bit.png"]["converted"] == (
+        "16-bit gray scaled to 8 bits (every pixel is 40000: made black)"
+    )
+    assert rows["a_good.png"]["converted"] == ""
     assert "readme.txt" not in rows
     assert len(rows) == len(good) + len(errors)
     assert "Traceback" not in result.stderr
-    assert f"Predicted 4 images (14 labels), {len(errors)} failed" in result.stderr
+    assert f"Predicted 5 images (14 labels), {len(errors)} failed" in result.stderr
 
 
 def predict_cfg(overrides: list[str], tmp_path: Path):

@@ -30,6 +30,8 @@ REPORT_FILES = (
     "confusion_matrices.png",
     "roc_curves.png",
     "pr_curves.png",
+    "reliability.png",
+    "heatmaps.png",
 )
 
 
@@ -49,6 +51,12 @@ def check_report(report_dir, n_test, loss_curves=True):
         "test/recall_micro_tuned",
         "test/auroc/hernia",
         "test/threshold/hernia",
+        "test/auroc_low",
+        "test/auroc_high",
+        "test/acc_tuned_low",
+        "test/ece",
+        "test/ece/hernia",
+        "test/ap_high/effusion",
     ):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["test/auroc"] <= 1.0 and metrics["test/n_images"] == n_test
@@ -86,6 +94,8 @@ def check_report(report_dir, n_test, loss_curves=True):
         "confusion_matrices.png": (800, 1200),
         "roc_curves.png": (800, 1200),
         "pr_curves.png": (800, 1200),
+        "reliability.png": (400, 1000),
+        "heatmaps.png": (14 * 150, 400),
     }
     if loss_curves:
         figures["loss_curves.png"] = (400, 600)
@@ -186,7 +196,7 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     figures = sorted(p.stem for p in (run / "report").glob("*.png"))
-    assert len(figures) == 4 and {f"report/{f}" for f in figures} == set(events.Tags()["images"])
+    assert len(figures) == 6 and {f"report/{f}" for f in figures} == set(events.Tags()["images"])
     shown = events.Images("report/roc_curves")[-1]
     with Image.open(run / "report" / "roc_curves.png") as png:
         assert (shown.width, shown.height) == png.size

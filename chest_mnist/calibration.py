@@ -1,0 +1,163 @@
+"""How far the probabilities are from the frequencies they claim, and temperature scaling.
+
+Expected calibration error (ECE) is torchmetrics' (`binary_calibration_error`, norm "l1"):
+the scores are put in BINS equal-width bins over [0, 1], and ECE is the mean over the bins,
+weighted by their share of the scores, of |mean score - share of positives|. Per label it is
+that label's column against its truth (one class against the rest for a multi-class task);
+overall it pools every (image, label) pair of a multi-label or binary task, and is the
+top-label ECE (`multiclass_calibration_error`) of a multi-class one.
+
+Temperature scaling (Guo et al. 2017, https://arxiv.org/abs/1706.04599) divides the logits by
+a temperature T > 0 fitted on validation to minimise the task's loss without smoothing (BCE, or
+cross-entropy): one T for all outputs, or one per label of a sigmoid task. It moves no logit
+across 0 and keeps each label's ranking, so AUROC, AP and every decision at 0.5 (or the
+arg-max) stay as they are, but for float32 rounding (two nearly equal scores may tie on one
+side of the scaling only); the probabilities, the ECE, the NLL and the tuned thresholds'
+values change. `calibration=temperature` turns it on (conf/calibration/), and the report's
+calibration.json carries the temperatures to `predict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import (
+    binary_calibration_error,
+    multiclass_calibration_error,
+)
+
+from chest_mnist import UserError
+from chest_mnist.task import SoftmaxTask, Task
+
+BINS = 15  # torchmetrics' default, and Guo et al.'s
+METHODS = ("none", "temperature")
+
+
+def describe_bins(bins: int = BINS) -> str:
+    return f"{bins} equal-width bins over [0, 1], weighted by the share of scores in each (L1)"
+
+
+def pooled(scores: Tensor, targets: Tensor, task: Task) -> tuple[Tensor, Tensor]:
+    """The (confidence, truth) pairs the overall ECE bins: every (image, label) score and its
+    0/1 truth for a sigmoid task; each image's top score and whether its class is the top one
+    for a multi-class task (top-label calibration)."""
+    scores = scores.detach().float().cpu()
+    if isinstance(task, SoftmaxTask):
+        top, predicted = scores.max(-1)
+        return top, (predicted == targets.reshape(-1).cpu()).int()
+    return scores.reshape(-1), task.one_vs_rest(targets.cpu(), scores.shape[1]).reshape(-1)
+
+
+def pooled_description(task: Task) -> str:
+    """What `pooled` pools, in words."""
+    return "top-label scores" if isinstance(task, SoftmaxTask) else "every (image, label) score"
+
+
+def calibration_errors(
+    scores: Tensor, targets: Tensor, task: Task, bins: int = BINS
+) -> tuple[float, Tensor]:
+    """(overall ECE, (L,) ECE per output) of probabilities `scores` (N, L); see the module's
+    docstring for what "overall" pools. NaN for a split with no images."""
+    scores = scores.detach().float().cpu()
+    truth = task.one_vs_rest(targets.cpu(), scores.shape[1])
+    if len(scores) == 0:
+        return float("nan"), torch.full((scores.shape[1],), float("nan"))
+    per_output = torch.stack(
+        [
+            binary_calibration_error(
+                scores[:, k].contiguous(), truth[:, k].contiguous(), n_bins=bins
+            )
+            for k in range(scores.shape[1])
+        ]
+    )
+    if isinstance(task, SoftmaxTask):
+        overall = multiclass_calibration_error(
+            scores, targets.reshape(-1).long().cpu(), num_classes=scores.shape[1], n_bins=bins
+        )
+    else:
+        overall = binary_calibration_error(*pooled(scores, targets, task), n_bins=bins)
+    return overall.item(), per_output.float()
+
+
+def reliability_bins(scores: Tensor, truth: Tensor, bins: int = BINS) -> dict[str, np.ndarray]:
+    """The reliability diagram's points, in the ECE's bins: for each bin with scores, its mean
+    score ("confidence"), its share of positives ("frequency") and its number of scores."""
+    scores = scores.detach().float().reshape(-1).cpu()
+    # torchmetrics' binning: edges in the scores' dtype, a score on an edge in the bin above,
+    # a score of exactly 1 in a bin of its own
+    edges = torch.linspace(0, 1, bins + 1, dtype=scores.dtype)
+    which = (torch.bucketize(scores, edges, right=True) - 1).numpy()
+    scores = scores.double().numpy()
+    truth = truth.reshape(-1).cpu().numpy().astype(np.float64)
+    count = np.bincount(which, minlength=bins + 1)
+    used = count > 0
+    confidence = np.bincount(which, scores, minlength=bins + 1)[used] / count[used]
+    frequency = np.bincount(which, truth, minlength=bins + 1)[used] / count[used]
+    return {"confidence": confidence, "frequency": frequency, "count": count[used]}
+
+
+def negative_log_likelihood(logits: Tensor, targets: Tensor, task: Task) -> float:
+    """The task's loss without smoothing or weights: BCE per label, or cross-entropy."""
+    with torch.no_grad():
+        return task.loss(logits.float(), targets, None, 0.0).item()
+
+
+def fit_temperature(logits: Tensor, targets: Tensor, task: Task, per_label: bool) -> Tensor:
+    """Temperatures minimising the validation NLL of `logits / T`: (L,) with `per_label` (a
+    sigmoid task), else (1,). L-BFGS on log T, so T stays positive."""
+    if per_label and isinstance(task, SoftmaxTask):
+        raise UserError(
+            "calibration.per_label=true fits one temperature per sigmoid output; a multi-class "
+            "task's softmax takes one temperature: set calibration.per_label=false."
+        )
+    if len(logits) == 0:
+        raise UserError(
+            "calibration=temperature needs validation images to fit on; there are none."
+        )
+    logits, targets = logits.detach().float().cpu(), targets.cpu()
+    log_t = torch.zeros(logits.shape[1] if per_label else 1, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [log_t], lr=0.5, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = task.loss(logits / log_t.exp(), targets, None, 0.0)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_t.detach().exp()
+
+
+def scale(logits: Tensor, temperature: Tensor | None) -> Tensor:
+    """`logits / temperature` (one per output, or one for all); the logits when None."""
+    if temperature is None:
+        return logits
+    return logits / temperature.to(logits.device, logits.dtype)
+
+
+@dataclass
+class TemperatureScaling:
+    """What `calibration=temperature` did: the temperatures, and the NLL and the probabilities
+    before it (the report's ECE and reliability diagram show both)."""
+
+    temperature: Tensor  # (L,) or (1,)
+    per_label: bool
+    nll: dict[str, float]  # {"val_before", "val_after", "test_before", "test_after"}
+    test_before: Tensor  # test probabilities without scaling
+
+
+def temperature_scaling(
+    val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], task: Task, per_label: bool
+) -> TemperatureScaling:
+    """Fit on the validation (logits, labels) `val`, measure on both splits."""
+    temperature = fit_temperature(*val, task, per_label)
+    nll = {}
+    for name, (logits, targets) in (("val", val), ("test", test)):
+        nll[f"{name}_before"] = negative_log_likelihood(logits, targets, task)
+        nll[f"{name}_after"] = negative_log_likelihood(scale(logits, temperature), targets, task)
+    return TemperatureScaling(temperature, per_label, nll, task.scores(test[0].float()))

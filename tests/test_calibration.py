@@ -1,0 +1,268 @@
+"""Calibration (chest_mnist/calibration.py): the ECE is torchmetrics', the reliability diagram's
+bins are the ECE's, temperature scaling fixes a deliberately over-confident model without
+changing its ranking or its decisions, and the report carries all of it."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+from chest_mnist import UserError
+from chest_mnist.calibration import (
+    calibration_errors,
+    fit_temperature,
+    negative_log_likelihood,
+    pooled,
+    reliability_bins,
+    scale,
+    temperature_scaling,
+)
+from chest_mnist.metrics import evaluate_predictions
+from chest_mnist.report_content import ReportOptions, build_report
+from chest_mnist.report_markdown import markdown
+from chest_mnist.task import MULTI_CLASS_TASK, MULTI_LABEL_TASK
+
+LABELS = ["a", "b", "c"]
+
+
+def calibrated_logits(n: int = 6000, seed: int = 0, prevalence=(0.5, 0.3, 0.1)):
+    """Logits whose sigmoid is the true probability of each label: the label is drawn from it."""
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.tensor(prevalence).logit()
+    logits = prior + 1.5 * torch.randn(n, len(prevalence), generator=g)
+    targets = (torch.rand(n, len(prevalence), generator=g) < logits.sigmoid()).int()
+    return logits, targets
+
+
+def test_ece_is_torchmetrics_per_label_and_pooled():
+    logits, targets = calibrated_logits(n=2000)
+    scores = (2.5 * logits).sigmoid()
+    overall, per_label = calibration_errors(scores, targets, MULTI_LABEL_TASK, bins=10)
+    for k in range(3):
+        metric = BinaryCalibrationError(n_bins=10, norm="l1")
+        assert per_label[k].item() == pytest.approx(
+            metric(scores[:, k], targets[:, k]).item(), abs=1e-7
+        )
+    pooled_metric = BinaryCalibrationError(n_bins=10)(scores.reshape(-1), targets.reshape(-1))
+    assert overall == pytest.approx(pooled_metric.item(), abs=1e-7)
+    assert overall > 0.05  # over-confident by a factor 2.5: far from 0
+
+    classes = torch.randint(0, 4, (500,), generator=torch.Generator().manual_seed(1))
+    probabilities = (torch.randn(500, 4) + 2 * torch.nn.functional.one_hot(classes, 4)).softmax(1)
+    overall, per_class = calibration_errors(probabilities, classes[:, None], MULTI_CLASS_TASK)
+    top_label = MulticlassCalibrationError(num_classes=4, n_bins=15)(probabilities, classes)
+    assert overall == pytest.approx(top_label.item(), abs=1e-7)
+    one_vs_rest = BinaryCalibrationError(n_bins=15)(probabilities[:, 2], (classes == 2).int())
+    assert per_class[2].item() == pytest.approx(one_vs_rest.item(), abs=1e-7)
+
+
+def test_the_reliability_diagram_bins_add_up_to_the_ece():
+    logits, targets = calibrated_logits(n=3000, seed=2)
+    scores = (0.4 * logits).sigmoid()  # under-confident this time
+    scores[:5, 0] = torch.tensor([0.0, 1.0, 0.2, 0.4, 1.0 / 3])  # edges and exact values
+    for task, bins in ((MULTI_LABEL_TASK, 15), (MULTI_LABEL_TASK, 7)):
+        points = reliability_bins(*pooled(scores, targets, task), bins)
+        share = points["count"] / points["count"].sum()
+        ece = (share * np.abs(points["confidence"] - points["frequency"])).sum()
+        assert ece == pytest.approx(calibration_errors(scores, targets, task, bins)[0], abs=1e-6)
+        assert points["count"].sum() == scores.numel()
+
+
+def test_temperature_fixes_an_over_confident_model_and_keeps_its_ranking():
+    val_logits, val_targets = calibrated_logits(seed=3)
+    test_logits, test_targets = calibrated_logits(seed=4)
+    confident = 3.0  # the model's logits are 3x the calibrated ones
+    val, test = (confident * val_logits, val_targets), (confident * test_logits, test_targets)
+    scaling = temperature_scaling(val, test, MULTI_LABEL_TASK, per_label=False)
+    assert scaling.temperature.item() == pytest.approx(confident, rel=0.1)
+    assert scaling.nll["val_after"] < scaling.nll["val_before"] - 0.05
+    assert scaling.nll["test_after"] < scaling.nll["test_before"] - 0.05
+    before = test[0].sigmoid()
+    after = scale(test[0], scaling.temperature).sigmoid()
+    ece_before, _ = calibration_errors(before, test_targets, MULTI_LABEL_TASK)
+    ece_after, _ = calibration_errors(after, test_targets, MULTI_LABEL_TASK)
+    assert ece_after < ece_before / 3
+    one = evaluate_predictions(before, test_targets, LABELS)
+    two = evaluate_predictions(after, test_targets, LABELS)
+    # the same ranking and decisions; float32 probabilities of logits beyond about 17 round to
+    # 1.0, so the over-confident scores have a few more ties than the scaled ones (1e-6 here)
+    for name in ("auroc", "ap_macro"):
+        assert two["scalars"][name] == pytest.approx(one["scalars"][name], abs=1e-5)
+    for name in ("acc", "f1_macro"):
+        assert two["scalars"][name] == one["scalars"][name]
+
+    # one temperature per label finds each label's own over-confidence
+    factors = torch.tensor([1.0, 2.0, 4.0])
+    per_label = fit_temperature(factors * val_logits, val_targets, MULTI_LABEL_TASK, per_label=True)
+    np.testing.assert_allclose(per_label.numpy(), factors.numpy(), rtol=0.12)
+    nll_one = negative_log_likelihood(
+        scale(
+            factors * val_logits,
+            fit_temperature(factors * val_logits, val_targets, MULTI_LABEL_TASK, False),
+        ),
+        val_targets,
+        MULTI_LABEL_TASK,
+    )
+    nll_each = negative_log_likelihood(
+        scale(factors * val_logits, per_label), val_targets, MULTI_LABEL_TASK
+    )
+    assert nll_each < nll_one
+
+
+def test_a_softmax_task_takes_one_temperature():
+    logits = torch.randn(200, 4) * 5
+    classes = logits.argmax(1)[:, None]
+    with pytest.raises(UserError, match="calibration.per_label=false"):
+        fit_temperature(logits, classes, MULTI_CLASS_TASK, per_label=True)
+    temperature = fit_temperature(logits, classes, MULTI_CLASS_TASK, per_label=False)
+    assert temperature.shape == (1,) and temperature.item() > 0
+
+
+def test_the_report_gives_the_calibration_before_and_after():
+    val_logits, val_targets = calibrated_logits(seed=5)
+    test_logits, test_targets = calibrated_logits(n=3000, seed=6)
+    val, test = (2 * val_logits, val_targets), (2 * test_logits, test_targets)
+    scaling = temperature_scaling(val, test, MULTI_LABEL_TASK, per_label=True)
+    t = scaling.temperature
+    report = build_report(
+        (scale(val[0], t).sigmoid(), val_targets),
+        (scale(test[0], t).sigmoid(), test_targets),
+        LABELS,
+        torch.tensor([0.5, 0.3, 0.1]),
+        scaling=scaling,
+    )
+    s = report.scalars
+    assert s["ece"] < s["ece_before"]
+    assert s["nll"] == scaling.nll["test_after"] < s["nll_before"] == scaling.nll["test_before"]
+    per_label = calibration_errors(test[0].sigmoid(), test_targets, MULTI_LABEL_TASK)[1]
+    for k, row in enumerate(report.per_label):
+        assert row["ece_before"] == pytest.approx(per_label[k].item())
+        assert row["temperature"] == pytest.approx(t[k].item())
+    text = markdown(report, [], None, "chestmnist", {})
+    assert f"ECE on test {s['ece_before']:.4f} before, {s['ece']:.4f} after" in text
+    assert "one per label" in text
+    plain = build_report(
+        (val[0].sigmoid(), val_targets), (test[0].sigmoid(), test_targets), LABELS, torch.ones(3)
+    )
+    assert "ece_before" not in plain.scalars and "No temperature scaling" in markdown(
+        plain, [], None, "chestmnist", {}
+    )
+    assert plain.scalars["ece"] == pytest.approx(s["ece_before"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("calibration.method=platt", "calibration.method='platt'"),
+        ("calibration.bins=0", "calibration.bins=0"),
+        ("calibration.per_label=maybe", "calibration.per_label='maybe'"),
+        ("bootstrap.resamples=-5", "bootstrap.resamples=-5"),
+        ("bootstrap.level=95", "bootstrap.level=95"),
+        ("thresholds.rule=best", "thresholds.rule='best'"),
+    ],
+)
+def test_report_options_refuse_a_bad_value_naming_the_key(override, key):
+    cfg = OmegaConf.create(
+        {
+            "thresholds": {"rule": "f1"},
+            "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0},
+            "calibration": {"method": "none", "per_label": False, "bins": 15},
+        }
+    )
+    name, value = override.split("=")
+    OmegaConf.update(
+        cfg, name, OmegaConf.create({"v": value})["v"] if value.isalpha() else eval(value)
+    )
+    with pytest.raises(UserError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        ReportOptions.from_config(cfg)
+
+
+def test_report_options_from_the_defaults():
+    options = ReportOptions.from_config(
+        OmegaConf.create({"bootstrap": {"resamples": 0}, "calibration": {"method": "temperature"}})
+    )
+    assert options.bootstrap is None and options.calibration == "temperature"
+    assert ReportOptions.from_config(OmegaConf.create({})).bootstrap.resamples == 1000
+
+
+@pytest.mark.slow
+def test_evaluate_with_temperature_then_predict_applies_it(trained_run, synthetic_npz, tmp_path):
+    """calibration=temperature: the report's scores, thresholds and ECE are after it, its
+    calibration.json names the weights, and predict (given that report's thresholds) gives the
+    report's own test probabilities; without the calibration.json it refuses."""
+    import json
+    import shutil
+
+    from chest_mnist.evaluate import evaluate
+    from chest_mnist.predict import predict
+    from tests.conftest import compose_train
+
+    def evaluate_into(folder, *overrides):
+        return evaluate(
+            compose_train(
+                [
+                    f"ckpt_path={trained_run}",
+                    "trainer=cpu",
+                    "+trainer.enable_progress_bar=false",
+                    f"paths.output_dir={folder}",
+                    "bootstrap.resamples=100",
+                    *overrides,
+                ],
+                "evaluate",
+            )
+        )
+
+    plain = evaluate_into(tmp_path / "plain")
+    scaled = evaluate_into(
+        tmp_path / "scaled", "calibration=temperature", "calibration.per_label=true"
+    )
+    report = tmp_path / "scaled" / "report"
+    calibration = json.loads((report / "calibration.json").read_text())
+    assert calibration["per_label"] is True and len(calibration["temperatures"]) == 14
+    assert (
+        calibration["weights_sha256"]
+        == json.loads((report / "metrics.json").read_text())["weights_sha256"]
+    )
+    assert json.loads((report / "thresholds.json").read_text())["calibrated"] is True
+    assert not (tmp_path / "plain" / "report" / "calibration.json").exists()
+    # the ranking and the decisions at 0.5 are kept, up to float32 rounding: this 2-epoch
+    # model's logits are nearly equal and near 0, so a few scores tie, or sit at exactly 0.5,
+    # on one side of the scaling and not on the other (one decision of 3,584 here)
+    assert scaled["test/acc"] == pytest.approx(plain["test/acc"], abs=2 / (256 * 14))
+    for name in ("test/auroc", "test/ap_macro"):
+        assert scaled[name] == pytest.approx(plain[name], abs=2e-4), name
+    assert scaled["test/ece_before"] == pytest.approx(plain["test/ece"], abs=1e-6)
+    assert scaled["test/ece"] != pytest.approx(plain["test/ece"], abs=1e-6)
+
+    saved = np.load(report / "predictions.npz")
+    unscaled = np.load(tmp_path / "plain" / "report" / "predictions.npz")
+    assert not np.allclose(saved["scores"], unscaled["scores"], atol=1e-4)
+
+    def predict_into(name):
+        summary = predict(
+            compose_train(
+                [
+                    f"ckpt_path={trained_run}",
+                    f"inputs=[{synthetic_npz}]",
+                    "format=json",
+                    f"thresholds={report / 'thresholds.json'}",
+                    f"paths.output_dir={tmp_path / name}",
+                ],
+                "predict",
+            )
+        )
+        return json.loads(summary["output"].read_text())
+
+    document = predict_into("predicted")
+    labels = document["labels"]
+    scores = np.array(
+        [[row["probabilities"][label] for label in labels] for row in document["predictions"]]
+    )
+    np.testing.assert_allclose(scores, saved["scores"], atol=1e-6)
+    assert document["calibration_from"].startswith("temperature scaling fitted on validation")
+    np.testing.assert_allclose(list(document["thresholds"].values()), saved["thresholds"], atol=0)
+
+    shutil.move(report / "calibration.json", tmp_path / "calibration.json")
+    with pytest.raises(UserError, match="tuned on temperature-scaled scores"):
+        predict_into("refused")
