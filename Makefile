@@ -4,9 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
+APT := DEBIAN_FRONTEND=noninteractive apt-get
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test bench lint format tensorboard clean gpu-wheels
+.PHONY: help install browser train test bench lint format tensorboard clean gpu-wheels
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,7 +23,13 @@ install: $(INSTALLED) ## create .venv and install the package with its dev tools
 train: install ## train ResNet-18 on ChestMNIST, 100 epochs (downloads the data once); overrides: make train ARGS="trainer.max_epochs=10"
 	$(BIN)/python -m chest_mnist.train $(ARGS)
 
-test: install ## run the test suite (offline, CPU)
+# tests/test_app.py drives the web page in Debian's Chromium (Playwright's own browser download
+# needs a network CI does not have); apt-get update only when the install fails without it
+browser: ## install Chromium for the browser tests, when it is missing (Debian, as root)
+	command -v chromium >/dev/null || $(APT) install -y chromium || \
+	  { $(APT) update && $(APT) install -y chromium; }
+
+test: install browser ## run the test suite (offline, CPU)
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: install ## time our pipeline against the classic per-sample loop; options: make bench ARGS="--size 224 --steps 10"

@@ -263,6 +263,18 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
     assert document["calibration_from"].startswith("temperature scaling fitted on validation")
     np.testing.assert_allclose(list(document["thresholds"].values()), saved["thresholds"], atol=0)
 
+    # the web page takes the same temperatures, through the same code
+    from PIL import Image
+
+    from chest_mnist.app import Analyser
+
+    with np.load(synthetic_npz) as npz:
+        Image.fromarray(npz["test_images"][3]).save(tmp_path / "three.png")
+    page = Analyser(trained_run, thresholds=str(report / "thresholds.json"), device="cpu")
+    assert page.calibration_from == document["calibration_from"]
+    shown = page.analyse(tmp_path / "three.png").probabilities
+    np.testing.assert_allclose([shown[label] for label in labels], saved["scores"][3], atol=1e-6)
+
     shutil.move(report / "calibration.json", tmp_path / "calibration.json")
     with pytest.raises(UserError, match="tuned on temperature-scaled scores"):
         predict_into("refused")
