@@ -134,7 +134,7 @@ def _calibration(report: Report) -> list[str]:
     ]
     scaling = report.scaling
     if scaling is None:
-        return lines + ["No temperature scaling (calibration=temperature fits it on validation)."]
+        return lines + ["", "No temperature scaling (calibration=temperature fits it on validation)."]
     t = scaling.temperature.tolist()
     fitted = f"T = {t[0]:.4f}" if len(t) == 1 else f"T from {min(t):.4f} to {max(t):.4f}"
     nll = scaling.nll
