@@ -34,7 +34,7 @@ from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
 from chest_mnist.images import read_image
 from chest_mnist.predict import predict_scores, predicted_labels
-from chest_mnist.tuned import choose_temperature, choose_thresholds
+from chest_mnist.tuned import choose_tuned
 
 NOT_CLINICAL = (
     "**Not for clinical use.** A research model trained on MedMNIST's small images: its "
@@ -62,13 +62,15 @@ class Analyser:
     def __init__(self, ckpt_path: str | Path, thresholds: str | None = None, device="auto"):
         self.checkpoint, self.model, self.data = load_model(ckpt_path)
         self.labels = list(self.model.hparams.labels)
-        digest = weights_digest(self.model.state_dict())
-        values, self.thresholds_from = choose_thresholds(
-            thresholds, self.checkpoint, digest, self.labels, self.model.kind
+        tuned = choose_tuned(
+            thresholds,
+            self.checkpoint,
+            weights_digest(self.model.state_dict()),
+            self.labels,
+            self.model.kind,
         )
-        self.temperature, self.calibration_from = choose_temperature(
-            thresholds, self.checkpoint, digest, self.labels
-        )
+        values, self.temperature = tuned.thresholds, tuned.temperature
+        self.thresholds_from, self.calibration_from = tuned.thresholds_from, tuned.calibration_from
         # None for a multi-class model: it predicts its arg-max class
         self.thresholds = None if values is None else dict(zip(self.labels, values, strict=True))
         self.device = resolve_device(device)

@@ -127,7 +127,7 @@ def bootstrap_intervals(
 ) -> dict:
     """Intervals of one split's numbers: {"scalars": {"auroc", "ap_macro", "acc", and
     "acc_tuned" when `thresholds` are given: (low, high)}, "per_label": {"auroc", "ap": (2, L)
-    arrays, low and high}, "defined": {"auroc", "ap": (L,) resamples with a value}}."""
+    arrays, low and high}}."""
     scores = scores.detach().double().cpu()
     n, num_outputs = scores.shape
     truth = task.one_vs_rest(targets.cpu(), num_outputs).numpy()
@@ -152,5 +152,4 @@ def bootstrap_intervals(
             name: tuple(_percentiles(v, settings.level).tolist()) for name, v in values.items()
         },
         "per_label": {name: _percentiles(v, settings.level) for name, v in per.items()},
-        "defined": {name: (~np.isnan(v)).sum(0) for name, v in per.items()},
     }

@@ -14,7 +14,7 @@ across 0 and keeps each label's ranking, so AUROC, AP and every decision at 0.5 
 arg-max) stay as they are, but for float32 rounding (two nearly equal scores may tie on one
 side of the scaling only); the probabilities, the ECE, the NLL and the tuned thresholds'
 values change. `calibration=temperature` turns it on (conf/calibration/), and the report's
-calibration.json carries the temperatures to `predict`.
+thresholds.json carries the temperatures to `predict` with the thresholds tuned after them.
 """
 
 from __future__ import annotations
@@ -105,20 +105,43 @@ def negative_log_likelihood(logits: Tensor, targets: Tensor, task: Task) -> floa
         return task.loss(logits.float(), targets, None, 0.0).item()
 
 
-def fit_temperature(logits: Tensor, targets: Tensor, task: Task, per_label: bool) -> Tensor:
-    """Temperatures minimising the validation NLL of `logits / T`: (L,) with `per_label` (a
-    sigmoid task), else (1,). L-BFGS on log T, so T stays positive."""
+def check_per_label(task: Task, per_label: bool) -> None:
+    """A UserError for one temperature per output of a softmax, which would reorder classes."""
     if per_label and isinstance(task, SoftmaxTask):
         raise UserError(
             "calibration.per_label=true fits one temperature per sigmoid output; a multi-class "
             "task's softmax takes one temperature: set calibration.per_label=false."
         )
+
+
+def fit_temperature(logits: Tensor, targets: Tensor, task: Task, per_label: bool) -> Tensor:
+    """Temperatures minimising the validation NLL of `logits / T`: (L,) with `per_label` (a
+    sigmoid task), else (1,). L-BFGS on log T, so T stays positive. With `per_label`, a label
+    with no positives or no negatives in validation keeps T = 1 (`kept_at_one`): its NLL falls
+    without bound as T shrinks, which would only push its scores to 0 or 1."""
+    check_per_label(task, per_label)
     if len(logits) == 0:
         raise UserError(
             "calibration=temperature needs validation images to fit on; there are none."
         )
     logits, targets = logits.detach().float().cpu(), targets.cpu()
-    log_t = torch.zeros(logits.shape[1] if per_label else 1, requires_grad=True)
+    if not per_label:
+        return _fit(logits, targets, task, 1)
+    temperature = torch.ones(logits.shape[1])
+    fitted = ~kept_at_one(targets, task, logits.shape[1])
+    if fitted.any():
+        temperature[fitted] = _fit(logits[:, fitted], targets[:, fitted], task, int(fitted.sum()))
+    return temperature
+
+
+def kept_at_one(targets: Tensor, task: Task, num_outputs: int) -> Tensor:
+    """(L,) bools: the outputs whose validation labels are all one value (no T to fit)."""
+    positives, negatives = task.label_counts(targets, num_outputs)
+    return (positives == 0) | (negatives == 0)
+
+
+def _fit(logits: Tensor, targets: Tensor, task: Task, count: int) -> Tensor:
+    log_t = torch.zeros(count, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_t], lr=0.5, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
     )

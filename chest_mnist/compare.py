@@ -49,6 +49,7 @@ METRICS = (
 NOT_THE_RECIPE = (
     "seed",
     "bootstrap",
+    "calibration.bins",
     "paths",
     "ckpt_path",
     "hydra",
@@ -59,6 +60,9 @@ NOT_THE_RECIPE = (
     "data.num_workers",
     "data.on_device",
 )
+
+# what a run made before these keys existed did, so that it groups with a run that says so
+BEFORE_THE_KEY = {"calibration.method": "none", "calibration.per_label": False}
 
 
 @dataclass
@@ -133,7 +137,7 @@ def read_run(path: Path) -> Run:
                 f"not a number."
             )
     recipe = {key: value for key, value in flatten(config).items() if not _bookkeeping(key)}
-    return Run(path, config["seed"], recipe, metrics)
+    return Run(path, config["seed"], BEFORE_THE_KEY | recipe, metrics)
 
 
 def _bookkeeping(key: str) -> bool:

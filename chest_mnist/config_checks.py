@@ -28,13 +28,26 @@ def check_before_training(cfg: DictConfig) -> None:
         check_resumable(cfg.ckpt_path, cfg)
 
 
+def check_report_options(cfg: DictConfig) -> None:
+    """The report's thresholds, bootstrap and calibration keys, refused before training rather
+    than after it (one temperature per output needs a sigmoid task)."""
+    from medmnist import INFO
+
+    from chest_mnist.calibration import check_per_label
+    from chest_mnist.report_content import ReportOptions
+    from chest_mnist.task import Task
+
+    options = ReportOptions.from_config(cfg)
+    flag = cfg.get("data", {}).get("flag")
+    if options.calibration == "temperature" and flag in INFO:
+        check_per_label(Task.from_medmnist(INFO[flag]["task"]), options.per_label_temperature)
+
+
 def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     """Values that would fail later, or silently do nothing, refused before any data is loaded.
     (The data module and the model check their own keys, e.g. data.size, when they are built:
     `check_job` builds them too.)"""
-    from chest_mnist.report_content import ReportOptions
-
-    ReportOptions.from_config(cfg)  # thresholds, bootstrap and calibration: refused up front
+    check_report_options(cfg)
     lr = cfg.model.get("optimizer", {}).get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise UserError(

@@ -32,7 +32,7 @@ from chest_mnist.config import register
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import write_report
-from chest_mnist.report_content import ReportOptions, build_report
+from chest_mnist.report_content import Report, ReportOptions, build_report
 from chest_mnist.report_figures import log_to_tensorboard
 from chest_mnist.report_heatmaps import write_heatmap_figure
 from chest_mnist.report_tables import flat_metrics
@@ -105,8 +105,6 @@ def evaluate_model(
             run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
             run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        heatmaps = write_heatmap_figure(model, datamodule, report, out_dir)
         write_report(
             out_dir,
             report,
@@ -114,7 +112,7 @@ def evaluate_model(
             datamodule.hparams.size,
             run_dir=run_dir,
             extra=(extra or {}) | weights,
-            figures=(heatmaps.name,),
+            figures=draw_heatmaps(model, datamodule, report, out_dir),
         )
         report_to_tensorboard(trainer, out_dir, report.test, datamodule)
     metrics = flat_metrics(report)
@@ -122,6 +120,21 @@ def evaluate_model(
         logger.log_metrics(metrics, step=trainer.global_step)
     log_summary(report.scalars, checkpoint, out_dir)
     return metrics
+
+
+def draw_heatmaps(
+    model: MedMNISTClassifier, datamodule: MedMNISTDataModule, report: Report, out_dir: Path
+) -> tuple[str, ...]:
+    """heatmaps.png (the file names drawn, for report.md). It needs gradients through the
+    model: if that fails (out of GPU memory, say), the rest of the report is still written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return (write_heatmap_figure(model, datamodule, report, out_dir).name,)
+    except (RuntimeError, ValueError) as e:
+        log.warning(
+            "No heatmaps.png (%s: %s); the rest of the report is written.", type(e).__name__, e
+        )
+        return ()
 
 
 def check_same_labels(model: MedMNISTClassifier, datamodule: MedMNISTDataModule) -> None:

@@ -18,7 +18,10 @@ file with the DICM preamble). Hospital exports are rarely 8-bit, and the model w
 - An alpha channel (RGBA, LA, a palette with a transparent colour) that is fully opaque is
   dropped; a transparent pixel is refused, since what lies behind it is the user's call.
 
-The note is "" when the file was used as it was (8-bit gray or RGB). A file that cannot be used
+An 8-bit image is used as it is, so its 16-bit copy (each value x 257) gives the same pixels
+only when it spans 0..255: a wider file says nothing of the range its picture was meant to
+fill, and its full range is the usual display default. The note is "" when the file was used as
+it was (8-bit gray or RGB). A file that cannot be used
 raises ValueError with the reason.
 """
 
@@ -73,6 +76,15 @@ def read_image(path: Path, size: int, channels: int) -> tuple[np.ndarray, str]:
     if side != size:
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8), note
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether a folder's file is one to predict: an image suffix, or no suffix and DICOM's
+    preamble (hospital exports are often named IM000001)."""
+    if not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix == "" and _has_dicom_preamble(path))
 
 
 def _has_dicom_preamble(path: Path) -> bool:

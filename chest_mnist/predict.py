@@ -17,7 +17,10 @@ probability per label, and the labels predicted at the per-label thresholds that
 tuned on validation for these very weights (`<run>/report/thresholds.json`, found next to the
 checkpoint, names the weights it was tuned for); for other weights (`last.ckpt` after a later
 best epoch, say) or without that file the threshold is 0.5, and the output says why.
-`thresholds=PATH` uses that file's thresholds whatever they were tuned for. A multi-class
+`thresholds=PATH` uses that file's thresholds whatever they were tuned for. When the report
+scaled the scores first (`calibration=temperature`), the same file holds the temperatures, and
+the probabilities are of the logits divided by them: both from one file, or neither
+(`tuned.choose_tuned`). A multi-class
 model predicts its arg-max class and has no thresholds: the decision rule is the checkpoint's
 task's (`MedMNISTClassifier.kind`, task.py).
 
@@ -53,11 +56,11 @@ from chest_mnist.cam import write_overlays
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
 from chest_mnist.config import register
-from chest_mnist.images import IMAGE_SUFFIXES, read_image
+from chest_mnist.images import IMAGE_SUFFIXES, is_image_file, read_image
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, read_npz
 from chest_mnist.task import Task
-from chest_mnist.tuned import choose_temperature, choose_thresholds
+from chest_mnist.tuned import choose_tuned
 
 log = logging.getLogger(__name__)
 register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
@@ -89,12 +92,14 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
         if not path.exists():
             items.append(Item(name, error="no such file or folder"))
         elif path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
+            files = sorted(p for p in path.rglob("*") if is_image_file(p))
             if not files:
                 items.append(
-                    Item(name, error=f"folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+                    Item(
+                        name,
+                        error=f"folder with no images ({', '.join(IMAGE_SUFFIXES)}, or DICOM "
+                        f"files without a suffix)",
+                    )
                 )
             items.extend(_image_item(p, size, channels) for p in files)
         elif path.suffix.lower() == ".npz":
@@ -131,7 +136,7 @@ def predict_scores(
 ) -> torch.Tensor:
     """Probabilities (N, labels) for uint8 images (N, H, W[, C]), in batches on `device`, with
     the same input conversion as training; bf16 autocast on a GPU, as in training. With
-    `temperature` (`tuned.choose_temperature`), of the logits divided by it."""
+    `temperature` (`tuned.choose_tuned`), of the logits divided by it."""
     model = model.to(device).eval()
     device = torch.device(device)
     out = []
@@ -233,15 +238,18 @@ def predict(cfg: DictConfig) -> dict:
     inputs, output = check_request(cfg)
     ckpt_path, model, data = load_model(cfg.ckpt_path)
     labels = list(model.hparams.labels)
-    digest = weights_digest(model.state_dict())
-    thresholds, source = choose_thresholds(
-        cfg.get("thresholds"), ckpt_path, digest, labels, model.kind
+    tuned = choose_tuned(
+        cfg.get("thresholds"), ckpt_path, weights_digest(model.state_dict()), labels, model.kind
     )
-    temperature, calibration = choose_temperature(cfg.get("thresholds"), ckpt_path, digest, labels)
+    thresholds, source, calibration = (
+        tuned.thresholds,
+        tuned.thresholds_from,
+        tuned.calibration_from,
+    )
     device = resolve_device(cfg.device)
     flag = data["flag"]
     items = collect(inputs, data["size"], INFO[flag]["n_channels"], flag, cfg.split)
-    score_items(model, items, data, cfg.batch_size, device, temperature)
+    score_items(model, items, data, cfg.batch_size, device, tuned.temperature)
     if cfg.cam:
         write_heatmaps(model, items, data, thresholds, cam_folder(output), cfg.cam_top_k, device)
     write_output(

@@ -6,8 +6,8 @@
     report_content.py    the Report: those numbers, at 0.5 and tuned, without side effects
     report_tables.py     metrics.json (every test number under the names of `flat_metrics`,
                          and the run's facts: checkpoint, epochs), thresholds.json (for
-                         `predict`), calibration.json (the temperatures, for `predict`;
-                         the formats in run_files.py), per_class.csv (one row
+                         `predict`, with the temperatures of calibration=temperature; the
+                         formats in run_files.py), per_class.csv (one row
                          per label), predictions.npz (val and test scores and labels),
                          <flag>_test_[AUC]..._[ACC]...@<run>.csv (MedMNIST's result file)
     report_figures.py    confusion_matrices.png, roc_curves.png, pr_curves.png,
@@ -27,7 +27,6 @@ from chest_mnist.report_content import Report
 from chest_mnist.report_figures import write_figures
 from chest_mnist.report_markdown import write_markdown
 from chest_mnist.report_tables import (
-    write_calibration_json,
     write_medmnist_result,
     write_metrics_json,
     write_per_class_csv,
@@ -140,7 +139,6 @@ def write_report(
     write_metrics_json(report, out_dir, facts)
     write_per_class_csv(report, out_dir)
     write_thresholds_json(report, out_dir, facts)
-    write_calibration_json(report, out_dir, facts)
     write_predictions_npz(report, out_dir)
     run_name = Path(run_dir).name if run_dir is not None else "chest_mnist"
     write_medmnist_result(report, out_dir, flag, size, run_name)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from chest_mnist import run_files
-from chest_mnist.calibration import describe_bins, pooled_description
+from chest_mnist.calibration import describe_bins, kept_at_one, pooled_description
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.report_content import Report
 
@@ -134,9 +134,19 @@ def _calibration(report: Report) -> list[str]:
     ]
     scaling = report.scaling
     if scaling is None:
-        return lines + ["", "No temperature scaling (calibration=temperature fits it on validation)."]
+        return lines + [
+            "",
+            "No temperature scaling (calibration=temperature fits it on validation).",
+        ]
     t = scaling.temperature.tolist()
     fitted = f"T = {t[0]:.4f}" if len(t) == 1 else f"T from {min(t):.4f} to {max(t):.4f}"
+    if scaling.per_label:
+        kept = kept_at_one(report.val[1], report.task, len(report.labels))
+        if kept.any():
+            names = ", ".join(
+                label for label, k in zip(report.labels, kept.tolist(), strict=True) if k
+            )
+            fitted += f"; kept at 1 for {names} (one value only in validation: nothing to fit)"
     nll = scaling.nll
     return lines + [
         "",

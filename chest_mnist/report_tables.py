@@ -1,8 +1,8 @@
 """The report's numbers as files for programs, each written from a `Report` (report_content.py):
 
     metrics.json       every test number (`flat_metrics` names them) and the run's facts
-    thresholds.json    the tuned thresholds and the weights they were tuned for, for `predict`
-    calibration.json   with `calibration=temperature`: the temperatures, for `predict`
+    thresholds.json    the tuned thresholds (and temperatures), and the weights they were tuned
+                       for, for `predict`
     per_class.csv      one row per label
     predictions.npz    val and test scores and labels
     <flag>_test_[AUC]..._[ACC]...@<run>.csv   MedMNIST's standard result file
@@ -48,7 +48,8 @@ def flat_metrics(report: Report, split: str = "test") -> dict[str, float]:
 
 
 def report_facts(report: Report) -> dict:
-    """How the intervals and the calibration error were computed, and the temperatures."""
+    """How the intervals and the calibration error were computed, and how the temperatures
+    (thresholds.json, per_class.csv) lowered the validation NLL."""
     facts = {
         "intervals": report.bootstrap.describe() if report.bootstrap else None,
         "calibration_error": f"ECE, torchmetrics, {describe_bins(report.bins)}",
@@ -58,7 +59,6 @@ def report_facts(report: Report) -> dict:
         facts["calibration"] = "temperature, " + (
             "one per label" if report.scaling.per_label else "one for all outputs"
         )
-        facts["temperature"] = report.scaling.temperature.tolist()
         nll = report.scaling.nll
         facts["temperature_val_nll"] = {"before": nll["val_before"], "after": nll["val_after"]}
     return facts
@@ -70,25 +70,9 @@ def write_metrics_json(report: Report, out_dir: Path, facts: dict) -> Path:
     return run_files.write_metrics(out_dir, flat_metrics(report) | report_facts(report) | facts)
 
 
-def write_calibration_json(report: Report, out_dir: Path, facts: dict) -> Path | None:
-    """calibration.json, with `calibration=temperature` only: the temperature of each output
-    and the weights it was fitted for, for `predict`."""
-    if report.scaling is None:
-        return None
-    checkpoint = facts.get(run_files.CHECKPOINT)
-    temperatures = report.scaling.temperature.expand(len(report.labels)).tolist()
-    calibration = run_files.Calibration(
-        method="temperature",
-        per_label=report.scaling.per_label,
-        temperatures=dict(zip(report.labels, temperatures, strict=True)),
-        checkpoint=Path(checkpoint).name if checkpoint else None,
-        weights_sha256=facts.get(run_files.WEIGHTS_SHA256),
-    )
-    return run_files.write_calibration(out_dir, calibration)
-
-
 def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
-    """thresholds.json: the tuned thresholds, and the weights they were tuned for (the facts'
+    """thresholds.json: the tuned thresholds, the temperatures the scores they were tuned on were
+    scaled by (`calibration=temperature`), and the weights they were tuned for (the facts'
     checkpoint and weights_sha256): predict uses them for these weights only."""
     checkpoint = facts.get(run_files.CHECKPOINT)
     tuned = None
@@ -102,7 +86,15 @@ def write_thresholds_json(report: Report, out_dir: Path, facts: dict) -> Path:
         weights_sha256=facts.get(run_files.WEIGHTS_SHA256),
         kept_at_default=report.threshold_notes,
         chosen_on=None if tuned is None else "val",
-        calibrated=report.scaling is not None,
+        temperatures=None
+        if report.scaling is None
+        else dict(
+            zip(
+                report.labels,
+                report.scaling.temperature.expand(len(report.labels)).tolist(),
+                strict=True,
+            )
+        ),
     )
     return run_files.write_thresholds(out_dir, thresholds)
 

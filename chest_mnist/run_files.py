@@ -7,10 +7,9 @@ one reader here, and its keys are named once.
                                   run's facts under the names below; written by the report,
                                   read by evaluate and predict (a run's best checkpoint) and by
                                   the sweep summary
-    <run>/report/thresholds.json  the per-label thresholds tuned on validation and the weights
-                                  they were tuned for; written by the report, read by predict
-    <run>/report/calibration.json the temperatures of `calibration=temperature`, for the same
-                                  weights; written by the report, read by predict
+    <run>/report/thresholds.json  the per-label thresholds tuned on validation, the temperatures
+                                  of `calibration=temperature`, and the weights they were tuned
+                                  for; written by the report, read by predict and the web page
 
 The report's other files (per_class.csv, predictions.npz, report.md, the figures) are for
 people and other tools; no command of ours reads them back.
@@ -29,7 +28,6 @@ CONFIG = Path(".hydra") / "config.yaml"
 REPORT = "report"
 METRICS = "metrics.json"
 THRESHOLDS = "thresholds.json"
-CALIBRATION = "calibration.json"
 
 # metrics.json: the facts beside the test metrics
 BEST_CHECKPOINT = "best_checkpoint"  # train: the checkpoint validation chose (a path, or null)
@@ -72,8 +70,10 @@ def read_metrics(run: Path) -> dict:
 @dataclass
 class Thresholds:
     """thresholds.json: the decision rule, the per-label thresholds (None for a multi-class
-    task: arg-max), the labels that kept the default and why, and the weights they were
-    tuned for (checkpoint file name and digest; None in files written before they were)."""
+    task: arg-max), the labels that kept the default and why, the temperature of each output
+    when `calibration=temperature` scaled the scores the thresholds were tuned on (None: no
+    scaling), and the weights they were tuned for (checkpoint file name and digest; None in
+    files written before they were)."""
 
     rule: str
     default: float
@@ -82,7 +82,7 @@ class Thresholds:
     weights_sha256: str | None = None
     kept_at_default: dict[str, str] = field(default_factory=dict)
     chosen_on: str | None = "val"
-    calibrated: bool = False  # tuned on temperature-scaled scores: calibration.json beside it
+    temperatures: dict[str, float] | None = None  # the scores' scaling, one per output
 
 
 def write_thresholds(report_dir: Path, thresholds: Thresholds) -> Path:
@@ -93,19 +93,24 @@ def write_thresholds(report_dir: Path, thresholds: Thresholds) -> Path:
 
 def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
     """The thresholds.json at `path`, checked against the model's `labels`: a UserError names
-    the file and what to do when it is missing or is not one for these labels."""
+    the file and what to do when it is missing or is not one for these labels. `labels` and
+    `temperatures` are in the model's order; `labels` is None for a multi-class model's file."""
     try:
         data = json.loads(Path(path).read_text())
-        table = data["labels"]
+        table, temperatures = data["labels"], data.get("temperatures")
+        if temperatures is not None:
+            temperatures = {label: float(temperatures[label]) for label in labels}
+            if not all(t > 0 for t in temperatures.values()):
+                raise ValueError("a temperature is not above 0")
         return Thresholds(
             rule=data.get("rule", "f1"),
             default=float(data.get("default", 0.5)),
-            labels={label: float(table[label]) for label in labels},
+            labels=None if table is None else {label: float(table[label]) for label in labels},
             checkpoint=data.get("checkpoint"),
             weights_sha256=data.get("weights_sha256"),
             kept_at_default=data.get("kept_at_default") or {},
             chosen_on=data.get("chosen_on"),
-            calibrated=bool(data.get("calibrated", False)),
+            temperatures=temperatures,
         )
     except FileNotFoundError:
         raise UserError(f"thresholds={path} does not exist.") from None
@@ -114,50 +119,4 @@ def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
             f"thresholds={path} is not a thresholds.json for this model's labels "
             f"({', '.join(labels)}): {type(e).__name__}: {e}. Use the one in the checkpoint "
             f"run's report/, or thresholds=null for 0.5."
-        ) from None
-
-
-@dataclass
-class Calibration:
-    """calibration.json: the temperature of each output (one value repeated when one was fitted
-    for all), fitted on validation for the weights named, as `calibration=temperature` does."""
-
-    method: str
-    per_label: bool
-    temperatures: dict[str, float]
-    checkpoint: str | None = None
-    weights_sha256: str | None = None
-    fitted_on: str = "val"
-
-
-def write_calibration(report_dir: Path, calibration: Calibration) -> Path:
-    path = Path(report_dir) / CALIBRATION
-    path.write_text(json.dumps(asdict(calibration), indent=2) + "\n")
-    return path
-
-
-def read_calibration(path: Path, labels: list[str]) -> Calibration:
-    """The calibration.json at `path`, checked against the model's `labels`: a UserError names
-    the file and what to do when it cannot be used."""
-    try:
-        data = json.loads(Path(path).read_text())
-        table = data["temperatures"]
-        temperatures = {label: float(table[label]) for label in labels}
-        if not all(t > 0 for t in temperatures.values()):
-            raise ValueError("a temperature is not above 0")
-        return Calibration(
-            method=data["method"],
-            per_label=bool(data.get("per_label", False)),
-            temperatures=temperatures,
-            checkpoint=data.get("checkpoint"),
-            weights_sha256=data.get("weights_sha256"),
-            fitted_on=data.get("fitted_on", "val"),
-        )
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist.") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"{path} is not a calibration.json for this model's labels ({', '.join(labels)}): "
-            f"{type(e).__name__}: {e}. Evaluate the checkpoint again with "
-            f"calibration=temperature to write a new one."
         ) from None

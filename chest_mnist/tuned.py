@@ -1,64 +1,68 @@
-"""What a run's report tuned for one set of weights, as `predict` and the web page use it: the
-per-label thresholds (report/thresholds.json) and the temperatures of `calibration=temperature`
-(report/calibration.json). Both files name the weights they were made for (checkpoint and
-SHA-256 of the weights): beside a checkpoint, they are used only for those weights; a
-thresholds file given by hand (`thresholds=PATH`) is used as given, with the calibration.json
-beside it. Thresholds tuned on temperature-scaled scores are never used without their
-temperatures."""
+"""What a run's report tuned for one set of weights, as `predict` and the web page use it:
+report/thresholds.json holds the per-label thresholds and, with `calibration=temperature`, the
+temperatures the scores were scaled by before the thresholds were tuned on them. One file, one
+set of weights (named by checkpoint and SHA-256): beside a checkpoint it is used only for
+those weights; a file given by hand (`thresholds=PATH`) is used as given. The thresholds and
+the temperatures always come from the same file, so a threshold is never applied to scores
+scaled otherwise than the ones it was tuned on."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chest_mnist import UserError
-from chest_mnist.run_files import (
-    CALIBRATION,
-    REPORT,
-    THRESHOLDS,
-    read_calibration,
-    read_thresholds,
-    run_of,
-)
+from chest_mnist.run_files import REPORT, THRESHOLDS, Thresholds, read_thresholds, run_of
 from chest_mnist.task import THRESHOLD, Task
 
+NO_SCALING = "none (the model's own probabilities)"
 
-def choose_thresholds(
-    cfg_thresholds: str | None,
-    ckpt_path: Path,
-    digest: str,
-    labels: list[str],
-    task: Task,
-) -> tuple[list[float] | None, str]:
-    """(thresholds, where they come from). The thresholds tuned for these weights (`digest`):
-    the checkpoint run's report/thresholds.json when it was tuned for them, else 0.5 for every
-    label, and why. A file given as `thresholds=` is used whatever it was tuned for (the
-    source says when that was other weights). None for a task that tunes none (arg-max)."""
-    if not task.tunes_thresholds:
-        return None, "arg-max class (multi-class task)"
+
+@dataclass(frozen=True)
+class Tuned:
+    """The thresholds (None: arg-max), the temperature of each output (None: no scaling), and
+    where each comes from, in words for the output."""
+
+    thresholds: list[float] | None
+    temperature: torch.Tensor | None
+    thresholds_from: str
+    calibration_from: str
+
+
+def choose_tuned(
+    cfg_thresholds: str | None, ckpt_path: Path, digest: str, labels: list[str], task: Task
+) -> Tuned:
+    """The thresholds and temperatures tuned for these weights (`digest`): the checkpoint run's
+    report/thresholds.json when it was tuned for them, else 0.5 for every label and no scaling,
+    and why. A file given as `thresholds=` is used whatever it was tuned for (the sources say
+    when that was other weights). A multi-class task has no thresholds (arg-max), but its
+    temperature comes from the same file by the same rule."""
     if cfg_thresholds:
         path = Path(cfg_thresholds).expanduser()
         tuned = read_thresholds(path, labels)
-        values = list(tuned.labels.values())  # in the model's label order
         if tuned.weights_sha256 == digest:
-            return values, f"tuned on validation ({path})"
+            return _from_file(tuned, path, f"tuned on validation ({path})", task)
         weights = (
             f"other weights ({tuned.checkpoint or 'in no checkpoint file'})"
             if tuned.weights_sha256
             else "weights it does not name (an older thresholds.json)"
         )
-        return values, f"tuned on validation for {weights}, given as thresholds={path}"
+        return _from_file(
+            tuned, path, f"tuned on validation for {weights}, given as thresholds={path}", task
+        )
     beside = run_of(ckpt_path) / REPORT / THRESHOLDS
     if not beside.is_file():
-        return [THRESHOLD] * len(labels), (
-            f"{THRESHOLD} for every label (no thresholds.json next to the checkpoint: "
-            f"run python -m chest_mnist.evaluate, or give thresholds=PATH)"
+        return _untuned(
+            labels,
+            task,
+            "no thresholds.json next to the checkpoint: run python -m chest_mnist.evaluate, "
+            "or give thresholds=PATH",
         )
     tuned = read_thresholds(beside, labels)
     if tuned.weights_sha256 == digest:
-        return list(tuned.labels.values()), f"tuned on validation ({beside})"
+        return _from_file(tuned, beside, f"tuned on validation ({beside})", task)
     why = (
         f"{beside} was tuned for other weights ({tuned.checkpoint or 'in no checkpoint file'}), "
         f"not {ckpt_path.name}"
@@ -66,43 +70,28 @@ def choose_thresholds(
         else f"{beside} does not say which weights it was tuned for"
     )
     print(
-        f"warning: {why}: every label at {THRESHOLD}. To use those thresholds anyway, give "
-        f"thresholds={beside}; for this checkpoint's own, python -m chest_mnist.evaluate "
-        f"ckpt_path={ckpt_path}, then thresholds=<its report>/thresholds.json.",
+        f"warning: {why}: every label at {THRESHOLD}, no temperature scaling. To use that file "
+        f"anyway, give thresholds={beside}; for this checkpoint's own, python -m "
+        f"chest_mnist.evaluate ckpt_path={ckpt_path}, then thresholds=<its report>/thresholds.json.",
         file=sys.stderr,
     )
-    return [THRESHOLD] * len(labels), f"{THRESHOLD} for every label ({why})"
+    return _untuned(labels, task, why)
 
 
-def choose_temperature(
-    cfg_thresholds: str | None, ckpt_path: Path, digest: str, labels: list[str]
-) -> tuple[torch.Tensor | None, str]:
-    """(one temperature per output, or None; where it comes from): the calibration.json beside
-    the thresholds in use (the checkpoint run's report/, or the folder of `thresholds=PATH`),
-    under the same rule as `choose_thresholds`. A UserError when those thresholds were tuned
-    on temperature-scaled scores and their calibration.json is missing."""
-    if cfg_thresholds:
-        folder, given = Path(cfg_thresholds).expanduser().parent, True
-    else:
-        folder, given = run_of(ckpt_path) / REPORT, False
-    path = folder / CALIBRATION
-    if not path.is_file():
-        thresholds = folder / THRESHOLDS
-        if thresholds.is_file() and _calibrated(thresholds, labels):
-            raise UserError(
-                f"{thresholds} was tuned on temperature-scaled scores, but {path} is missing: "
-                f"restore it, or evaluate the checkpoint again (calibration=temperature)."
-            )
-        return None, "none (the model's own probabilities)"
-    calibration = read_calibration(path, labels)
-    if given or calibration.weights_sha256 == digest:
-        temperatures = torch.tensor(list(calibration.temperatures.values()))
-        return temperatures, f"temperature scaling fitted on validation ({path})"
-    return None, f"none ({path} was fitted for other weights, not {Path(ckpt_path).name})"
+def _from_file(tuned: Thresholds, path: Path, source: str, task: Task) -> Tuned:
+    temperature = None
+    calibration = NO_SCALING
+    if tuned.temperatures is not None:
+        temperature = torch.tensor(list(tuned.temperatures.values()))
+        calibration = f"temperature scaling fitted on validation ({path})"
+    if not task.tunes_thresholds:
+        return Tuned(None, temperature, "arg-max class (multi-class task)", calibration)
+    return Tuned(list(tuned.labels.values()), temperature, source, calibration)
 
 
-def _calibrated(path: Path, labels: list[str]) -> bool:
-    try:
-        return read_thresholds(path, labels).calibrated
-    except UserError:  # not one for these labels: choose_thresholds says so, or it is unused
-        return False
+def _untuned(labels: list[str], task: Task, why: str) -> Tuned:
+    if not task.tunes_thresholds:
+        return Tuned(None, None, "arg-max class (multi-class task)", NO_SCALING)
+    return Tuned(
+        [THRESHOLD] * len(labels), None, f"{THRESHOLD} for every label ({why})", NO_SCALING
+    )

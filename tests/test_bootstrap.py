@@ -78,7 +78,6 @@ def test_intervals_equal_a_loop_with_sklearn_over_the_same_resamples():
     np.testing.assert_allclose(got["per_label"]["ap"], want["per_label_ap"], atol=1e-6)
     # the rare label has no positives in some resamples: left out there, not scored 0
     assert 0 < want["defined_auroc"][2] < 1000
-    np.testing.assert_array_equal(got["defined"]["auroc"], want["defined_auroc"])
     assert got["per_label"]["auroc"][0, 2] > 0.05  # a 0.0 counted in would pull it to 0
 
 

@@ -189,11 +189,13 @@ def test_report_options_from_the_defaults():
 @pytest.mark.slow
 def test_evaluate_with_temperature_then_predict_applies_it(trained_run, synthetic_npz, tmp_path):
     """calibration=temperature: the report's scores, thresholds and ECE are after it, its
-    calibration.json names the weights, and predict (given that report's thresholds) gives the
-    report's own test probabilities; without the calibration.json it refuses."""
+    thresholds.json holds the temperatures for the weights it names, and predict and the page
+    give the report's own test probabilities with them: beside the checkpoint and as
+    thresholds=PATH; beside other weights, neither thresholds nor temperatures are used."""
     import json
     import shutil
 
+    from chest_mnist.checkpoints import resolve_checkpoint
     from chest_mnist.evaluate import evaluate
     from chest_mnist.predict import predict
     from tests.conftest import compose_train
@@ -218,14 +220,16 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
         tmp_path / "scaled", "calibration=temperature", "calibration.per_label=true"
     )
     report = tmp_path / "scaled" / "report"
-    calibration = json.loads((report / "calibration.json").read_text())
-    assert calibration["per_label"] is True and len(calibration["temperatures"]) == 14
+    tuned = json.loads((report / "thresholds.json").read_text())
+    assert len(tuned["temperatures"]) == 14 and len(set(tuned["temperatures"].values())) > 1
     assert (
-        calibration["weights_sha256"]
+        tuned["weights_sha256"]
         == json.loads((report / "metrics.json").read_text())["weights_sha256"]
     )
-    assert json.loads((report / "thresholds.json").read_text())["calibrated"] is True
-    assert not (tmp_path / "plain" / "report" / "calibration.json").exists()
+    assert (
+        json.loads((tmp_path / "plain" / "report" / "thresholds.json").read_text())["temperatures"]
+        is None
+    )
     # the ranking and the decisions at 0.5 are kept, up to float32 rounding: this 2-epoch
     # model's logits are nearly equal and near 0, so a few scores tie, or sit at exactly 0.5,
     # on one side of the scaling and not on the other (one decision of 3,584 here)
@@ -239,29 +243,46 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
     unscaled = np.load(tmp_path / "plain" / "report" / "predictions.npz")
     assert not np.allclose(saved["scores"], unscaled["scores"], atol=1e-4)
 
-    def predict_into(name):
+    def predict_into(name, ckpt_path, *overrides):
         summary = predict(
             compose_train(
                 [
-                    f"ckpt_path={trained_run}",
+                    f"ckpt_path={ckpt_path}",
                     f"inputs=[{synthetic_npz}]",
                     "format=json",
-                    f"thresholds={report / 'thresholds.json'}",
                     f"paths.output_dir={tmp_path / name}",
+                    *overrides,
                 ],
                 "predict",
             )
         )
-        return json.loads(summary["output"].read_text())
+        document = json.loads(summary["output"].read_text())
+        probabilities = [row["probabilities"] for row in document["predictions"]]
+        scores = np.array([[p[label] for label in document["labels"]] for p in probabilities])
+        return document, scores
 
-    document = predict_into("predicted")
-    labels = document["labels"]
-    scores = np.array(
-        [[row["probabilities"][label] for label in labels] for row in document["predictions"]]
-    )
+    # given by hand
+    document, scores = predict_into("given", trained_run, f"thresholds={report}/thresholds.json")
     np.testing.assert_allclose(scores, saved["scores"], atol=1e-6)
     assert document["calibration_from"].startswith("temperature scaling fitted on validation")
     np.testing.assert_allclose(list(document["thresholds"].values()), saved["thresholds"], atol=0)
+
+    # beside the checkpoint, as a training run with calibration=temperature leaves it
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(resolve_checkpoint(trained_run), run / "checkpoints")
+    shutil.copytree(report, run / "report")
+    _, beside = predict_into("beside", run)
+    np.testing.assert_allclose(beside, saved["scores"], atol=1e-6)
+
+    # beside other weights: no temperatures either, the model's own probabilities
+    other = json.loads((run / "report" / "thresholds.json").read_text())
+    other["weights_sha256"] = "f" * 64
+    (run / "report" / "thresholds.json").write_text(json.dumps(other))
+    document, own = predict_into("other", run)
+    np.testing.assert_allclose(own, unscaled["scores"], atol=1e-6)
+    assert document["calibration_from"].startswith("none")
+    assert set(document["thresholds"].values()) == {0.5}
 
     # the web page takes the same temperatures, through the same code
     from PIL import Image
@@ -271,10 +292,41 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
     with np.load(synthetic_npz) as npz:
         Image.fromarray(npz["test_images"][3]).save(tmp_path / "three.png")
     page = Analyser(trained_run, thresholds=str(report / "thresholds.json"), device="cpu")
-    assert page.calibration_from == document["calibration_from"]
+    assert page.calibration_from.startswith("temperature scaling fitted on validation")
     shown = page.analyse(tmp_path / "three.png").probabilities
+    labels = list(shown)
     np.testing.assert_allclose([shown[label] for label in labels], saved["scores"][3], atol=1e-6)
 
-    shutil.move(report / "calibration.json", tmp_path / "calibration.json")
-    with pytest.raises(UserError, match="tuned on temperature-scaled scores"):
-        predict_into("refused")
+
+def test_one_temperature_per_class_is_refused_before_training(tiny_overrides):
+    from chest_mnist.config_checks import check_config
+    from tests.conftest import compose_train
+
+    overrides = ["data.flag=pathmnist", "calibration=temperature"]
+    cfg = compose_train(tiny_overrides + overrides + ["calibration.per_label=true"])
+    with pytest.raises(UserError, match="calibration.per_label=false"):
+        check_config(cfg, check_devices=False)
+    check_config(compose_train(tiny_overrides + overrides), check_devices=False)
+    chest = compose_train(
+        tiny_overrides + ["calibration=temperature", "calibration.per_label=true"]
+    )
+    check_config(chest, check_devices=False)
+
+
+def test_a_label_with_one_value_in_validation_keeps_temperature_one():
+    """Its NLL falls without bound as T shrinks: fitted, it would push its scores to 0 or 1."""
+    logits, targets = calibrated_logits(seed=7)
+    targets[:, 2] = 0  # no positives in validation
+    temperature = fit_temperature(2 * logits, targets, MULTI_LABEL_TASK, per_label=True)
+    assert temperature[2].item() == 1.0
+    np.testing.assert_allclose(temperature[:2].numpy(), [2.0, 2.0], rtol=0.12)
+    test = (2 * logits, targets)
+    scaling = temperature_scaling(test, test, MULTI_LABEL_TASK, per_label=True)
+    report = build_report(
+        (scale(test[0], scaling.temperature).sigmoid(), targets),
+        (scale(test[0], scaling.temperature).sigmoid(), targets),
+        LABELS,
+        torch.tensor([0.5, 0.3, 0.1]),
+        scaling=scaling,
+    )
+    assert "kept at 1 for c (one value only in validation" in markdown(report, [], None, "x", {})

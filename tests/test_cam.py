@@ -319,3 +319,32 @@ def test_heatmap_figure_from_a_datamodule(tmp_path):
     assert path == tmp_path / "heatmaps.png"
     width, height = Image.open(path).size
     assert width < height  # 3 rows of 2
+
+
+def test_a_failing_heatmap_figure_costs_only_itself(trained_run, tmp_path, monkeypatch, caplog):
+    """Grad-CAM needs gradients through the model (memory on a GPU): when it fails, the
+    report is still written, without the figure and its link."""
+    from chest_mnist import evaluate as evaluate_module
+    from tests.conftest import compose_train
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(evaluate_module, "write_heatmap_figure", out_of_memory)
+    evaluate_module.evaluate(
+        compose_train(
+            [
+                f"ckpt_path={trained_run}",
+                "trainer=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={tmp_path}",
+                "bootstrap.resamples=0",
+            ],
+            "evaluate",
+        )
+    )
+    report = tmp_path / "report"
+    assert (report / "metrics.json").is_file() and (report / "thresholds.json").is_file()
+    assert not (report / "heatmaps.png").exists()
+    assert "heatmaps.png" not in (report / "report.md").read_text()
+    assert "No heatmaps.png (RuntimeError: CUDA out of memory (simulated))" in caplog.text

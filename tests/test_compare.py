@@ -185,6 +185,7 @@ def test_a_run_found_twice_counts_once_and_settings_that_only_show_do_not_split(
         metric_values(0.92),
         logger={"csv": {"x": 1}},
         bootstrap={"resamples": 10000},  # the report's intervals: not the recipe
+        calibration={"method": "none", "per_label": False, "bins": 10},  # as run 1 did
     )
     compare([tmp_path / "sweep", tmp_path / "sweep" / "1"], tmp_path / "out")
     (row,) = read_csv(tmp_path / "out" / "compare.csv")

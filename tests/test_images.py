@@ -118,6 +118,12 @@ def test_a_dicom_is_known_by_its_preamble_without_a_suffix(picture, tmp_path):
     pixels, note = read_image(path, size=28, channels=1)
     np.testing.assert_array_equal(pixels, picture)
     assert note.startswith("DICOM MONOCHROME2")
+    # predict's folder scan finds it too, and no other file without a suffix
+    from chest_mnist.predict import collect
+
+    (tmp_path / "README").write_text("not an image")
+    (items,) = collect([str(tmp_path)], 28, 1, "pneumoniamnist", "test")
+    assert items.path == str(path) and items.error is None
 
 
 def test_windows_clip_and_the_other_voi_functions(tmp_path):

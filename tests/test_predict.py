@@ -220,8 +220,13 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
     used next to a checkpoint: 0.5, and why. Given as thresholds=PATH it is used, and the
     source says its weights are unknown, not that they are other weights; a report of weights
     in no checkpoint file says so instead of "None"."""
-    from chest_mnist.predict import choose_thresholds
     from chest_mnist.task import MULTI_LABEL_TASK
+    from chest_mnist.tuned import choose_tuned
+
+    def choose_thresholds(*args):
+        tuned = choose_tuned(*args)
+        assert tuned.temperature is None  # none in these files
+        return tuned.thresholds, tuned.thresholds_from
 
     labels = ["a", "b"]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -232,7 +237,7 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
     values, source = choose_thresholds(None, ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
     assert values == [0.5, 0.5]
     assert source == f"0.5 for every label ({beside} does not say which weights it was tuned for)"
-    assert "does not say which weights it was tuned for: every label at 0.5" in (
+    assert "does not say which weights it was tuned for: every label at 0.5, no" in (
         capsys.readouterr().err
     )
     values, source = choose_thresholds(str(beside), ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
