@@ -48,7 +48,7 @@ tensorboard: install ## TensorBoard on every run and sweep under logs/
 
 gpu-wheels: install ## the packages a bare GPU image lacks, as wheels in .whl/ (benchmarks/gpu_lib.sh installs them)
 	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir .whl \
-	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|medmnist)==')
+	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|medmnist|captum|pydicom)==')
 
 clean: ## remove caches and build files; keeps .venv, logs/ (your runs) and data/
 	rm -rf .pytest_cache .ruff_cache *.egg-info

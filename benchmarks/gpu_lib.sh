@@ -1,5 +1,5 @@
 # Shared by the GPU scripts (benchmarks/*_gpu.sh): sourced, not run. Sets OUT and RES, installs the wheels
-# the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist: `make gpu-wheels` writes them
+# the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist, captum, pydicom: `make gpu-wheels` writes them
 # into .whl/, which the device call carries), and defines
 # `say` (log a line) and `step NAME SECONDS COMMAND...` (run with a time limit, log, time;
 # never past $DEADLINE when it is set).
@@ -10,7 +10,7 @@ rm -rf "$RES"; mkdir -p "$OUT" "$RES"  # a rerun on a warm machine starts a fres
 export PYTHONUNBUFFERED=1
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null' EXIT
 
-if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist)
+if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist, captum, pydicom)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
