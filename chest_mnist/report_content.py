@@ -187,8 +187,9 @@ def _add_calibration(
     scaling: TemperatureScaling | None,
     bins: int,
 ) -> None:
-    """ "ece" overall and per label on test; with temperature scaling, "ece_before" (without
-    it), each label's "temperature", and the NLL on val and test before and after."""
+    """The calibration error on test, "ece", overall and per label; with temperature scaling
+    also "ece_before" (without it), each label's "temperature", and the test NLL before and
+    after it ("nll_before", "nll")."""
     overall, per_label = calibration_errors(*test, task, bins)
     columns = [{"ece": value} for value in per_label.tolist()]
     scalars["ece"] = overall
