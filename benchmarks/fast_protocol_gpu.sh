@@ -14,7 +14,10 @@
 #   4. PneumoniaMNIST, 100 epochs, seeds 1, 2, 3: the default (graphs) and the plain step
 #      (model.cuda_graph=false); 3 and 4 run side by side (8 processes on the one GPU, each
 #      mostly host-bound), so their wall times are not single-run timings; last.ckpt only at the
-#      end; pneumonia_seeds.csv: path, seed, step, test AUC, test ACC, train_seconds.
+#      end; pneumonia_seeds.csv: path, seed, step, test AUC, test ACC, train_seconds;
+#   5. with the time left, the step's floor without Lightning (benchmarks/step_floor_gpu.py),
+#      now with a torch.compile'd step and its kernel time: do inductor's kernels go under the
+#      2.5 ms of cuDNN's that put the goal out of reach? (step_floor.json)
 # Results under $OUT (summary.txt, protocol_100/, pneumonia_seeds.csv, results.tar.gz).
 #
 #   OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh          (carry .whl: make gpu-wheels)
@@ -23,8 +26,8 @@
 set -u
 DEADLINE=$(( $(date +%s) + 530 ))
 source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, the wheels, say, step, say_report
-python3 -c "import hydra, omegaconf, medmnist" 2>/dev/null \
-  || { say "hydra, omegaconf or medmnist missing: make gpu-wheels here, carry .whl"; exit 1; }
+python3 -c "import hydra, omegaconf, medmnist, captum, pydicom" 2>/dev/null \
+  || { say "hydra, omegaconf, medmnist, captum or pydicom missing: make gpu-wheels here, carry .whl"; exit 1; }
 rm -rf /tmp/logs  # a rerun on a warm machine reads only its own runs
 if [ -n "${DRY_RUN:-}" ]; then
   SIZES="--train 600 --val 300 --test 300"; EPOCHS=2
@@ -102,6 +105,12 @@ for variant in ("graphs", "plain"):
         sd = statistics.stdev(auc) if len(auc) > 1 else float("nan")
         print(f"pneumonia {variant}: test AUC mean {statistics.mean(auc):.4f} sd {sd:.4f} over {len(auc)} seeds")
 PY
+
+# 5. the floor without Lightning, compiled kernels included (skipped on the CPU)
+if [ -z "${DRY_RUN:-}" ]; then
+  step step_floor 150 python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json"
+  cat "$RES/step_floor.log" >> "$RES/summary.txt" 2>/dev/null
+fi
 
 cp "$RES/summary.txt" "$OUT/summary.txt"
 say "done"
