@@ -16,7 +16,6 @@ Its probabilities are also an API (Gradio's own):
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from medmnist import INFO
 from omegaconf import DictConfig
-from PIL import Image
 
 from chest_mnist import UserError, cam
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
-from chest_mnist.images import read_image
-from chest_mnist.predict import predict_scores, predicted_labels
+from chest_mnist.predict import predict_scores, predicted_labels, read_item
 from chest_mnist.tuned import choose_tuned
 
 NOT_CLINICAL = (
@@ -84,16 +81,13 @@ class Analyser:
         """Probabilities and decisions for one file; a file that cannot be read gets its
         reason in `error`, never an exception (the page goes on with the other files)."""
         path = Path(path)
-        try:
-            pixels, note = read_image(path, self.data["size"], self.channels)
-        except (ValueError, OSError) as e:
-            return Analysis(path.name, error=str(e))
-        except Exception as e:  # a decoder's own error: still this file's problem only
-            return Analysis(path.name, error=f"cannot read it ({type(e).__name__}: {e})")
+        item = read_item(path, self.data["size"], self.channels)
+        if item.error is not None:
+            return Analysis(path.name, error=item.error)
         with self.lock:
             scores = predict_scores(
                 self.model,
-                np.stack([pixels]),
+                np.stack([item.pixels]),
                 self.data["mean"],
                 self.data["std"],
                 device=self.device,
@@ -102,10 +96,10 @@ class Analyser:
         thresholds = None if self.thresholds is None else list(self.thresholds.values())
         return Analysis(
             path.name,
-            pixels=pixels,
+            pixels=item.pixels,
             probabilities=dict(zip(self.labels, scores, strict=True)),
             predicted=predicted_labels(scores, self.labels, thresholds, self.model.kind),
-            note=note,
+            note=item.converted,
         )
 
     def heatmap(self, pixels: np.ndarray, label: str) -> np.ndarray:
@@ -168,13 +162,6 @@ def table(analysis: Analysis, thresholds: dict[str, float] | None) -> str:
     return "\n".join(rows)
 
 
-def shown(pixels: np.ndarray) -> Image.Image:
-    """The model's pixels enlarged as the heatmap is (`cam.overlay`): by a whole factor, each
-    pixel a square, so that nothing is invented."""
-    side = pixels.shape[0] * max(1, math.ceil(cam.SHOWN_SIDE / pixels.shape[0]))
-    return Image.fromarray(pixels).resize((side, side), Image.Resampling.NEAREST)
-
-
 def page(analyser: Analyser) -> gr.Blocks:
     """The page: an upload box, then one panel per file. Layout only; numbers come from
     `analyser`."""
@@ -210,7 +197,9 @@ def panel(analyser: Analyser, analysis: Analysis) -> None:
         note = f"\n\nConverted: {analysis.note}" if analysis.note else ""
         gr.Markdown(f"### {analysis.name}\n**Predicted:** {found}{note}")
         with gr.Row(equal_height=False):
-            gr.Image(shown(analysis.pixels), label="What the model sees", height=SHOWN_HEIGHT)
+            gr.Image(
+                cam.enlarged(analysis.pixels), label="What the model sees", height=SHOWN_HEIGHT
+            )
             heatmap_view(analyser, analysis)
         with gr.Row(equal_height=False):
             gr.Plot(bar_chart(analysis, analyser.thresholds), label="Probabilities")

@@ -13,7 +13,7 @@ pytorch-grad-cam (grad-cam on PyPI): both install here and give the same maps (c
 Captum is PyTorch's own attribution library, a wheel with no new dependency, while grad-cam
 is an sdist that pulls in OpenCV (~150 MB) and ttach. Captum has no Grad-CAM++ or Eigen-CAM;
 the gradient variants it does have (gradient x activation, i.e. HiResCAM) equal Grad-CAM on
-`layer4`, which only global pooling and a linear head follow, so `method` offers "gradcam" only.
+`layer4`, which only global pooling and a linear head follow, so Grad-CAM is the one method.
 
 The stage is `layer4` unless its feature map is smaller than MIN_SIDE on a side: then the
 deepest stage that is not (the ImageNet stem shrinks a 28px image to 1x1 at `layer4`, a map
@@ -38,7 +38,6 @@ from torch import nn
 
 from chest_mnist.batches import to_model_input
 
-METHODS = ("gradcam",)
 STAGES = ("layer4", "layer3", "layer2")  # the deepest first
 MIN_SIDE = 4  # px of a stage's feature map: a 1x1 or 2x2 map cannot say where
 SHOWN_SIDE = 224  # px: a smaller image is upscaled to at least this to be looked at
@@ -77,7 +76,6 @@ def heatmaps(
     mean: float,
     std: float,
     outputs: list[int] | np.ndarray,
-    method: str = "gradcam",
     device: torch.device | str = "cpu",
     batch_size: int = 64,
 ) -> np.ndarray:
@@ -87,8 +85,6 @@ def heatmaps(
     classes of a softmax task) for every image, or an (N, K) array, each image its own.
     A map with no positive evidence at all is all zeros. `batch_size` (image, output) pairs
     go through the model at a time."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4):
         raise ValueError(
@@ -146,6 +142,15 @@ def _scaled(cam: torch.Tensor) -> torch.Tensor:
     return cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-7)
 
 
+def enlarged(pixels: np.ndarray, min_side: int = SHOWN_SIDE) -> Image.Image:
+    """One uint8 image (H, W) or (H, W, 3) enlarged by the whole factor that brings its longer
+    side to at least `min_side`, each pixel a square (nearest neighbour: nothing invented)."""
+    height, width = pixels.shape[:2]
+    scale = max(1, math.ceil(min_side / max(height, width)))
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    return image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
+
+
 def overlay(
     pixels: np.ndarray,
     heatmap: np.ndarray,
@@ -157,13 +162,11 @@ def overlay(
     [0, 1] blended over it in `colormap` at `alpha`. An image smaller than `min_side` is
     enlarged by a whole factor: its pixels as squares (nearest neighbour, nothing invented),
     the heatmap smoothly (bilinear), as it is an interpolated map anyway."""
-    height, width = heatmap.shape
-    if pixels.shape[:2] != (height, width):
+    if pixels.shape[:2] != heatmap.shape:
         raise ValueError(f"image {pixels.shape[:2]} and heatmap {heatmap.shape} differ in size")
-    scale = max(1, math.ceil(min_side / max(height, width)))
-    size = (width * scale, height * scale)
-    image = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
-    image = np.asarray(image.resize(size, Image.Resampling.NEAREST), dtype=np.float32)
+    shown = enlarged(pixels, min_side)
+    size = shown.size
+    image = np.asarray(shown.convert("RGB"), dtype=np.float32)
     heat = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32))  # mode "F"
     heat = np.clip(np.asarray(heat.resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
     colour = colormaps[colormap](heat)[..., :3] * 255.0

@@ -78,11 +78,6 @@ class Item:
     cam: list[str] = field(default_factory=list)  # its heatmaps, relative to the output
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """The model's uint8 pixels of one file (`chest_mnist.images.read_image`, without its note)."""
-    return read_image(path, size, channels)[0]
-
-
 def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) -> list[Item]:
     """Every input as rows: image files, the images of folders (recursively, sorted), the
     `split` images of MedMNIST npz files. Failures become rows with an error."""
@@ -101,7 +96,7 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
                         f"files without a suffix)",
                     )
                 )
-            items.extend(_image_item(p, size, channels) for p in files)
+            items.extend(read_item(p, size, channels) for p in files)
         elif path.suffix.lower() == ".npz":
             try:
                 images, _ = read_npz(path, flag, size)[split]
@@ -110,11 +105,13 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
                 continue
             items.extend(Item(f"{name}:{split}[{i}]", pixels=p) for i, p in enumerate(images))
         else:
-            items.append(_image_item(path, size, channels))
+            items.append(read_item(path, size, channels))
     return items
 
 
-def _image_item(path: Path, size: int, channels: int) -> Item:
+def read_item(path: Path, size: int, channels: int) -> Item:
+    """One image file as a row: its pixels and what reading converted, or why it cannot be
+    used (any reader's error is this file's problem, not the run's)."""
     try:
         pixels, converted = read_image(path, size, channels)
         return Item(str(path), pixels=pixels, converted=converted)

@@ -11,12 +11,9 @@ Needs `chromium` (make browser) and playwright (the dev extra). The image is tes
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +21,9 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
-# a closed network refuses what Chromium would otherwise fetch on its own
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the tests' helpers are in ROOT
+from tests.browser import launch_chromium, running_app  # noqa: E402
+
 WIDTH = 900  # px of the saved picture: readable in a README, and small on disk
 
 
@@ -51,36 +41,15 @@ def main() -> None:
     label = int(images["test_labels"][args.index, 0])
     print(f"{xray.name}: label {label} ({'pneumonia' if label else 'normal'})")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "chest_mnist.app", f"ckpt_path={args.run}", f"port={port}"]
-        + ["device=cpu"],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-            )
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
-            page.goto(url)
-            page.locator("input[type=file]").set_input_files([str(xray)])
-            page.locator(".result .heatmap img").wait_for(timeout=60_000)
-            time.sleep(1)  # the plot's and images' last paint
-            page.screenshot(path=folder / "page.png", full_page=True)
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with running_app(args.run, folder / "app.log", timeout=120) as url, sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(url)
+        page.locator("input[type=file]").set_input_files([str(xray)])
+        page.locator(".result .heatmap img").wait_for(timeout=60_000)
+        time.sleep(1)  # the plot's and images' last paint
+        page.screenshot(path=folder / "page.png", full_page=True)
+        browser.close()
 
     picture = Image.open(folder / "page.png").convert("RGB")
     picture = picture.resize((WIDTH, round(picture.height * WIDTH / picture.width)), Image.LANCZOS)

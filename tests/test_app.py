@@ -5,12 +5,6 @@ The browser tests need `chromium` on the PATH: `make browser` installs it."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +14,8 @@ from PIL import Image
 from chest_mnist import UserError
 from chest_mnist.app import Analyser, Analysis, bar_chart, serve, table
 from chest_mnist.predict import predict
-from tests.conftest import PNEUMONIA_NPZ, ROOT, compose_train
-
-# this machine's closed network refuses what Chromium would otherwise fetch on its own
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from tests.browser import AppDidNotStart, launch_chromium, running_app
+from tests.conftest import PNEUMONIA_NPZ, compose_train
 
 
 @pytest.fixture(scope="module")
@@ -139,51 +123,25 @@ def test_no_checkpoint_is_a_usage_error():
 # --- the page in a browser, and the API: one server for the module ---------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     """`python -m chest_mnist.app` on a free port, as a user starts it; stopped at the end."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "app.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "chest_mnist.app", f"ckpt_path={trained_run}", f"port={port}"]
-            + ["device=cpu"],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        with running_app(trained_run, tmp_path_factory.mktemp("server") / "app.log") as url:
+            yield url
+    except AppDidNotStart as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: make browser (apt-get install -y chromium)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            browser = launch_chromium(playwright)
+        except FileNotFoundError as e:
+            pytest.fail(str(e))
         yield browser
         browser.close()
 

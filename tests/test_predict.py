@@ -15,7 +15,8 @@ from PIL import Image
 from chest_mnist import UserError
 from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
-from chest_mnist.predict import load_image, predict
+from chest_mnist.images import read_image
+from chest_mnist.predict import predict
 from tests.conftest import ROOT, compose_train, run_module
 
 
@@ -289,11 +290,11 @@ def test_device_is_checked_against_the_machine(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda:1")
 
 
-def test_load_image_crops_to_the_centre_and_keeps_the_right_size(tmp_path):
+def test_read_image_crops_to_the_centre_and_keeps_the_right_size(tmp_path):
     wide = np.zeros((28, 56), np.uint8)
     wide[:, 14:42] = 200  # the centre square is bright, the sides dark
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    pixels = load_image(tmp_path / "wide.png", size=28, channels=1)
+    pixels, _ = read_image(tmp_path / "wide.png", size=28, channels=1)
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8 and (pixels == 200).all()
-    rgb = load_image(tmp_path / "wide.png", size=64, channels=3)
+    rgb, _ = read_image(tmp_path / "wide.png", size=64, channels=3)
     assert rgb.shape == (64, 64, 3)
