@@ -6,8 +6,10 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   eager         the step as written (zero_grad, forward, loss, backward, fused Adam)
   graphed_fb    forward and backward replayed as CUDA graphs (torch.cuda.make_graphed_callables,
                 what model.cuda_graph=auto does), the loss and fused Adam eager
-  whole_step    forward, loss, backward and Adam (capturable, the learning rate a device tensor)
-                captured as one graph and replayed: one launch a step, so its time is the GPU's
+  whole_step    forward, loss, backward and Adam (capturable foreach, the learning rate a device
+                tensor) captured as one graph and replayed: one launch a step, so its time is the GPU's
+  whole_fused   the same with fused Adam (capturable): what model.cuda_graph=step replays
+  whole_fused_kernels  the CUDA kernel time of a whole_fused step
   whole_nchw    whole_step with the network and batch in NCHW
   kernels       the CUDA kernel time of a graphed_fb step, from torch.profiler (the GPU's busy time)
   compiled      the eager step with the network torch.compile'd (inductor's kernels: batch norm
@@ -103,10 +105,15 @@ def kernel_ms(step) -> float:
     return sum(e.self_device_time_total for e in events) / 50 / 1e3
 
 
-def whole_step(channels_last: bool = True) -> float:
+def whole_step(channels_last: bool = True, fused: bool = False, profile: bool = False) -> float:
     net, (x, y) = network(channels_last), batch(channels_last)
     lr = torch.tensor(1e-3, device="cuda")
-    opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True, foreach=True)
+    opt = torch.optim.Adam(
+        net.parameters(),
+        lr=lr,
+        capturable=True,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
     step = training_step(net, opt, x, y, set_to_none=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -117,7 +124,7 @@ def whole_step(channels_last: bool = True) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return timed(graph.replay)
+    return kernel_ms(graph.replay) if profile else timed(graph.replay)
 
 
 def eval_1024() -> float:
@@ -136,6 +143,8 @@ def main() -> None:
     results = {}
     for name, measure in [
         ("whole_step", whole_step),
+        ("whole_fused", lambda: whole_step(fused=True)),
+        ("whole_fused_kernels", lambda: whole_step(fused=True, profile=True)),
         ("graphed_fb", graphed_fb),
         ("eager", eager),
         ("whole_nchw", lambda: whole_step(channels_last=False)),

@@ -114,7 +114,8 @@ class MedMNISTClassifier(L.LightningModule):
             more compilation (BENCHMARKS.md counts them).
         cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
             CUDA GPU, without compile or DDP; true: refuse a run where it cannot; false: the
-            plain step). With it, an optimizer whose `fused` is not set runs fused. See
+            plain step; step: where auto would, the whole step, the update included, as one
+            graph). With it, an optimizer whose `fused` is not set runs fused. See
             `chest_mnist.cuda_graphs`.
     """
 
@@ -155,6 +156,8 @@ class MedMNISTClassifier(L.LightningModule):
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.graphs_wanted = False  # decided in setup("fit"), once the device is known
         self.training_graph: cuda_graphs.TrainingGraph | None = None
+        self.step_graph: cuda_graphs.StepGraph | None = None  # model.cuda_graph=step
+        self.graph_steps = False  # whether this batch's step is the step graph's replay
         self.val_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="val/")
         self.test_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="test/")
 
@@ -171,6 +174,7 @@ class MedMNISTClassifier(L.LightningModule):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
+        self._close_step_graph()
         if trainer.datamodule is not None:  # the model summary's FLOPs and sizes come from it
             size = trainer.datamodule.hparams.size
             self.example_input_array = {"x": torch.zeros(1, 3, size, size)}
@@ -206,12 +210,45 @@ class MedMNISTClassifier(L.LightningModule):
     @override
     def on_fit_end(self) -> None:
         self.training_graph = None  # its memory pool goes; evaluation runs eagerly anyway
+        self._close_step_graph()
+
+    def _close_step_graph(self) -> None:
+        if self.step_graph is not None:
+            self.step_graph.close()
+        self.step_graph = None
+
+    @property
+    def whole_step_wanted(self) -> bool:
+        return self.graphs_wanted and self.hparams.cuda_graph == "step"
+
+    def _full_batch(self, x: torch.Tensor) -> bool:
+        """Whether `x` is a whole batch (a graph captured for a partial one would fix its shape)."""
+        datamodule = self.trainer.datamodule
+        return len(x) == getattr(getattr(datamodule, "hparams", None), "batch_size", len(x))
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.graph_steps = self.whole_step_wanted and (
+            self.step_graph.fits(batch[0]) if self.step_graph else self._full_batch(batch[0])
+        )
+
+    def _capture_step_graph(self, x: torch.Tensor, targets: torch.Tensor) -> None:
+        started = time.perf_counter()
+        optimizer = self.trainer.optimizers[0]
+        network = Network(self.backbone, self.head)
+        self.step_graph = cuda_graphs.StepGraph(network, self.loss, optimizer, x, targets)
+        log.info(
+            "CUDA graph: the whole training step (forward, loss, backward and %s's update, %s) "
+            "captured for batches of %s in %.2f s.",
+            type(optimizer).__name__,
+            "fused" if optimizer.defaults.get("fused") else "not fused",
+            tuple(x.shape),
+            time.perf_counter() - started,
+        )
 
     def _capture_training_graph(self, x: torch.Tensor) -> None:
         """At the first full batch (a partial one would fix the graph to its shape)."""
-        datamodule = self.trainer.datamodule
-        full = getattr(getattr(datamodule, "hparams", None), "batch_size", len(x))
-        if len(x) != full:
+        if not self._full_batch(x):
             return
         started = time.perf_counter()
         network = Network(self.backbone, self.head)
@@ -227,9 +264,14 @@ class MedMNISTClassifier(L.LightningModule):
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, targets = batch
-        if self.graphs_wanted and self.training_graph is None:
-            self._capture_training_graph(x)
-        loss = self.loss(self(x), targets)
+        if self.graph_steps:  # forward, backward and update: optimizer_step calls nothing more
+            if self.step_graph is None:
+                self._capture_step_graph(x, targets)
+            loss = self.step_graph(x, targets)
+        else:
+            if self.graphs_wanted and not self.whole_step_wanted and self.training_graph is None:
+                self._capture_training_graph(x)
+            loss = self.loss(self(x), targets)
         # The epoch's mean loss is summed on the device and logged once, at the epoch's end;
         # the step's loss is logged only on the steps the loggers write (on_train_batch_end).
         # Lightning's self.log costs about as much host time as the GPU's work for a step at
@@ -237,6 +279,25 @@ class MedMNISTClassifier(L.LightningModule):
         self._train_loss_sum.add_(loss.detach(), alpha=len(x))
         self._train_images += len(x)
         return loss
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if not self.graph_steps:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # the closure runs training_step (the graph: the update too), zero_grad (the graph
+        # writes its gradients in its own memory: .grad is None after it) and the hooks around
+        # the backward, which `backward` skips
+        optimizer_closure()
+
+    @override
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if not self.graph_steps:  # the graph ran it
+            super().backward(loss, *args, **kwargs)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.step_graph is not None and checkpoint.get("optimizer_states"):
+            self.step_graph.portable(checkpoint["optimizer_states"][0])
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -348,6 +409,12 @@ class MedMNISTClassifier(L.LightningModule):
             # with the network graphed, the update is most of what is left: one kernel
             options["fused"] = True
         optimizer = self.optimizer_factory(params=self.parameters(), **options)
+        if self.whole_step_wanted:  # before the first step: refused runs train nothing
+            cuda_graphs.check_whole_step(
+                getattr(self._trainer, "gradient_clip_val", None),
+                str(getattr(self._trainer, "precision", "")),
+                optimizer,
+            )
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -54,7 +54,7 @@ class ModelSchema:
     label_smoothing: float = 0.0
     tta_flip: bool = False
     compile: Any = False  # true, false or a torch.compile mode
-    cuda_graph: Any = "auto"  # auto, true or false
+    cuda_graph: Any = "auto"  # auto, true, false or step
     optimizer: Any = None
     scheduler: Any = None
 

@@ -3,7 +3,9 @@ the plain step learns. Capturing needs a GPU; here torch.cuda.make_graphed_calla
 replaced by a stand-in that does what it does to the model (warm-up forwards in training mode,
 which move the batch-norm statistics) and returns the network unchanged, so the rest of the
 fast step (which batches take the graph, the statistics put back, the fused optimizer, the
-schedule) runs for real. The capture itself is checked on a GPU (benchmarks/)."""
+schedule) runs for real. For the whole-step graph (model.cuda_graph=step) the stand-ins warm
+up on the CPU and "replay" by running the recorded step again, writing its loss into the
+captured output. The capture itself is checked on a GPU (benchmarks/)."""
 
 import logging
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from chest_mnist import UserError, cuda_graphs
 from chest_mnist.checkpoints import load_checkpoint
-from chest_mnist.model import Network
+from chest_mnist.model import MedMNISTClassifier, Network
 from chest_mnist.train import train
 from tests.conftest import compose_train
 
@@ -42,7 +44,7 @@ def test_true_says_why_it_cannot(device, world_size, compiled, why):
         cuda_graphs.wanted(True, device, world_size, compiled)
     with pytest.raises(UserError, match=r"trainer.accumulate_grad_batches=4 adds gradients"):
         cuda_graphs.wanted(True, GPU, accumulate_grad_batches=4)
-    with pytest.raises(UserError, match="model.cuda_graph='yes' must be auto, true or false"):
+    with pytest.raises(UserError, match="model.cuda_graph='yes' must be auto, true, false or step"):
         cuda_graphs.wanted("yes", device, world_size, compiled)
 
 
@@ -90,8 +92,6 @@ def test_with_graphs_an_unset_fused_optimizer_runs_fused():
     from functools import partial
     from types import SimpleNamespace
 
-    from chest_mnist.model import MedMNISTClassifier
-
     def optimizer(fused, graphs, clip=None):
         model = MedMNISTClassifier(
             ["a", "b"], optimizer=partial(torch.optim.Adam, lr=1e-3, fused=fused)
@@ -117,46 +117,151 @@ def test_with_graphs_an_unset_fused_optimizer_runs_fused():
     torch.testing.assert_close(updated[0], updated[1], atol=1.2e-7, rtol=0)
 
 
-@pytest.mark.slow
-def test_the_fast_step_learns_what_the_plain_step_learns(
-    monkeypatch, tmp_path, synthetic_npz, caplog
-):
-    """Three epochs of three steps (32, 32 and a partial 16), the learning rate x0.1 after the
-    first and the second epoch, the same optimizer (fused Adam, what the fast step uses): the
-    same weights, buffers and optimizer state to 1e-6."""
-    overrides = [
-        "data=synthetic",
-        f"data.path={synthetic_npz}",
-        "data.subset=80",
-        "data.batch_size=32",
-        "model.stem=imagenet",
-        "model.scheduler.milestones=[1,2]",
-        "trainer=cpu",
-        "trainer.max_epochs=3",
-        "trainer.deterministic=true",
-        "+trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar",
-        "~callbacks.model_summary",
-        "test=false",
-        "model.optimizer.fused=true",  # both steps: the optimizer the fast step uses
-    ]
-    train(
-        compose_train([*overrides, "model.cuda_graph=false", f"paths.output_dir={tmp_path}/plain"])
+class CaptureStandIn:
+    """cuda_graphs.warm_up and .capture without a GPU: the warm-up runs the step on the CPU;
+    the capture records it without running it, and each replay runs it again and writes its
+    loss into the captured output, as a graph's replay overwrites its output tensor."""
+
+    def __init__(self):
+        self.replays = 0
+
+    def warm_up(self, step, times=3):
+        for _ in range(times):
+            step()
+
+    def capture(self, step):
+        output = torch.full((), float("nan"))
+
+        def replay():
+            self.replays += 1
+            output.copy_(step())
+
+        return replay, output
+
+
+def small_network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)
     )
 
-    stand_in = StandIn()
-    caplog.set_level(logging.INFO, logger="chest_mnist.model")
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
-    train(compose_train([*overrides, f"paths.output_dir={tmp_path}/fast"]))
-    assert stand_in.replayed == [32, 32] * 3  # the full batches; the partial ones ran eagerly
-    assert "captured for batches of (32, 3, 28, 28)" in caplog.text and "runs fused" in caplog.text
 
-    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.ckpt")
-    fast = load_checkpoint(tmp_path / "fast" / "checkpoints" / "last.ckpt")
+def test_the_step_graph_trains_as_the_plain_loop_and_follows_the_learning_rate(monkeypatch):
+    """StepGraph alone, with the stand-ins: four steps equal the plain loop's, from a fresh
+    optimizer and from one with state (the warm-up's training undone both times); a learning
+    rate set on the group reaches the captured update; the checkpoint's optimizer state and the
+    optimizer after close() are as configured (capturable false)."""
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(8, 3, 6, 6, generator=g) for _ in range(4)]
+    ys = [torch.randint(0, 2, (8, 2), generator=g).float() for _ in range(4)]
+
+    def bce(logits, targets):
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+
+    def networks_and_optimizers(steps_before: int):
+        pairs = []
+        for _ in range(2):
+            net = small_network()
+            net(xs[0])  # the lazy layer's shape
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+            for x, y in zip(xs[:steps_before], ys[:steps_before], strict=True):
+                opt.zero_grad()
+                bce(net(x), y).backward()
+                opt.step()
+            pairs.append((net, opt))
+        return pairs
+
+    for steps_before in (0, 2):  # a fresh optimizer; one with state, as after a resume
+        (plain, plain_opt), (graphed, opt) = networks_and_optimizers(steps_before)
+        graph = cuda_graphs.StepGraph(graphed, bce, opt, xs[0], ys[0])
+        for x, y in zip(xs, ys, strict=True):
+            plain_opt.zero_grad()
+            expected = bce(plain(x), y)
+            expected.backward()
+            plain_opt.step()
+            assert graph(x, y).item() == expected.item()
+        for a, b in zip(plain.state_dict().values(), graphed.state_dict().values(), strict=True):
+            assert torch.equal(a, b)  # weights and batch-norm statistics
+        assert opt.state_dict()["state"][0]["step"].item() == steps_before + 4
+
+    opt.param_groups[0]["lr"] = 0.0  # as a scheduler sets it: the update must not move anything
+    before = [p.detach().clone() for p in graphed.parameters()]
+    graph(xs[0], ys[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, graphed.parameters(), strict=True))
+    assert opt.param_groups[0]["lr"] == 0.0 and isinstance(opt.param_groups[0]["lr"], float)
+
+    state = opt.state_dict()
+    state["param_groups"][0]["capturable"] = True  # what CUDA runs with
+    graph.portable(state)
+    opt.param_groups[0]["capturable"] = True
+    graph.close()
+    assert state["param_groups"][0]["capturable"] is False
+    assert opt.param_groups[0]["capturable"] is False
+
+
+@pytest.mark.parametrize(
+    ("clip", "precision", "optimizer", "why"),
+    [
+        (1.0, "bf16-mixed", torch.optim.Adam, r"trainer.gradient_clip_val=1.0 clips"),
+        (None, "16-mixed", torch.optim.Adam, r"trainer.precision=16-mixed scales the loss"),
+        (None, "bf16-mixed", torch.optim.SGD, "the graph captures Adam or AdamW, not SGD"),
+    ],
+)
+def test_the_step_graph_refuses_what_it_would_leave_out(clip, precision, optimizer, why):
+    from functools import partial
+    from types import SimpleNamespace
+
+    model = MedMNISTClassifier(["a", "b"], optimizer=partial(optimizer, lr=1e-3), cuda_graph="step")
+    model.graphs_wanted = True  # as on one GPU
+    model._trainer = SimpleNamespace(gradient_clip_val=clip, precision=precision)
+    with pytest.raises(UserError, match=f"model.cuda_graph=step, but {why}.*cuda_graph=auto"):
+        model.configure_optimizers()
+    model._trainer = SimpleNamespace(gradient_clip_val=None, precision="bf16-mixed")
+    if optimizer is torch.optim.Adam:  # what it takes
+        assert isinstance(model.configure_optimizers(), torch.optim.Adam)
+
+
+# Three epochs of three steps (32, 32 and a partial 16), the learning rate x0.1 after the first
+# and the second epoch, the same optimizer (fused Adam, what the fast steps use).
+EQUIVALENCE_RUN = [
+    "data=synthetic",
+    "data.subset=80",
+    "data.batch_size=32",
+    "model.stem=imagenet",
+    "model.scheduler.milestones=[1,2]",
+    "trainer=cpu",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "+trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "test=false",
+    "model.optimizer.fused=true",  # both steps: the optimizer the fast step uses
+]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, synthetic_npz):
+    """The equivalence run with the plain step: its last.ckpt."""
+    out = tmp_path_factory.mktemp("plain")
+    train(
+        compose_train(
+            [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=false"]
+            + [f"paths.output_dir={out}"]
+        )
+    )
+    return load_checkpoint(out / "checkpoints" / "last.ckpt")
+
+
+def assert_same_training_state(fast: dict, plain: dict) -> None:
+    """The same weights, buffers (batch-norm statistics) and Adam moments to 1e-6, after the
+    same number of steps and at the same learning rate."""
     assert fast["global_step"] == plain["global_step"] == 9
     assert [g["lr"] for g in fast["optimizer_states"][0]["param_groups"]] == pytest.approx([1e-5])
-    for name, value in plain["state_dict"].items():  # buffers too: batch-norm statistics
+    for name, value in plain["state_dict"].items():
         torch.testing.assert_close(fast["state_dict"][name], value, atol=1e-6, rtol=0)
     moments = zip(
         plain["optimizer_states"][0]["state"].values(),
@@ -166,3 +271,59 @@ def test_the_fast_step_learns_what_the_plain_step_learns(
     for a, b in moments:
         torch.testing.assert_close(b["exp_avg"], a["exp_avg"], atol=1e-6, rtol=0)
         torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b["step"], a["step"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_fast_step_learns_what_the_plain_step_learns(
+    monkeypatch, tmp_path, synthetic_npz, caplog, plain_run
+):
+    stand_in = StandIn()
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    train(
+        compose_train(
+            [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", f"paths.output_dir={tmp_path}/fast"]
+        )
+    )
+    assert stand_in.replayed == [32, 32] * 3  # the full batches; the partial ones ran eagerly
+    assert "captured for batches of (32, 3, 28, 28)" in caplog.text and "runs fused" in caplog.text
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "fast" / "checkpoints" / "last.ckpt"), plain_run
+    )
+
+
+@pytest.mark.slow
+def test_the_whole_step_graph_learns_what_the_plain_step_learns_across_a_resume(
+    monkeypatch, tmp_path, synthetic_npz, caplog, plain_run
+):
+    """model.cuda_graph=step for two epochs, then resumed from last.ckpt for the third: the
+    training state of the plain step's three epochs. The learning rate changes at both epoch
+    ends, once inside a fit and once across the resume, and reaches the graph's update only
+    through its device tensors (the stand-in's replay reads them as the graph would)."""
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    run = [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
+    out = tmp_path / "step"
+    train(compose_train([*run, "trainer.max_epochs=2", f"paths.output_dir={out}"]))
+    assert stand_in.replays == 4  # the full batches; the partial ones ran eagerly
+    first = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 6
+    for group in first["optimizer_states"][0]["param_groups"]:  # plain numbers, as configured
+        assert type(group["lr"]) is float and group["capturable"] is False
+
+    ckpt = out / "checkpoints" / "last.ckpt"
+    train(compose_train([*run, f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}/resumed"]))
+    assert stand_in.replays == 6
+    assert (
+        caplog.text.count(
+            "the whole training step (forward, loss, backward and Adam's update, fused) captured for batches of (32, 3, 28, 28)"
+        )
+        == 2
+    )
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert_same_training_state(resumed, plain_run)
