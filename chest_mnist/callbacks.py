@@ -1,7 +1,8 @@
 """Lightning callbacks that make a long run safe to stop and to resume (chest_mnist/conf/callbacks/default.yaml).
 
-- `LastCheckpoint`: `checkpoints/last.ckpt` at the end of every epoch (a SIGKILL loses at most
-  the epoch it hits), and once more when the run is stopped with Ctrl-C or SIGTERM. It is
+- `LastCheckpoint`: `checkpoints/last.ckpt` at the end of an epoch once `min_interval_s` has
+  passed since the last save (a SIGKILL loses at most that and one epoch), at the end, and when
+  the run is stopped with Ctrl-C or SIGTERM. It is
   Lightning's ModelCheckpoint with `save_on_exception`, except that it saves nothing after
   any other error (a non-finite loss, say), so the last good checkpoint stays as it was.
 - `StopOnNonFiniteLoss`: stops training at the first NaN or infinite training loss, with the
@@ -48,12 +49,25 @@ def step_loss(outputs: STEP_OUTPUT) -> torch.Tensor | None:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`dirpath/last.ckpt` every `every_n_epochs` epochs and at the end of training, and when
-    the run is interrupted (Ctrl-C, SIGTERM)."""
+    """`dirpath/last.ckpt` every `every_n_epochs` epochs, skipping the epochs that end less than
+    `min_interval_s` seconds after the last save, at the end of training, and when the run is
+    interrupted (Ctrl-C, SIGTERM). An epoch of the protocol takes seconds on a GPU, and a save
+    of the 134 MB a few tenths of one (BENCHMARKS.md): saving every epoch would cost a tenth
+    of the run; on the CPU, whose epochs take minutes, every epoch is saved."""
 
     def __init__(
-        self, dirpath: str, filename: str = "last", every_n_epochs: int = 1, **kwargs: Any
+        self,
+        dirpath: str,
+        filename: str = "last",
+        every_n_epochs: int = 1,
+        min_interval_s: float = 0.0,
+        **kwargs: Any,
     ):
+        if not min_interval_s >= 0:
+            raise UserError(
+                f"callbacks.last_checkpoint.min_interval_s={min_interval_s} must be 0 or more "
+                f"(seconds; 0 saves at every epoch's end)."
+            )
         kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False} | kwargs
         super().__init__(
             dirpath=dirpath,
@@ -62,6 +76,32 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_exception=True,
             **kwargs,
         )
+        self.min_interval_s = min_interval_s
+        self._saved_at = -math.inf
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._saved_at = time.monotonic()  # the run's start, or its resume, counts as a save
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._when_due(super().on_train_epoch_end, trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._when_due(super().on_validation_end, trainer, pl_module)
+
+    def _when_due(self, save, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """ModelCheckpoint's epoch-end hook `save`, unless the last save is too recent. Under
+        DDP the first process's clock decides for all: a save is a collective operation."""
+        due = time.monotonic() - self._saved_at >= self.min_interval_s
+        if not trainer.strategy.broadcast(due, src=0):
+            return
+        before = self._last_global_step_saved
+        save(trainer, pl_module)
+        if self._last_global_step_saved != before:
+            self._saved_at = time.monotonic()
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

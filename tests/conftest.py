@@ -66,6 +66,7 @@ def tiny_training_overrides(npz: Path, out: Path) -> list[str]:
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
+        "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt at every epoch's end
         f"paths.output_dir={out}",
         f"paths.data_dir={out}/data",
     ]

@@ -48,6 +48,7 @@ def command(npz: Path, log_dir: Path, *extra: str, processes: int = 2) -> list[s
         "test=false",
         "logger=csv",
         "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt at every epoch's end
         NOISE,
         f"paths.log_dir={log_dir}",
         *extra,

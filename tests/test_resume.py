@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chest_mnist import UserError
 from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.cli import find_user_error
 from chest_mnist.report import read_loss_curves_csv
@@ -30,6 +31,7 @@ def command(npz: Path, log_dir: Path, *extra: str) -> list[str]:
         "trainer.benchmark=false",
         "trainer.max_epochs=3",
         "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt at every epoch's end
         f"paths.log_dir={log_dir}",
         *extra,
     ]
@@ -233,13 +235,18 @@ def test_best_checkpoint_holds_weights_only_and_is_refused_for_resume(trained_ru
     assert not (tmp_path / "never_written.npz").exists()
 
 
-@pytest.mark.parametrize("every_n, epochs, saves", [(2, 3, [1, 3]), (1, 2, [0, 1])])
+@pytest.mark.parametrize(
+    "every_n, min_interval_s, epochs, saves",
+    [(2, 0, 3, [1, 3]), (1, 0, 2, [0, 1]), (1, 3600, 3, [3]), (1, 30, 2, [2])],
+)
 def test_last_checkpoint_every_n_epochs_still_saves_the_end(
-    tiny_overrides, tmp_path, monkeypatch, every_n, epochs, saves
+    tiny_overrides, tmp_path, monkeypatch, every_n, min_interval_s, epochs, saves
 ):
     """callbacks.last_checkpoint.every_n_epochs=2 on a 3-epoch run: saved after the second epoch
     (during it, current_epoch is 1) and at the end (3 epochs done), which every_n_epochs alone
-    would skip; every epoch: once per epoch, no extra save at the end."""
+    would skip; every epoch: once per epoch, no extra save at the end. With min_interval_s an
+    hour (or the default 30 s, on epochs of a second or two here), no epoch ends long enough
+    after the start or the last save: only the end is saved."""
     import lightning as L
 
     written = []
@@ -254,6 +261,7 @@ def test_last_checkpoint_every_n_epochs_still_saves_the_end(
     cfg = compose_train(
         tiny_overrides
         + [f"trainer.max_epochs={epochs}", f"callbacks.last_checkpoint.every_n_epochs={every_n}"]
+        + [f"callbacks.last_checkpoint.min_interval_s={min_interval_s}"]
     )
     train(cfg)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -341,3 +349,10 @@ def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, caplog):
     (record,) = caplog.records
     assert "lr steps at epochs [1, 1], not at [5, 7]" in record.getMessage()
     assert "trainer.max_epochs=10" in record.getMessage()
+
+
+def test_last_checkpoint_refuses_a_negative_interval(tmp_path):
+    from chest_mnist.callbacks import LastCheckpoint
+
+    with pytest.raises(UserError, match=r"callbacks.last_checkpoint.min_interval_s=-1 must be 0"):
+        LastCheckpoint(dirpath=str(tmp_path), min_interval_s=-1)
