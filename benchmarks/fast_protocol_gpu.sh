@@ -10,11 +10,14 @@
 #   2. the default command (model.cuda_graph=auto: forward and backward as graphs), the same,
 #      for 60 s: its seconds per epoch since the per-step logging went (protocol_100/);
 #   3. where the host time of a step=graph step goes (Lightning's simple profiler, 2 epochs);
-#   4. the whole-step graph and the plain step on the GPU in fp32: one epoch of 2,000 images (15
-#      full batches, graphed, and a partial one, eager), then the largest weight difference
-#      (the CPU test has them equal with stand-ins for the capture);
+#   4. the whole-step graph and the plain step on the GPU in fp32: two epochs of 2,000 images (15
+#      full batches, graphed, and a partial one, eager, each), the learning rate x0.1 after the
+#      first; the step run stopped after the first epoch and resumed from last.ckpt; then the
+#      largest weight difference (the CPU test has them equal with stand-ins for the capture);
+#      and the step run's first-epoch checkpoint resumed on the CPU for the second (rc 0: the
+#      checkpoint is portable);
 #   5. PneumoniaMNIST, 100 epochs, seeds 1, 2, 3: the whole-step graph and the plain step
-#      (model.cuda_graph=false); 4 and 5 run side by side (9 processes on the one GPU, each
+#      (model.cuda_graph=false); 4 and 5 run side by side (8 processes on the one GPU, each
 #      mostly host-bound), so their wall times are not single-run timings; last.ckpt only at the
 #      end; pneumonia_seeds.csv: path, seed, step, test AUC, test ACC, train_seconds;
 #   6. with the time left, the step's floor without Lightning (benchmarks/step_floor_gpu.py):
@@ -62,15 +65,24 @@ step profile_2 45 python3 -m chest_mnist.train data=synthetic data.path=/tmp/che
   model.cuda_graph=step +trainer.profiler=simple test=false paths.log_dir=/tmp/logs/profile $CPU
 grep -E "run_training_batch|optimizer_step|training_step|on_train_batch|backward|Total" "$RES/profile_2.log" | head -20 >> "$RES/summary.txt"
 
-# 4. and 5. run side by side (9 processes on one GPU, each mostly host-bound; their wall times are
+# 4. and 5. run side by side (8 processes on one GPU, each mostly host-bound; their wall times are
 # not single-run timings, their weights and AUCs are what is compared)
-# 4. the whole-step graph against the plain step, fp32, the same data and seed: the largest weight difference
-for variant in step plain; do
-  flag=$([ $variant = plain ] && echo false || echo step)
-  step equal_$variant 90 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
-    data.subset=2000 trainer.max_epochs=1 trainer.precision=32-true trainer.deterministic=true trainer.benchmark=false \
-    model.optimizer.fused=true model.cuda_graph=$flag test=false paths.log_dir=/tmp/logs/equal_$variant $CPU &
-done
+# 4. the whole-step graph (1 epoch, then resumed for a 2nd) against the plain step (2 epochs), fp32,
+# the same data and seed, the learning rate x0.1 after epoch 1: the largest weight difference
+EQUAL="data=synthetic data.path=/tmp/chest_full.npz data.subset=2000 model.scheduler.milestones=[1]
+  trainer.deterministic=true trainer.benchmark=false model.optimizer.fused=true test=false"
+step equal_plain 120 python3 -m chest_mnist.train $EQUAL trainer.precision=32-true trainer.max_epochs=2 \
+  model.cuda_graph=false paths.log_dir=/tmp/logs/equal_plain $CPU &
+(
+  step equal_step 90 python3 -m chest_mnist.train $EQUAL trainer.precision=32-true trainer.max_epochs=1 \
+    model.cuda_graph=step paths.log_dir=/tmp/logs/equal_step $CPU
+  last=$(ls /tmp/logs/equal_step/train/runs/*/checkpoints/last.ckpt 2>/dev/null | head -1)
+  cp "$last" /tmp/logs/equal_step_epoch1.ckpt 2>/dev/null || say "equal_step: no last.ckpt"
+  step equal_step_resumed 90 python3 -m chest_mnist.train $EQUAL trainer.precision=32-true trainer.max_epochs=2 \
+    model.cuda_graph=step ckpt_path=$last paths.log_dir=/tmp/logs/equal_step $CPU
+  step resume_on_cpu 120 python3 -m chest_mnist.train $EQUAL trainer=cpu trainer.max_epochs=2 \
+    ckpt_path=/tmp/logs/equal_step_epoch1.ckpt paths.log_dir=/tmp/logs/resume_on_cpu $CPU
+) &
 # 5. PneumoniaMNIST, 100 epochs, seeds 1-3, the whole-step graph and the plain step
 for seed in 1 2 3; do
   for variant in step plain; do
@@ -85,7 +97,7 @@ python3 - >> "$RES/summary.txt" 2>&1 <<'PY'
 import glob, torch
 a, b = (torch.load(glob.glob(f"/tmp/logs/equal_{v}/train/runs/*/checkpoints/last.ckpt")[0], weights_only=True) for v in ("step", "plain"))
 diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
-print(f"whole-step graph vs plain, fp32, 1 epoch of 15 full steps and a partial one: steps {a['global_step']} / {b['global_step']}, largest difference {diff:.3e}")
+print(f"whole-step graph (resumed after epoch 1) vs plain, fp32, 2 epochs of 15 full steps and a partial one, lr x0.1 after the first: steps {a['global_step']} / {b['global_step']}, largest difference {diff:.3e}")
 PY
 
 echo "path,seed,step,test_auroc,test_acc,train_seconds" > "$OUT/pneumonia_seeds.csv"

@@ -204,9 +204,14 @@ class StepGraph:
             return value.detach()
 
         saved = _Snapshot(network, optimizer)
-        warm_up(step)
-        saved.restore()
-        self.replay, self.loss = capture(step)
+        try:
+            warm_up(step)
+            saved.restore()
+            self.replay, self.loss = capture(step)
+        except BaseException:  # a failed capture, Ctrl-C: no warm-up step kept, as configured
+            saved.restore()
+            self.close()
+            raise
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.shape == self.shape

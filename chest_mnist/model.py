@@ -241,7 +241,8 @@ class MedMNISTClassifier(L.LightningModule):
             "CUDA graph: the whole training step (forward, loss, backward and %s's update, %s) "
             "captured for batches of %s in %.2f s.",
             type(optimizer).__name__,
-            "fused" if optimizer.defaults.get("fused") else "not fused",
+            # a resumed optimizer has its checkpoint's setting, not necessarily the config's
+            "fused" if optimizer.param_groups[0].get("fused") else "not fused",
             tuple(x.shape),
             time.perf_counter() - started,
         )

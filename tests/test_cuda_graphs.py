@@ -202,6 +202,36 @@ def test_the_step_graph_trains_as_the_plain_loop_and_follows_the_learning_rate(m
     assert opt.param_groups[0]["capturable"] is False
 
 
+def test_a_failed_capture_leaves_the_model_and_optimizer_as_they_were(monkeypatch):
+    """The warm-up trains three steps; a capture that fails after it (or Ctrl-C) must not leave
+    them in the weights, the batch-norm statistics or Adam's state, which a checkpoint would
+    then keep, nor the optimizer capturable."""
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+
+    def failing_capture(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "capture", failing_capture)
+    net = small_network()
+    x, y = torch.randn(8, 3, 6, 6), torch.ones(8, 2)
+    net(x)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+    opt.zero_grad()
+    nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+    opt.step()  # Adam has state, as in a resumed run
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        cuda_graphs.StepGraph(net, nn.functional.binary_cross_entropy_with_logits, opt, x, y)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(
+        torch.equal(a, s["exp_avg"]) for a, s in zip(moments, opt.state.values(), strict=True)
+    )
+    assert [s["step"].item() for s in opt.state.values()] == [1.0] * len(moments)
+    assert opt.param_groups[0]["capturable"] is False
+
+
 @pytest.mark.parametrize(
     ("clip", "precision", "optimizer", "why"),
     [
