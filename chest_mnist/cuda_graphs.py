@@ -21,8 +21,9 @@ an epoch) and evaluation run the network eagerly.
 does): the whole step, forward, loss, backward and the optimizer's update (capturable, the
 learning rate read from a device tensor that follows the schedule), is one graph, replayed by
 `training_step`, so the step's Python (autograd's engine, the optimizer) runs once, at the
-capture (`StepGraph`). Lightning's loop, hooks and callbacks still run around it; the module
-skips only the backward and the update they would call, which the graph has done.
+capture (`StepGraph`). Lightning's loop and the callbacks' batch and epoch hooks still run
+around it; the module skips the backward and the update, which the graph has done, and with
+them the hooks that see gradients (on_before_optimizer_step; `.grad` is empty after the step).
 """
 
 from __future__ import annotations
