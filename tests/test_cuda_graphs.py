@@ -357,3 +357,32 @@ def test_the_whole_step_graph_learns_what_the_plain_step_learns_across_a_resume(
     )
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert_same_training_state(resumed, plain_run)
+
+
+@pytest.mark.slow
+def test_the_whole_step_graph_with_ema_averages_what_the_plain_step_averages(
+    monkeypatch, tmp_path, synthetic_npz
+):
+    """callbacks=ema, averaging from the first step: the EMA callback's batch hooks run around
+    each replay and average the weights the graph's update wrote, as after a plain step."""
+    run = [
+        *EQUIVALENCE_RUN,
+        f"data.path={synthetic_npz}",
+        "callbacks=ema",
+        "callbacks.ema.update_starting_at_step=0",
+    ]
+    train(compose_train([*run, "model.cuda_graph=false", f"paths.output_dir={tmp_path}/plain"]))
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    train(compose_train([*run, "model.cuda_graph=step", f"paths.output_dir={tmp_path}/step"]))
+    assert stand_in.replays == 6
+    plain, step = (
+        load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("plain", "step")
+    )
+    (ema_key,) = [k for k in plain["callbacks"] if "EMAWeightAveraging" in k]
+    averages = plain["callbacks"][ema_key], step["callbacks"][ema_key]
+    assert averages[0]["latest_update_step"] == averages[1]["latest_update_step"] == 9
+    for name, value in plain["state_dict"].items():  # the averaged weights, at the end of fit
+        torch.testing.assert_close(step["state_dict"][name], value, atol=1e-6, rtol=0)

@@ -145,10 +145,26 @@ def test_a_stop_signal_saves_last_checkpoint_first(tmp_path, synthetic_npz, sig,
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, synthetic_npz):
-    # a sane first epoch, then the learning rate jumps by 1e30 and the weights blow up
+@pytest.mark.parametrize("variant", ["plain", "whole_step_graph"])
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(
+    tmp_path, synthetic_npz, monkeypatch, variant
+):
+    """A sane first epoch, then the learning rate jumps by 1e30 and the weights blow up. Also
+    with model.cuda_graph=step (the capture replaced by the stand-ins of test_cuda_graphs): the
+    jump reaches the graph's update, and the graph's loss the check."""
+    extra = []
+    if variant == "whole_step_graph":
+        from chest_mnist import cuda_graphs
+        from tests.test_cuda_graphs import CaptureStandIn
+
+        stand_in = CaptureStandIn()
+        monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+        monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+        monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on a GPU
+        extra = ["model.cuda_graph=step"]
     cfg = compose_train(
         command(synthetic_npz, tmp_path)[:-1]
+        + extra
         + [
             "trainer.max_epochs=4",
             "model.scheduler.milestones=[1]",
@@ -168,6 +184,8 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, syntheti
     assert last["epoch"] == 0 and last["global_step"] == 16  # the end of the good epoch
     weights = torch.cat([t.flatten().float() for t in last["state_dict"].values()])
     assert torch.isfinite(weights).all()
+    if variant == "whole_step_graph":  # every step a replay: 512 images, 16 full batches
+        assert stand_in.replays >= step
 
 
 @pytest.mark.parametrize(
