@@ -5,7 +5,8 @@ the scores are put in BINS equal-width bins over [0, 1], and ECE is the mean ove
 weighted by their share of the scores, of |mean score - share of positives|. Per label it is
 that label's column against its truth (one class against the rest for a multi-class task);
 overall it pools every (image, label) pair of a multi-label or binary task, and is the
-top-label ECE (`multiclass_calibration_error`) of a multi-class one.
+top-label ECE of a multi-class one (each image's highest score against whether its class is
+the true one: what torchmetrics' `multiclass_calibration_error` computes).
 
 Temperature scaling (Guo et al. 2017, https://arxiv.org/abs/1706.04599) divides the logits by
 a temperature T > 0 fitted on validation to minimise the task's loss without smoothing (BCE, or
@@ -24,10 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_calibration_error,
-    multiclass_calibration_error,
-)
+from torchmetrics.functional.classification import binary_calibration_error
 
 from chest_mnist import UserError
 from chest_mnist.task import SoftmaxTask, Task
@@ -73,12 +71,8 @@ def calibration_errors(
             for k in range(scores.shape[1])
         ]
     )
-    if isinstance(task, SoftmaxTask):
-        overall = multiclass_calibration_error(
-            scores, targets.reshape(-1).long().cpu(), num_classes=scores.shape[1], n_bins=bins
-        )
-    else:
-        overall = binary_calibration_error(*pooled(scores, targets, task), n_bins=bins)
+    # for a softmax task, the top-label pairs: what multiclass_calibration_error bins
+    overall = binary_calibration_error(*pooled(scores, targets, task), n_bins=bins)
     return overall.item(), per_output.float()
 
 
