@@ -52,8 +52,8 @@ class LastCheckpoint(ModelCheckpoint):
     """`dirpath/last.ckpt` every `every_n_epochs` epochs, skipping the epochs that end less than
     `min_interval_s` seconds after the last save, at the end of training, and when the run is
     interrupted (Ctrl-C, SIGTERM). An epoch of the protocol takes seconds on a GPU, and a save
-    of the 134 MB about a fifth of one (BENCHMARKS.md): saving every epoch would cost up to a
-    tenth of the run; on the CPU, whose epochs take minutes, every epoch is saved."""
+    of the 134 MB a good part of one (BENCHMARKS.md has both); on the CPU, whose epochs take
+    minutes, every epoch is saved."""
 
     def __init__(
         self,
