@@ -10,12 +10,11 @@ graph: the same kernels and the same arithmetic, a handful of launches. Lightnin
 the step (automatic optimisation, its hooks, the callbacks); the loss, the optimizer update
 (fused: one kernel) and everything else run as before.
 
-`model.cuda_graph`: auto (the default) captures on one CUDA GPU, without torch.compile (which
-makes graphs of its own with mode=reduce-overhead) and without DDP (whose gradient all-reduce
-runs in autograd hooks between the kernels) and without gradient accumulation; true asks for
-it and says why when it cannot; false runs the plain step. The graph is captured at the first
-full batch of a fit and dropped at its end; a batch of another shape (the last, partial one of
-an epoch) and evaluation run the network eagerly.
+`model.cuda_graph`: auto (the default) captures on one CUDA GPU, without torch.compile, without
+DDP (whose gradient all-reduce runs in autograd hooks between the kernels) and without gradient
+accumulation; true asks for it and says why when it cannot; false runs the plain step. The
+graph is captured at the first full batch of a fit and dropped at its end; a batch of another
+shape (the last, partial one of an epoch) and evaluation run the network eagerly.
 
 `model.cuda_graph=step` goes further where graphs apply (else it runs the plain step, as auto
 does): the whole step, forward, loss, backward and the optimizer's update (capturable, the
@@ -24,6 +23,9 @@ learning rate read from a device tensor that follows the schedule), is one graph
 capture (`StepGraph`). Lightning's loop and the callbacks' batch and epoch hooks still run
 around it; the module skips the backward and the update, which the graph has done, and with
 them the hooks that see gradients (on_before_optimizer_step; `.grad` is empty after the step).
+It also takes a compiled network (`model.compile=true`, or a mode without graphs of its own:
+not reduce-overhead or max-autotune): the graph then records inductor's kernels, and the
+batches it does not take run the eager code, so that a run compiles once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from torch import nn
 from chest_mnist import UserError
 
 SETTINGS = ("auto", True, False, "step")
+# torch.compile modes whose compiled code replays CUDA graphs of its own (inductor's cudagraphs)
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_setting(setting: bool | str) -> None:
@@ -47,15 +51,18 @@ def wanted(
     setting: bool | str,
     device: torch.device,
     world_size: int = 1,
-    compiled: bool = False,
+    compile_mode: bool | str = False,
     accumulate_grad_batches: int = 1,
 ) -> bool:
     """Whether training should replay CUDA graphs, for `model.cuda_graph=setting` (step: as
-    auto, with the whole step as the graph)."""
+    auto, with the whole step as the graph) and `model.compile=compile_mode`."""
     check_setting(setting)
+    compile_key = f"model.compile={str(compile_mode).lower()}"  # as typed: true, not True
     reasons = {
         "it needs a CUDA GPU (this run is on the CPU)": device.type != "cuda",
-        "model.compile makes its own graphs (mode=reduce-overhead)": compiled,
+        f"{compile_key} makes its own graphs": compile_mode in GRAPHING_COMPILE_MODES,
+        f"{compile_key}: a compiled network is graphed only as the whole step "
+        f"(model.cuda_graph=step)": bool(compile_mode) and setting != "step",
         f"under DDP ({world_size} processes) the gradients are all-reduced between the "
         f"kernels": world_size > 1,
         # the graph hands its own gradient buffers to .grad, and the next replay overwrites them:

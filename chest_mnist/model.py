@@ -115,8 +115,9 @@ class MedMNISTClassifier(L.LightningModule):
         cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
             CUDA GPU, without compile or DDP; true: refuse a run where it cannot; false: the
             plain step; step: where auto would, the whole step, the update included, as one
-            graph). With it, an optimizer whose `fused` is not set runs fused. See
-            `chest_mnist.cuda_graphs`.
+            graph, also of a network compiled without graphs of its own, `compile=true`, whose
+            partial batches then run eagerly). With it, an optimizer whose `fused` is not set
+            runs fused. See `chest_mnist.cuda_graphs`.
     """
 
     def __init__(
@@ -170,7 +171,7 @@ class MedMNISTClassifier(L.LightningModule):
             self.hparams.cuda_graph,
             trainer.strategy.root_device,
             world_size=trainer.world_size,
-            compiled=bool(self.hparams.compile),
+            compile_mode=self.hparams.compile,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
@@ -193,8 +194,11 @@ class MedMNISTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.training_graph is not None and self.training_graph.fits(x):
             return self.training_graph(x)
-        if self.hparams.compile and not self.training:
-            features = self.backbone.forward(x)  # the eager code: only __call__ is compiled
+        if self.hparams.compile and (not self.training or self.graphs_wanted):
+            # the eager code (only __call__ is compiled): evaluation, and with graphs the
+            # training batches they do not take (a partial last one), each of which would be
+            # one more compilation; the graphs record the compiled code
+            features = self.backbone.forward(x)
         else:
             features = self.backbone(x)
         return head_in_float32(self.head, features)
@@ -239,10 +243,11 @@ class MedMNISTClassifier(L.LightningModule):
         self.step_graph = cuda_graphs.StepGraph(network, self.loss, optimizer, x, targets)
         log.info(
             "CUDA graph: the whole training step (forward, loss, backward and %s's update, %s) "
-            "captured for batches of %s in %.2f s.",
+            "%scaptured for batches of %s in %.2f s.",
             type(optimizer).__name__,
             # a resumed optimizer has its checkpoint's setting, not necessarily the config's
             "fused" if optimizer.param_groups[0].get("fused") else "not fused",
+            "compiled (model.compile) and " if self.hparams.compile else "",
             tuple(x.shape),
             time.perf_counter() - started,
         )

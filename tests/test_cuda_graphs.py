@@ -22,30 +22,36 @@ from tests.conftest import compose_train
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 
-def test_auto_graphs_one_gpu_without_compile_or_ddp():
-    assert cuda_graphs.wanted("auto", GPU, 1, compiled=False)
-    assert not cuda_graphs.wanted("auto", CPU, 1, compiled=False)
-    assert not cuda_graphs.wanted("auto", GPU, 1, compiled=True)
-    assert not cuda_graphs.wanted("auto", GPU, 2, compiled=False)
-    assert not cuda_graphs.wanted(False, GPU, 1, compiled=False)
+def test_auto_graphs_one_gpu_without_ddp_or_compiled_graphs():
+    assert cuda_graphs.wanted("auto", GPU, 1)
+    assert not cuda_graphs.wanted("auto", CPU, 1)
+    assert not cuda_graphs.wanted("auto", GPU, 2)
+    assert not cuda_graphs.wanted(False, GPU, 1)
     assert not cuda_graphs.wanted("auto", GPU, 1, accumulate_grad_batches=2)
+    # a compiled network is graphed as the whole step, where compile makes no graphs of its own
+    assert not cuda_graphs.wanted("auto", GPU, 1, compile_mode=True)
+    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="reduce-overhead")
+    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune")
+    assert cuda_graphs.wanted("step", GPU, 1, compile_mode=True)
+    assert cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune-no-cudagraphs")
 
 
 @pytest.mark.parametrize(
-    ("device", "world_size", "compiled", "why"),
+    ("device", "world_size", "compile_mode", "why"),
     [
         (CPU, 1, False, "it needs a CUDA GPU"),
-        (GPU, 1, True, "model.compile makes its own graphs"),
+        (GPU, 1, "reduce-overhead", "model.compile=reduce-overhead makes its own graphs"),
+        (GPU, 1, True, r"model.compile=true: a compiled network is graphed only as the whole step"),
         (GPU, 2, False, r"under DDP \(2 processes\)"),
     ],
 )
-def test_true_says_why_it_cannot(device, world_size, compiled, why):
+def test_true_says_why_it_cannot(device, world_size, compile_mode, why):
     with pytest.raises(UserError, match=f"model.cuda_graph=true, but {why}.*model.cuda_graph=auto"):
-        cuda_graphs.wanted(True, device, world_size, compiled)
+        cuda_graphs.wanted(True, device, world_size, compile_mode)
     with pytest.raises(UserError, match=r"trainer.accumulate_grad_batches=4 adds gradients"):
         cuda_graphs.wanted(True, GPU, accumulate_grad_batches=4)
     with pytest.raises(UserError, match="model.cuda_graph='yes' must be auto, true, false or step"):
-        cuda_graphs.wanted("yes", device, world_size, compiled)
+        cuda_graphs.wanted("yes", device, world_size, compile_mode)
 
 
 class StandIn:
@@ -386,3 +392,57 @@ def test_the_whole_step_graph_with_ema_averages_what_the_plain_step_averages(
     assert averages[0]["latest_update_step"] == averages[1]["latest_update_step"] == 9
     for name, value in plain["state_dict"].items():  # the averaged weights, at the end of fit
         torch.testing.assert_close(step["state_dict"][name], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_whole_step_graph_of_the_compiled_network_compiles_once_and_learns_the_same(
+    monkeypatch, tmp_path, synthetic_npz, caplog
+):
+    """model.compile=true with model.cuda_graph=step: the graph records the compiled network's
+    step (inductor's kernels), and the batches it does not take, the partial last one of each
+    epoch and evaluation, run the eager code: one compilation in all. Without partial batches
+    (data.drop_last=true), the same training state as the compiled plain step's. (Not the
+    eager step's: inductor's kernels round otherwise, and Adam, which divides each gradient by
+    its own size, makes near-zero gradients of opposite sign into steps of opposite sign.)"""
+    from torch._dynamo.utils import counters
+
+    run = [
+        *EQUIVALENCE_RUN,
+        f"data.path={synthetic_npz}",
+        "model.compile=true",
+        "trainer.check_val_every_n_epoch=3",  # validation runs eagerly in any case
+    ]
+    train(
+        compose_train(
+            [
+                *run,
+                "model.cuda_graph=false",
+                "data.drop_last=true",
+                f"paths.output_dir={tmp_path}/plain",
+            ]
+        )
+    )
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    run.append("model.cuda_graph=step")
+    train(compose_train([*run, "data.drop_last=true", f"paths.output_dir={tmp_path}/step"]))
+    assert stand_in.replays == 6
+    assert "fused) compiled (model.compile) and captured for batches of (32, 3, 28, 28)" in (
+        caplog.text
+    )
+    plain, step = (
+        load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("plain", "step")
+    )
+    assert plain["global_step"] == step["global_step"] == 6
+    for name, value in plain["state_dict"].items():
+        torch.testing.assert_close(step["state_dict"][name], value, atol=1e-6, rtol=0)
+
+    torch._dynamo.reset()  # compile from scratch (a new network of the same code would not)
+    counters.clear()
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/partial"]))
+    assert counters["stats"]["unique_graphs"] == 1  # the training step's, and no other
+    assert stand_in.replays == 6 + 6  # the full batches; the partial ones ran eagerly
+    assert load_checkpoint(tmp_path / "partial" / "checkpoints" / "last.ckpt")["global_step"] == 9
