@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # Issue 15 on a lent GPU, in one call of at most 9 minutes (the steps stop at DEADLINE, 530 s),
 # most important first:
-#   1. the goal with the whole step as one CUDA graph (model.cuda_graph=step): the protocol
-#      (batch 128, validation every epoch) for 100 epochs of ChestMNIST-sized data, from a cold
-#      start (a fresh process; nothing is compiled: graphs are captured), timed end to end
-#      against 150 s; metrics.json and .hydra/config.yaml kept (protocol_100_step/). Training
-#      stops at 150 s (trainer.max_time): a run that gets there has missed the goal, and
-#      epochs_trained says how far it got;
-#   2. the default command (model.cuda_graph=auto: forward and backward as graphs), the same,
-#      for 60 s: its seconds per epoch since the per-step logging went (protocol_100/);
-#   3. where the host time of a step=graph step goes (Lightning's simple profiler, 2 epochs);
-#   4. the whole-step graph and the plain step on the GPU in fp32: two epochs of 2,000 images (15
+#   1. the goal with the whole step as one CUDA graph of the compiled network (model.compile=true
+#      model.cuda_graph=step: inductor's kernels, batch norm and ReLU fused, replayed as one graph):
+#      the protocol (batch 128, validation every epoch) for 100 epochs of ChestMNIST-sized data,
+#      from a cold start (a fresh process, new inductor and Triton caches: the compilation is
+#      counted), timed end to end against 150 s; metrics.json and .hydra/config.yaml kept
+#      (protocol_100_step_compiled/). Training stops at 150 s (trainer.max_time): a run that gets
+#      there has missed the goal, and epochs_trained says how far it got;
+#   2. the same with cuDNN's kernels (model.cuda_graph=step, nothing compiled), 45 s: its seconds
+#      per epoch (protocol_100_step/). A step of them needs about 2.5 ms of GPU work (an H200),
+#      about 154 s for 100 epochs: this one cannot meet the goal, its rate says by how much;
+#      Then the host's time per step of it on this machine's CPU (benchmarks/step_host_time.py,
+#      the replay a stand-in: no GPU work), a few seconds;
+#   3. the whole-step graph and the plain step on the GPU in fp32: two epochs of 2,000 images (15
 #      full batches, graphed, and a partial one, eager, each), the learning rate x0.1 after the
 #      first; the step run stopped after the first epoch and resumed from last.ckpt; then the
 #      largest weight difference (the CPU test has them equal with stand-ins for the capture);
 #      and the step run's first-epoch checkpoint resumed on the CPU for the second (rc 0: the
 #      checkpoint is portable);
-#   5. PneumoniaMNIST, 100 epochs, seeds 1, 2, 3: the whole-step graph and the plain step
-#      (model.cuda_graph=false); 4 and 5 run side by side (8 processes on the one GPU, each
-#      mostly host-bound), so their wall times are not single-run timings; last.ckpt only at the
-#      end; pneumonia_seeds.csv: path, seed, step, test AUC, test ACC, train_seconds;
-#   6. with the time left, the step's floor without Lightning (benchmarks/step_floor_gpu.py):
-#      the whole step as one graph with fused Adam, and a torch.compile'd step and its kernel
-#      time: do inductor's kernels go under the 2.5 ms of cuDNN's? (step_floor.json)
+#   4. PneumoniaMNIST, 100 epochs, seeds 1, 2, 3: the whole-step graph, compiled and not, and the
+#      plain step (model.cuda_graph=false); 3 and 4 run side by side (13 processes on the one GPU,
+#      each mostly host-bound), so their wall times are not single-run timings; last.ckpt only at
+#      the end; pneumonia_seeds.csv: path, seed, step, test AUC, test ACC, train_seconds;
+#   5. with the time left, the step's floor without Lightning (benchmarks/step_floor_gpu.py): the
+#      whole step as one graph, eager and compiled, its kernel time and costliest kernels, and
+#      the cold compilation: do inductor's kernels go under the 2.5 ms of cuDNN's? (step_floor.json)
 # Results under $OUT (summary.txt, protocol_100*/, pneumonia_seeds.csv, results.tar.gz).
 #
 #   OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh          (carry .whl: make gpu-wheels)
@@ -44,11 +47,14 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$RES/summary.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$RES/summary.txt"
 
-# 1. and 2. the protocol, cold, end to end: the whole-step graph (150 s cap), the default (60 s)
+# 1. and 2. the protocol, cold, end to end: the compiled whole-step graph (150 s cap), the eager one (45 s)
 step make_full 30 python3 -m chest_mnist.synthetic /tmp/chest_full.npz $SIZES --no-compress
+cold() {  # step NAME SECONDS $(cold) COMMAND...: new (empty) inductor and Triton caches, as on a fresh machine
+  echo env TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)
+}
 protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protocol, its files kept
   local name=$1 cap=$2; shift 2
-  step $name $(( cap + 60 )) python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
+  step $name $(( cap + 60 )) $(cold) python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz \
     trainer.max_epochs=$EPOCHS +trainer.max_time=$(printf '00:00:%02d:%02d' $(( cap / 60 )) $(( cap % 60 ))) paths.log_dir=/tmp/logs/$name $CPU "$@"
   grep -h "CUDA graph:" "$RES/$name.log" >> "$RES/summary.txt" || say "$name: no CUDA graph captured"
   local run=$(ls -d /tmp/logs/$name/train/runs/* 2>/dev/null | head -1)
@@ -57,17 +63,15 @@ protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protoc
   say_report $name "$run/report/metrics.json" train_seconds epochs_trained best_val/auroc test/auroc test/acc
   python3 benchmarks/epoch_times.py "$run/tensorboard" >> "$RES/summary.txt" 2>&1
 }
-protocol protocol_100_step 150 model.cuda_graph=step
-protocol protocol_100 60
+protocol protocol_100_step_compiled 150 model.cuda_graph=step model.compile=true
+protocol protocol_100_step 45 model.cuda_graph=step
+# the host's share of a step=graph step on this machine's CPU (the replay a stand-in, no GPU work)
+step step_host_time 60 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 600
+grep -h "host time per step" "$RES/step_host_time.log" >> "$RES/summary.txt"
 
-# 3. where a step's host time goes with the whole step graphed (Lightning's simple profiler, 2 epochs)
-step profile_2 45 python3 -m chest_mnist.train data=synthetic data.path=/tmp/chest_full.npz trainer.max_epochs=2 \
-  model.cuda_graph=step +trainer.profiler=simple test=false paths.log_dir=/tmp/logs/profile $CPU
-grep -E "run_training_batch|optimizer_step|training_step|on_train_batch|backward|Total" "$RES/profile_2.log" | head -20 >> "$RES/summary.txt"
-
-# 4. and 5. run side by side (8 processes on one GPU, each mostly host-bound; their wall times are
+# 3. and 4. run side by side (13 processes on one GPU, each mostly host-bound; their wall times are
 # not single-run timings, their weights and AUCs are what is compared)
-# 4. the whole-step graph (1 epoch, then resumed for a 2nd) against the plain step (2 epochs), fp32,
+# 3. the whole-step graph (1 epoch, then resumed for a 2nd) against the plain step (2 epochs), fp32,
 # the same data and seed, the learning rate x0.1 after epoch 1: the largest weight difference
 EQUAL="data=synthetic data.path=/tmp/chest_full.npz data.subset=2000 model.scheduler.milestones=[1]
   trainer.deterministic=true trainer.benchmark=false model.optimizer.fused=true test=false"
@@ -83,12 +87,17 @@ step equal_plain 120 python3 -m chest_mnist.train $EQUAL trainer.precision=32-tr
   step resume_on_cpu 120 python3 -m chest_mnist.train $EQUAL trainer=cpu trainer.max_epochs=2 \
     ckpt_path=/tmp/logs/equal_step_epoch1.ckpt paths.log_dir=/tmp/logs/resume_on_cpu $CPU
 ) &
-# 5. PneumoniaMNIST, 100 epochs, seeds 1-3, the whole-step graph and the plain step
+# 4. PneumoniaMNIST, 100 epochs, seeds 1-3, the whole-step graph compiled and not, and the plain step
+VARIANTS="step_compiled step plain"
 for seed in 1 2 3; do
-  for variant in step plain; do
-    flag=$([ $variant = plain ] && echo false || echo step)
-    step pneumonia_${variant}_$seed 400 python3 -m chest_mnist.train data.flag=pneumoniamnist \
-      data.path=tests/data/pneumoniamnist.npz seed=$seed trainer.max_epochs=$EPOCHS model.cuda_graph=$flag \
+  for variant in $VARIANTS; do
+    case $variant in
+      step_compiled) graph="model.cuda_graph=step model.compile=true" ;;
+      step) graph="model.cuda_graph=step" ;;
+      plain) graph="model.cuda_graph=false" ;;
+    esac
+    step pneumonia_${variant}_$seed 400 $(cold) python3 -m chest_mnist.train data.flag=pneumoniamnist \
+      data.path=tests/data/pneumoniamnist.npz seed=$seed trainer.max_epochs=$EPOCHS $graph \
       callbacks.last_checkpoint.every_n_epochs=$EPOCHS paths.log_dir=/tmp/logs/pneumonia_${variant}_$seed $CPU &
   done
 done
@@ -102,7 +111,7 @@ PY
 
 echo "path,seed,step,test_auroc,test_acc,train_seconds" > "$OUT/pneumonia_seeds.csv"
 for seed in 1 2 3; do
-  for variant in step plain; do
+  for variant in $VARIANTS; do
     python3 - "$seed" "$variant" >> "$OUT/pneumonia_seeds.csv" 2>> "$RES/summary.txt" <<'PY'
 import glob, json, sys
 seed, variant = sys.argv[1:]
@@ -117,16 +126,17 @@ done
 python3 - "$OUT/pneumonia_seeds.csv" >> "$RES/summary.txt" 2>&1 <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
-for variant in ("step", "plain"):
+for variant in ("step_compiled", "step", "plain"):
     auc = [float(r["test_auroc"]) for r in rows if r["step"] == variant]
     if auc:
         sd = statistics.stdev(auc) if len(auc) > 1 else float("nan")
         print(f"pneumonia {variant}: test AUC mean {statistics.mean(auc):.4f} sd {sd:.4f} over {len(auc)} seeds")
 PY
 
-# 6. the floor without Lightning, the fused whole step and compiled kernels included (skipped on the CPU)
+# 5. the floor without Lightning, eager and compiled (cold), with the costliest kernels (skipped on the CPU)
 if [ -z "${DRY_RUN:-}" ]; then
-  step step_floor 150 python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json"
+  step step_floor 150 $(cold) python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
+    whole_fused whole_fused_kernels whole_compiled whole_compiled_kernels eval_1024
   cat "$RES/step_floor.log" >> "$RES/summary.txt" 2>/dev/null
 fi
 

@@ -9,7 +9,12 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   whole_step    forward, loss, backward and Adam (capturable foreach, the learning rate a device
                 tensor) captured as one graph and replayed: one launch a step, so its time is the GPU's
   whole_fused   the same with fused Adam (capturable): what model.cuda_graph=step replays
-  whole_fused_kernels  the CUDA kernel time of a whole_fused step
+  whole_fused_kernels  the CUDA kernel time of a whole_fused step (and its 15 costliest kernels,
+                whole_fused_kernels_top: name, ms and launches per step)
+  whole_compiled  whole_fused with the network torch.compile'd (inductor's kernels: batch norm
+                and ReLU fused), what model.compile=true model.cuda_graph=step replays; its
+                compilation (cold when TORCHINDUCTOR_CACHE_DIR is new) is whole_compiled_compile_s
+  whole_compiled_kernels  its CUDA kernel time (and whole_compiled_kernels_top)
   whole_nchw    whole_step with the network and batch in NCHW
   kernels       the CUDA kernel time of a graphed_fb step, from torch.profiler (the GPU's busy time)
   compiled      the eager step with the network torch.compile'd (inductor's kernels: batch norm
@@ -19,7 +24,7 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   eval_1024     an inference forward of 1,024 images (the evaluation batch)
 Prints one line per measurement, and writes them as JSON to the path given (if any).
 
-    python benchmarks/step_floor_gpu.py [OUT.json]
+    python benchmarks/step_floor_gpu.py [OUT.json [NAME...]]   (NAME: only those measurements)
 """
 
 import functools
@@ -101,19 +106,35 @@ def compiled(profile: bool = False) -> float:
     return kernel_ms(step) if profile else timed(step)
 
 
-def kernel_ms(step) -> float:
-    """The CUDA kernel time of one call of `step` (the GPU's busy time), over 50 calls."""
+TOP: dict[str, list] = {}  # the costliest kernels of each profiled step, by its name
+
+
+def kernel_ms(step, name: str | None = None) -> float:
+    """The CUDA kernel time of one call of `step` (the GPU's busy time), over 50 calls; with a
+    `name`, its 15 costliest kernels go to TOP[name]."""
     timed(step, 20)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(50):
             step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if name:
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        TOP[name] = [
+            [e.key[:100], round(e.self_device_time_total / 50 / 1e3, 4), e.count / 50]
+            for e in events[:15]
+        ]
     return sum(e.self_device_time_total for e in events) / 50 / 1e3
 
 
-def whole_step(channels_last: bool = True, fused: bool = False, profile: bool = False) -> float:
+COMPILE_SECONDS: dict[str, float] = {}
+
+
+def whole_step(
+    channels_last: bool = True, fused: bool = False, profile: bool = False, compiled: bool = False
+) -> float:
     net, (x, y) = network(channels_last), batch(channels_last)
+    forward = torch.compile(net) if compiled else net
     lr = torch.tensor(1e-3, device="cuda")
     opt = torch.optim.Adam(
         net.parameters(),
@@ -121,7 +142,8 @@ def whole_step(channels_last: bool = True, fused: bool = False, profile: bool = 
         capturable=True,
         **({"fused": True} if fused else {"foreach": True}),
     )
-    step = training_step(net, opt, x, y, set_to_none=False)
+    step = training_step(forward, opt, x, y, set_to_none=False)
+    started = time.perf_counter()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -131,7 +153,12 @@ def whole_step(channels_last: bool = True, fused: bool = False, profile: bool = 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return kernel_ms(graph.replay) if profile else timed(graph.replay)
+    torch.cuda.synchronize()
+    if compiled and "whole_compiled" not in COMPILE_SECONDS:  # the first: cold
+        COMPILE_SECONDS["whole_compiled"] = round(time.perf_counter() - started, 2)
+    if profile:
+        return kernel_ms(graph.replay, f"whole_{'compiled' if compiled else 'fused'}_kernels")
+    return timed(graph.replay)
 
 
 def eval_1024() -> float:
@@ -148,18 +175,23 @@ def eval_1024() -> float:
 def main() -> None:
     torch.backends.cudnn.benchmark = True
     results = {}
-    for name, measure in [
-        ("whole_step", whole_step),
-        ("whole_fused", lambda: whole_step(fused=True)),
-        ("whole_fused_kernels", lambda: whole_step(fused=True, profile=True)),
-        ("graphed_fb", graphed_fb),
-        ("eager", eager),
-        ("whole_nchw", lambda: whole_step(channels_last=False)),
-        ("kernels", lambda: graphed_fb(profile=True)),
-        ("eval_1024", eval_1024),
-        ("compiled", compiled),
-        ("compiled_kernels", lambda: compiled(profile=True)),
-    ]:
+    measures = {
+        "whole_fused": lambda: whole_step(fused=True),
+        "whole_fused_kernels": lambda: whole_step(fused=True, profile=True),
+        "whole_compiled": lambda: whole_step(fused=True, compiled=True),
+        "whole_compiled_kernels": lambda: whole_step(fused=True, compiled=True, profile=True),
+        "whole_step": whole_step,
+        "graphed_fb": graphed_fb,
+        "eager": eager,
+        "whole_nchw": lambda: whole_step(channels_last=False),
+        "kernels": lambda: graphed_fb(profile=True),
+        "eval_1024": eval_1024,
+        "compiled": compiled,
+        "compiled_kernels": lambda: compiled(profile=True),
+    }
+    # python benchmarks/step_floor_gpu.py OUT.json whole_fused whole_compiled_kernels ...: only those
+    names = sys.argv[2:] or list(measures)
+    for name, measure in [(name, measures[name]) for name in names]:
         try:
             results[name] = round(measure(), 4)
             print(f"{name}: {results[name]:.3f} ms", flush=True)
@@ -171,7 +203,16 @@ def main() -> None:
     )
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), **results}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    **results,
+                    **{f"{name}_compile_s": sec for name, sec in COMPILE_SECONDS.items()},
+                    **{f"{name}_top": top for name, top in TOP.items()},
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

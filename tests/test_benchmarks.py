@@ -1,0 +1,25 @@
+"""The benchmark scripts that run without a GPU still run: a lent GPU's few minutes should not
+be spent on a script broken by a renamed config key."""
+
+import re
+import subprocess
+import sys
+
+from chest_mnist.synthetic import write_synthetic
+from tests.conftest import ROOT
+
+
+def test_step_host_time_times_the_steps_around_a_free_replay(tmp_path):
+    npz = write_synthetic(tmp_path / "d.npz", n_train=128 * 70, n_val=64, n_test=64, seed=0)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/step_host_time.py", str(npz), "--steps", "70"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"median ([\d.]+) ms over (\d+) steps", done.stdout)
+    assert found, done.stdout[-2000:]
+    assert int(found[2]) == 19  # the gaps between the starts of steps 51 to 70
+    assert 0 < float(found[1]) < 100  # a free replay: the host's milliseconds, not a real step's
