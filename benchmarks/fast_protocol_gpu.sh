@@ -12,7 +12,8 @@
 #      per epoch (protocol_100_step/). A step of them needs about 2.5 ms of GPU work (an H200),
 #      about 154 s for 100 epochs: this one cannot meet the goal, its rate says by how much;
 #      Then the host's time per step of it on this machine's CPU (benchmarks/step_host_time.py,
-#      the replay a stand-in: no GPU work), a few seconds;
+#      the replay a stand-in: no GPU work), and the report's bootstrap intervals on the GPU against
+#      the CPU (benchmarks/bootstrap_time.py --device cuda), a few seconds each;
 #   3. the whole-step graph and the plain step on the GPU in fp32: two epochs of 2,000 images (15
 #      full batches, graphed, and a partial one, eager, each), the learning rate x0.1 after the
 #      first; the step run stopped after the first epoch and resumed from last.ckpt; then the
@@ -65,9 +66,13 @@ protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protoc
 }
 protocol protocol_100_step_compiled 150 model.cuda_graph=step model.compile=true
 protocol protocol_100_step 45 model.cuda_graph=step
-# the host's share of a step=graph step on this machine's CPU (the replay a stand-in, no GPU work)
-step step_host_time 60 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 600
-grep -h "host time per step" "$RES/step_host_time.log" >> "$RES/summary.txt"
+if [ -z "${DRY_RUN:-}" ]; then  # (tests/test_benchmarks.py runs the first on the CPU)
+  # the host's share of a step=graph step on this machine's CPU (the replay a stand-in, no GPU work)
+  step step_host_time 60 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 600
+  grep -h "host time per step" "$RES/step_host_time.log" >> "$RES/summary.txt"
+  # the report's bootstrap on the GPU (as train and evaluate now run it there) and on this CPU
+  step bootstrap_time 60 python3 benchmarks/bootstrap_time.py --repeats 2 --device cuda
+fi
 
 # 3. and 4. run side by side (13 processes on one GPU, each mostly host-bound; their wall times are
 # not single-run timings, their weights and AUCs are what is compared)

@@ -11,8 +11,9 @@ resample's macro mean and of its own interval, never counted as 0.
 
 Vectorised: a resample is a row of counts (how often each image was drawn), and each metric is
 a weighted sum over the images sorted once per label, so a chunk of resamples is a few
-(chunk, N) array operations. At ChestMNIST's test size (22,433 x 14) and 1,000 resamples this
-takes seconds on a laptop CPU (BENCHMARKS.md has the number).
+(chunk, N) tensor operations, on the device given (the model's: a GPU does them in a fraction
+of the time). At ChestMNIST's test size (22,433 x 14) and 1,000 resamples this takes seconds
+on a laptop CPU (BENCHMARKS.md has the numbers).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from chest_mnist.task import Task
 
@@ -51,11 +53,11 @@ def resample_indices(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
 
 
-def _counts(indices: np.ndarray, n: int) -> np.ndarray:
-    """(chunk, n) int32: how often each image is in each resample."""
+def _counts(indices: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
+    """(chunk, n) int64 on `device`: how often each image is in each resample."""
     chunk = len(indices)
-    flat = (indices + n * np.arange(chunk)[:, None]).ravel()
-    return np.bincount(flat, minlength=chunk * n).reshape(chunk, n).astype(np.int32)
+    flat = torch.from_numpy(indices).to(device) + n * torch.arange(chunk, device=device)[:, None]
+    return torch.bincount(flat.ravel(), minlength=chunk * n).reshape(chunk, n)
 
 
 class _Column:
@@ -64,38 +66,37 @@ class _Column:
     weighted by how often each image was drawn: all images and the positives, at the last
     image of each group of equal scores. Integers, so exact."""
 
-    def __init__(self, scores: np.ndarray, truth: np.ndarray):
-        self.order = np.argsort(scores, kind="stable")
-        ordered = scores[self.order]
+    def __init__(self, scores: np.ndarray, truth: np.ndarray, device: torch.device):
+        order = np.argsort(scores, kind="stable")
+        ordered = scores[order]
         last_of_group = np.r_[ordered[1:] != ordered[:-1], True]
-        self.ends = np.flatnonzero(last_of_group)
-        self.positive = truth[self.order].astype(np.int32)
+        self.order = torch.from_numpy(order).to(device)
+        self.ends = torch.from_numpy(np.flatnonzero(last_of_group)).to(device)
+        self.positive = torch.from_numpy(truth[order].astype(np.int64)).to(device)
 
-    def ranking(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(AUROC, AP) per resample, NaN where undefined. AUROC: P(score of a positive > score
-        of a negative) + half the ties, from each group's positives times the negatives below it
-        and half those beside it. AP: sklearn's, the sum over thresholds (each group's score,
-        from the top) of the recall gained there times the precision at it (score >= it)."""
+    def ranking(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(AUROC, AP) per resample, float64, NaN where undefined. AUROC: P(score of a positive
+        > score of a negative) + half the ties, from each group's positives times the negatives
+        below it and half those beside it. AP: sklearn's, the sum over thresholds (each group's
+        score, from the top) of the recall gained there times the precision at it (score >= it)."""
         w = counts[:, self.order]
-        images = np.cumsum(w, axis=1, dtype=np.int64)[:, self.ends]
-        w *= self.positive
-        positives = np.cumsum(w, axis=1, dtype=np.int64)[:, self.ends]
-        in_group = np.diff(positives, axis=1, prepend=0)  # each group's positives
+        images = w.cumsum(1)[:, self.ends]
+        positives = (w * self.positive).cumsum(1)[:, self.ends]
+        in_group = positives.diff(dim=1, prepend=positives.new_zeros(len(w), 1))
         below = images - positives  # negatives at or below each group's score
-        total_negatives, total_positives = below[:, -1], positives[:, -1]
-        ties_and_below = below.copy()
+        total_negatives, total_positives = below[:, -1].double(), positives[:, -1].double()
+        ties_and_below = below.clone()
         ties_and_below[:, 1:] += below[:, :-1]  # twice: below the group, and half of those in it
-        twice_pairs = np.einsum("ij,ij->i", in_group, ties_and_below)
+        twice_pairs = (in_group * ties_and_below).sum(1).double()  # int64: exact
         # from the top: images and positives at or above each group's score
-        above = images[:, -1:] - np.pad(images[:, :-1], ((0, 0), (1, 0)))
-        found = total_positives[:, None] - np.pad(positives[:, :-1], ((0, 0), (1, 0)))
-        precision = np.divide(found, above, out=np.zeros(found.shape), where=above > 0)
-        gained = np.einsum("ij,ij->i", in_group.astype(np.float64), precision)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            auroc = twice_pairs / (2.0 * total_positives * total_negatives)
-            ap = gained / total_positives
-        auroc[(total_positives == 0) | (total_negatives == 0)] = np.nan
-        ap[total_positives == 0] = np.nan
+        above = images[:, -1:] - F.pad(images[:, :-1], (1, 0))
+        found = positives[:, -1:] - F.pad(positives[:, :-1], (1, 0))
+        precision = torch.where(above > 0, found.double() / above.clamp(min=1), 0.0)
+        gained = (in_group.double() * precision).sum(1)
+        auroc = twice_pairs / (2.0 * total_positives * total_negatives)
+        ap = gained / total_positives
+        auroc[(total_positives == 0) | (total_negatives == 0)] = torch.nan
+        ap[total_positives == 0] = torch.nan
         return auroc, ap
 
 
@@ -124,29 +125,31 @@ def bootstrap_intervals(
     task: Task,
     settings: Bootstrap = Bootstrap(),
     thresholds: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Intervals of one split's numbers: {"scalars": {"auroc", "ap_macro", "acc", and
     "acc_tuned" when `thresholds` are given: (low, high)}, "per_label": {"auroc", "ap": (2, L)
-    arrays, low and high}}."""
+    arrays, low and high}}. The resamples' sums run on `device`."""
     scores = scores.detach().double().cpu()
     n, num_outputs = scores.shape
     truth = task.one_vs_rest(targets.cpu(), num_outputs).numpy()
-    columns = [_Column(scores[:, k].numpy(), truth[:, k]) for k in range(num_outputs)]
-    correct = {"acc": task.correct_share(scores, targets.cpu()).numpy()}
+    columns = [_Column(scores[:, k].numpy(), truth[:, k], device) for k in range(num_outputs)]
+    correct = {"acc": task.correct_share(scores, targets.cpu())}
     if thresholds is not None:
-        correct["acc_tuned"] = task.correct_share(scores, targets.cpu(), thresholds).numpy()
+        correct["acc_tuned"] = task.correct_share(scores, targets.cpu(), thresholds)
+    correct = {name: share.double().to(device) for name, share in correct.items()}
     per = {"auroc": [], "ap": []}
     accuracy = {name: [] for name in correct}
     for indices in resample_indices(n, settings.resamples, settings.seed):
-        counts = _counts(indices, n)
+        counts = _counts(indices, n, device)
         aurocs, aps = zip(*(column.ranking(counts) for column in columns), strict=True)
-        per["auroc"].append(np.stack(aurocs, axis=1))
-        per["ap"].append(np.stack(aps, axis=1))
+        per["auroc"].append(torch.stack(aurocs, dim=1))
+        per["ap"].append(torch.stack(aps, dim=1))
         for name, share in correct.items():
-            accuracy[name].append(counts @ share / n)
-    per = {name: np.concatenate(chunks) for name, chunks in per.items()}
+            accuracy[name].append(counts.double() @ share / n)
+    per = {name: torch.cat(chunks).cpu().numpy() for name, chunks in per.items()}
     values = {"auroc": _macro(per["auroc"]), "ap_macro": _macro(per["ap"])}
-    values |= {name: np.concatenate(chunks) for name, chunks in accuracy.items()}
+    values |= {name: torch.cat(chunks).cpu().numpy() for name, chunks in accuracy.items()}
     return {
         "scalars": {
             name: tuple(_percentiles(v, settings.level).tolist()) for name, v in values.items()

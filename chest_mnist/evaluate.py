@@ -89,6 +89,8 @@ def evaluate_model(
     if options.calibration == "temperature":
         scaling = temperature_scaling(val, test, model.kind, options.per_label_temperature)
     temperature = scaling.temperature if scaling else None
+    # the bootstrap's sums on the run's GPU where it had one (the model is back on the CPU)
+    device = trainer.strategy.root_device
     report = build_report(
         *((model.scores(scale(logits, temperature)), labels) for logits, labels in (val, test)),
         datamodule.labels,
@@ -99,6 +101,7 @@ def evaluate_model(
         bootstrap=options.bootstrap,
         scaling=scaling,
         bins=options.bins,
+        device=device if device.type == "cuda" else "cpu",
     )
     if trainer.is_global_zero:
         weights = {
