@@ -11,14 +11,15 @@ resample's macro mean and of its own interval, never counted as 0.
 
 Vectorised: a resample is a row of counts (how often each image was drawn), and each metric is
 a weighted sum over the images sorted once per label, so a chunk of resamples is a few
-(chunk, N) tensor operations, on the device given (the model's: a GPU does them in a fraction
-of the time). At ChestMNIST's test size (22,433 x 14) and 1,000 resamples this takes seconds
-on a laptop CPU (BENCHMARKS.md has the numbers).
+(chunk, N) tensor operations, on the device given (the run's GPU where it has one). At
+ChestMNIST's test size (22,433 x 14) and 1,000 resamples this takes seconds on a laptop CPU
+(BENCHMARKS.md has the numbers; `benchmarks/bootstrap_time.py --device cuda` times a GPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,34 @@ def bootstrap_intervals(
     """Intervals of one split's numbers: {"scalars": {"auroc", "ap_macro", "acc", and
     "acc_tuned" when `thresholds` are given: (low, high)}, "per_label": {"auroc", "ap": (2, L)
     arrays, low and high}}. The resamples' sums run on `device`."""
+    with _one_thread_on_the_cpu(torch.device(device)):
+        return _intervals(scores, targets, task, settings, thresholds, device)
+
+
+@contextmanager
+def _one_thread_on_the_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch's threads wait for each other at every operation: on a 2-core machine
+    with one other busy process, the intervals at ChestMNIST's size took 12.7 s on two threads
+    against 7.3 s on one (alone: 4.4 and 7.8 s; BENCHMARKS.md). One thread is the safe choice."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _intervals(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    task: Task,
+    settings: Bootstrap,
+    thresholds: torch.Tensor | None,
+    device: torch.device | str,
+) -> dict:
     scores = scores.detach().double().cpu()
     n, num_outputs = scores.shape
     truth = task.one_vs_rest(targets.cpu(), num_outputs).numpy()

@@ -132,7 +132,7 @@ def build_report(
     as given. `bootstrap`: intervals for the ranking metrics and ACC. `scaling`: the temperature
     scaling `val` and `test` went through (their scores are after it; the report gives the
     calibration before it too). The calibration error uses `bins` bins. `device`: where the
-    bootstrap's resamples are summed (a GPU: in a fraction of the CPU's time)."""
+    bootstrap's resamples are summed."""
     thresholds, kept, tuned = None, {}, None
     at_half = evaluate_predictions(*test, labels, task=task)
     if task.tunes_thresholds:
