@@ -242,8 +242,7 @@ class StepGraph:
 
     def close(self) -> None:
         """The optimizer as it was configured again (the graph and its memory go with self)."""
-        for group, capturable in zip(self.optimizer.param_groups, self.capturable, strict=True):
-            group["capturable"] = capturable
+        self.portable({"param_groups": self.optimizer.param_groups})
 
 
 def _make_capturable(optimizer: torch.optim.Optimizer, on: bool) -> None:

@@ -194,10 +194,10 @@ class MedMNISTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.training_graph is not None and self.training_graph.fits(x):
             return self.training_graph(x)
-        if self.hparams.compile and (not self.training or self.graphs_wanted):
-            # the eager code (only __call__ is compiled): evaluation, and with graphs the
-            # training batches they do not take (a partial last one), each of which would be
-            # one more compilation; the graphs record the compiled code
+        if self.hparams.compile and (not self.training or self.whole_step_wanted):
+            # the eager code (only __call__ is compiled): evaluation, and with the whole-step
+            # graph the training batches it does not take (a partial last one), each of which
+            # would be one more compilation; the graph records the compiled code
             features = self.backbone.forward(x)
         else:
             features = self.backbone(x)

@@ -5,10 +5,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from chest_mnist.synthetic import write_synthetic
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_step_host_time_times_the_steps_around_a_free_replay(tmp_path):
     npz = write_synthetic(tmp_path / "d.npz", n_train=128 * 70, n_val=64, n_test=64, seed=0)
     done = subprocess.run(
