@@ -23,6 +23,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
 
 from chest_mnist import UserError, cuda_graphs
+from chest_mnist.background_compile import BackgroundCompile, cache_lookups, caches_on, spec_for
 from chest_mnist.calibration import scale
 from chest_mnist.metrics import scalar_metrics
 from chest_mnist.task import MULTI_LABEL, Task
@@ -62,6 +63,20 @@ def build_resnet18(
     return net
 
 
+def backbone_and_head(
+    stem: str, pretrained: bool, num_classes: int, compile: bool | str = False
+) -> tuple[nn.Module, nn.Module]:
+    """The model's ResNet-18 (`build_resnet18`) as its backbone, channels-last and, with
+    `compile` (true or a torch.compile mode), compiled in place, and its classifier head."""
+    net = build_resnet18(stem, pretrained, num_classes=num_classes)
+    head = net.fc
+    net.fc = nn.Identity()
+    backbone = net.to(memory_format=torch.channels_last)
+    if compile:
+        backbone.compile(mode=None if compile is True else compile)
+    return backbone, head
+
+
 def head_in_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The classifier head in float32 with autocast off, also under bf16 autocast: scores in
     bf16 would tie often and blur AUROC."""
@@ -72,14 +87,25 @@ def head_in_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
 class Network(nn.Module):
     """Backbone then head as one module, what `chest_mnist.cuda_graphs` captures. Holds the
     model's own layers, not copies, and is not registered on the model (no second copy of
-    their names in the checkpoint)."""
+    their names in the checkpoint). `eager`: run the backbone's eager code even where it is
+    compiled (model.compile), without compiling it."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, eager: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.eager = backbone, head, eager
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_in_float32(self.head, self.backbone(x))
+        features = self.backbone.forward(x) if self.eager else self.backbone(x)
+        return head_in_float32(self.head, features)
+
+
+class _StopBackgroundCompile(L.Callback):
+    """Stops the model's compiling process (model.compile_in_background) when a fit raises:
+    Lightning then calls callbacks' on_exception, but none of the model's hooks."""
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        pl_module.stop_background_compile()
 
 
 def concat_outputs(
@@ -117,7 +143,14 @@ class MedMNISTClassifier(L.LightningModule):
             plain step; step: where auto would, the whole step, the update included, as one
             graph, also of a network compiled without graphs of its own, `compile=true`, whose
             partial batches then run eagerly). With it, an optimizer whose `fused` is not set
-            runs fused. See `chest_mnist.cuda_graphs`.
+            runs fused. See `chest_mnist.cuda_graphs`. With compile and step, inductor
+            compiles the network in a separate process while the first steps replay a graph of
+            it uncompiled, then the run compiles it from that process's caches and captures the
+            step again (`chest_mnist.background_compile`).
+        compile_in_background: with compile and the whole-step graph, compile in a separate
+            process meanwhile, as above; false: at the first step, in this process, as also a
+            deterministic run does (trainer.deterministic=true: its kernels must not change at
+            a step that depends on timing) and one whose inductor caches are off.
     """
 
     def __init__(
@@ -133,6 +166,7 @@ class MedMNISTClassifier(L.LightningModule):
         tta_flip: bool = False,
         compile: bool | str = False,
         cuda_graph: bool | str = "auto",
+        compile_in_background: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -148,17 +182,16 @@ class MedMNISTClassifier(L.LightningModule):
                 f"model.pos_weight has {len(pos_weight)} values but there are {len(labels)} labels; "
                 f"give one per label, or auto, or null."
             )
-        net = build_resnet18(stem, pretrained, num_classes=len(labels))
-        self.head = net.fc
-        net.fc = nn.Identity()
-        self.backbone = net.to(memory_format=torch.channels_last)
-        if compile:
-            self.backbone.compile(mode=None if compile is True else compile)
+        self.backbone, self.head = backbone_and_head(stem, pretrained, len(labels), compile)
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.graphs_wanted = False  # decided in setup("fit"), once the device is known
         self.training_graph: cuda_graphs.TrainingGraph | None = None
         self.step_graph: cuda_graphs.StepGraph | None = None  # model.cuda_graph=step
         self.graph_steps = False  # whether this batch's step is the step graph's replay
+        # model.compile with the step graph: whether the graph runs the network uncompiled
+        # until the process compiling it (background_compile) is done
+        self.compile_pending = False
+        self.background_compile: BackgroundCompile | None = None
         self.val_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="val/")
         self.test_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="test/")
 
@@ -176,6 +209,14 @@ class MedMNISTClassifier(L.LightningModule):
         )
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
         self._close_step_graph()
+        self.stop_background_compile()
+        self.compile_pending = (
+            bool(self.hparams.compile)
+            and self.hparams.compile_in_background
+            and self.whole_step_wanted
+            and not torch.are_deterministic_algorithms_enabled()
+            and caches_on()
+        )
         if trainer.datamodule is not None:  # the model summary's FLOPs and sizes come from it
             size = trainer.datamodule.hparams.size
             self.example_input_array = {"x": torch.zeros(1, 3, size, size)}
@@ -215,6 +256,44 @@ class MedMNISTClassifier(L.LightningModule):
     def on_fit_end(self) -> None:
         self.training_graph = None  # its memory pool goes; evaluation runs eagerly anyway
         self._close_step_graph()
+        if self.background_compile is not None:
+            log.info(
+                "model.compile: the fit ended before the separate process had compiled the "
+                "network; every graphed step ran it uncompiled."
+            )
+        self.stop_background_compile()
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_StopBackgroundCompile()]
+
+    def stop_background_compile(self) -> None:
+        """Stop the process compiling the network, if one is running."""
+        if self.background_compile is not None:
+            self.background_compile.close()
+        self.background_compile = None
+
+    def _use_background_compile(self) -> None:
+        """The process is done: the next full batch compiles the network here (from its caches)
+        and captures the step graph again; or, should the process have failed, compiles it."""
+        compiling, self.background_compile = self.background_compile, None
+        error = compiling.error()
+        compiling.close()
+        self.compile_pending = False
+        self._close_step_graph()
+        if error:
+            log.warning(
+                "model.compile: the separate process could not compile the network (%s); "
+                "compiling it here instead.",
+                error,
+            )
+        else:
+            log.info(
+                "model.compile: a separate process compiled the network in %.1f s, while the "
+                "run trained uncompiled up to step %d; compiling it here from its caches.",
+                compiling.seconds,
+                self.global_step,
+            )
 
     def _close_step_graph(self) -> None:
         if self.step_graph is not None:
@@ -232,24 +311,36 @@ class MedMNISTClassifier(L.LightningModule):
 
     @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.background_compile is not None and self.background_compile.finished():
+            self._use_background_compile()
         self.graph_steps = self.whole_step_wanted and (
             self.step_graph.fits(batch[0]) if self.step_graph else self._full_batch(batch[0])
         )
 
     def _capture_step_graph(self, x: torch.Tensor, targets: torch.Tensor) -> None:
-        started = time.perf_counter()
+        started, lookups = time.perf_counter(), cache_lookups()
         optimizer = self.trainer.optimizers[0]
-        network = Network(self.backbone, self.head)
+        network = Network(self.backbone, self.head, eager=self.compile_pending)
+        if self.compile_pending and self.background_compile is None:
+            autocast = torch.is_autocast_enabled(x.device.type)
+            stem, mode = self.hparams.stem, self.hparams.compile
+            self.background_compile = BackgroundCompile(spec_for(network, stem, mode, x, autocast))
         self.step_graph = cuda_graphs.StepGraph(network, self.loss, optimizer, x, targets)
+        if self.compile_pending:
+            how = "of the network uncompiled (model.compile: a separate process compiles it) "
+        else:
+            how = "compiled (model.compile) and " if self.hparams.compile else ""
+        hits, misses = (now - before for now, before in zip(cache_lookups(), lookups, strict=True))
         log.info(
             "CUDA graph: the whole training step (forward, loss, backward and %s's update, %s) "
-            "%scaptured for batches of %s in %.2f s.",
+            "%scaptured for batches of %s in %.2f s%s.",
             type(optimizer).__name__,
             # a resumed optimizer has its checkpoint's setting, not necessarily the config's
             "fused" if optimizer.param_groups[0].get("fused") else "not fused",
-            "compiled (model.compile) and " if self.hparams.compile else "",
+            how,
             tuple(x.shape),
             time.perf_counter() - started,
+            f"; inductor's caches: {hits} hits, {misses} misses" if hits or misses else "",
         )
 
     def _capture_training_graph(self, x: torch.Tensor) -> None:

@@ -55,6 +55,7 @@ class ModelSchema:
     tta_flip: bool = False
     compile: Any = False  # true, false or a torch.compile mode
     cuda_graph: Any = "auto"  # auto, true, false or step
+    compile_in_background: bool = True
     optimizer: Any = None
     scheduler: Any = None
 

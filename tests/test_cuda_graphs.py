@@ -9,11 +9,13 @@ captured output. The capture itself is checked on a GPU (benchmarks/)."""
 
 import logging
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from chest_mnist import UserError, cuda_graphs
+from chest_mnist.background_compile import BackgroundCompile, spec_for
 from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.model import MedMNISTClassifier, Network
 from chest_mnist.train import train
@@ -446,3 +448,266 @@ def test_the_whole_step_graph_of_the_compiled_network_compiles_once_and_learns_t
     assert counters["stats"]["unique_graphs"] == 1  # the training step's, and no other
     assert stand_in.replays == 6 + 6  # the full batches; the partial ones ran eagerly
     assert load_checkpoint(tmp_path / "partial" / "checkpoints" / "last.ckpt")["global_step"] == 9
+
+
+class WaitForTheBackgroundCompile(L.Callback):
+    """At the second epoch's start, wait for the process that compiles the network, so that
+    the run takes the compiled network from that epoch's first step (on a GPU it does not
+    wait: it takes it at the first step after the process is done)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1 and pl_module.background_compile is not None:
+            pl_module.background_compile.wait(timeout=600)
+
+
+# model.compile=true with the step graph, not deterministic (EQUIVALENCE_RUN's runs are): the
+# network is compiled in a separate process; 2 full steps an epoch (data.drop_last=true); under
+# Lightning's bf16 autocast, as on a GPU
+BACKGROUND_RUN = [
+    *[o for o in EQUIVALENCE_RUN if not o.startswith("trainer.deterministic")],
+    "trainer.deterministic=false",
+    "trainer.precision=bf16-mixed",
+    "data.drop_last=true",
+    "model.compile=true",
+    "trainer.check_val_every_n_epoch=3",
+]
+
+
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory):
+    """An empty inductor cache directory for this module's runs (and their processes')."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with temporary_cache_dir(str(tmp_path_factory.mktemp("inductor"))):
+        yield
+
+
+@pytest.mark.slow
+def test_the_compiled_step_graph_trains_uncompiled_while_a_process_compiles_the_network(
+    monkeypatch, tmp_path, synthetic_npz, caplog, inductor_cache
+):
+    """model.compile=true model.cuda_graph=step: the first epoch's steps replay the network
+    uncompiled while a separate process compiles it; from the second epoch's first step the run
+    compiles it from that process's caches (hits only: it compiles nothing itself) and replays
+    the compiled step. Its training state is the plain step's, uncompiled for the first epoch
+    and compiled after it (resumed from the first epoch's last.ckpt)."""
+    from torch._dynamo.utils import counters
+
+    import chest_mnist.model
+
+    run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}"]
+    stand_in = CaptureStandIn()
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    specs = []
+
+    def recorded_spec(*args):
+        specs.append(spec_for(*args))
+        return specs[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(chest_mnist.model, "spec_for", recorded_spec)
+        patch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+        patch.setattr(cuda_graphs, "capture", stand_in.capture)
+        patch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+        torch._dynamo.reset()
+        counters.clear()
+        wait = "+callbacks.wait._target_=tests.test_cuda_graphs.WaitForTheBackgroundCompile"
+        train(
+            compose_train(
+                [*run, "model.cuda_graph=step", wait, f"paths.output_dir={tmp_path}/step"]
+            )
+        )
+    assert stand_in.replays == 6
+    ((spec),) = specs  # the process compiles for Lightning's autocast, as the run does
+    assert (spec["autocast"], spec["shape"], spec["channels_last"]) == (
+        "bfloat16",
+        [32, 3, 28, 28],
+        True,
+    )
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert counters["aot_autograd"]["autograd_cache_miss"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    uncompiled = "fused) of the network uncompiled (model.compile: a separate process compiles it) captured for batches of (32, 3, 28, 28)"
+    switched = "model.compile: a separate process compiled the network in"
+    compiled = "fused) compiled (model.compile) and captured for batches of (32, 3, 28, 28) in "
+    order = [
+        next(i for i, m in enumerate(messages) if text in m)
+        for text in (uncompiled, switched, compiled)
+    ]
+    assert order == sorted(order) and "up to step 2;" in messages[order[1]]
+    assert messages[order[2]].endswith("s; inductor's caches: 3 hits, 0 misses.")
+
+    plain = tmp_path / "plain"
+    train(
+        compose_train(
+            [
+                *run,
+                "model.compile=false",
+                "model.cuda_graph=false",
+                "trainer.max_epochs=1",
+                f"paths.output_dir={plain}",
+            ]
+        )
+    )
+    ckpt = plain / "checkpoints" / "last.ckpt"
+    train(
+        compose_train(
+            [
+                *run,
+                "model.cuda_graph=false",
+                f"ckpt_path={ckpt}",
+                f"paths.output_dir={tmp_path}/resumed",
+            ]
+        )
+    )
+    resumed, step = (
+        load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+        for name in ("resumed", "step")
+    )
+    assert resumed["global_step"] == step["global_step"] == 6
+    for name, value in resumed["state_dict"].items():
+        torch.testing.assert_close(step["state_dict"][name], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_where_the_process_fails_the_run_compiles_the_network_itself(
+    monkeypatch, tmp_path, synthetic_npz, caplog, inductor_cache
+):
+    """The process cannot compile (here: a stem it does not know): the run says why, with the
+    end of the process's output, and compiles the network in its own process."""
+    import chest_mnist.model
+
+    def bad_spec(*args):
+        return spec_for(*args) | {"stem": "vit"}
+
+    spec_for = chest_mnist.model.spec_for
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(chest_mnist.model, "spec_for", bad_spec)
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    wait = "+callbacks.wait._target_=tests.test_cuda_graphs.WaitForTheBackgroundCompile"
+    run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step", wait]
+    train(compose_train([*run, "trainer.max_epochs=2", f"paths.output_dir={tmp_path}"]))
+    (failed,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert failed.getMessage().startswith(
+        "model.compile: the separate process could not compile the network (exit status 1: "
+    )
+    assert "model.stem='vit' is unknown" in failed.getMessage()
+    assert failed.getMessage().endswith("compiling it here instead.")
+    assert "fused) compiled (model.compile) and captured for batches of" in caplog.text
+    assert stand_in.replays == 4
+
+
+class NeverDone:
+    """A BackgroundCompile whose process never finishes."""
+
+    instances: list = []
+
+    def __init__(self, spec):
+        self.closed = False
+        NeverDone.instances.append(self)
+
+    def finished(self):
+        return False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.slow
+def test_a_fit_that_ends_before_the_process_stops_it_and_trained_uncompiled(
+    monkeypatch, tmp_path, synthetic_npz, caplog
+):
+    from torch._dynamo.utils import counters
+
+    import chest_mnist.model
+
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(chest_mnist.model, "BackgroundCompile", NeverDone)
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    torch._dynamo.reset()
+    counters.clear()
+    run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
+    train(compose_train([*run, "trainer.max_epochs=2", f"paths.output_dir={tmp_path}"]))
+    (process,) = NeverDone.instances
+    assert process.closed and stand_in.replays == 4
+    assert counters["stats"]["unique_graphs"] == 0  # nothing compiled in this process
+    assert "the fit ended before the separate process had compiled the network" in caplog.text
+
+
+def test_close_stops_the_process_at_once(tmp_path):
+    """A cold compilation takes seconds; close() ends the process (and its group) now."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    network = Network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), nn.Linear(4 * 26 * 26, 2))
+    spec = spec_for(network, "cifar", True, torch.zeros(8, 3, 28, 28), autocast=False)
+    with temporary_cache_dir(str(tmp_path)):
+        compiling = BackgroundCompile(spec)
+    compiling.close()
+    assert compiling.process.returncode == -9  # killed, not ended on its own
+
+
+def test_the_process_gets_the_settings_that_inductor_keys_its_caches_by():
+    """A setting the run has changed (here: bf16 reductions in matmuls flipped) reaches the
+    process's torch, and the others stay as they are."""
+    from chest_mnist import background_compile
+
+    matmul = torch.backends.cuda.matmul
+    network = Network(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    before = matmul.allow_bf16_reduced_precision_reduction
+    try:
+        matmul.allow_bf16_reduced_precision_reduction = not before
+        spec = spec_for(network, "cifar", True, torch.zeros(2, 3, 4, 4), autocast=False)
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
+    settings = spec["settings"]
+    assert settings["backends.cuda.matmul.allow_bf16_reduced_precision_reduction"] is (not before)
+    precision = matmul.fp32_precision
+    try:
+        background_compile.apply_settings(settings)
+        assert matmul.allow_bf16_reduced_precision_reduction is (not before)
+        assert matmul.fp32_precision == precision
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
+
+
+class RaiseAtStep(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("a fit that fails at step 2")
+
+
+@pytest.mark.slow
+def test_a_fit_that_raises_stops_the_process_and_one_without_it_compiles_here(
+    monkeypatch, tmp_path, synthetic_npz, caplog
+):
+    """The fit raises while the process compiles: Lightning calls none of the model's hooks,
+    and the process is stopped all the same. With model.compile_in_background=false no process
+    starts and the first step compiles the network here."""
+    import chest_mnist.model
+
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(chest_mnist.model, "BackgroundCompile", NeverDone)
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    NeverDone.instances.clear()
+    run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
+    fails = "+callbacks.fail._target_=tests.test_cuda_graphs.RaiseAtStep"
+    with pytest.raises(RuntimeError, match="a fit that fails at step 2"):
+        train(compose_train([*run, fails, f"paths.output_dir={tmp_path}/fails"]))
+    (process,) = NeverDone.instances
+    assert process.closed and stand_in.replays == 2
+
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    off = ["model.compile_in_background=false", "trainer.max_epochs=1"]
+    train(compose_train([*run, *off, f"paths.output_dir={tmp_path}/here"]))
+    assert len(NeverDone.instances) == 1 and stand_in.replays == 4
+    assert "fused) compiled (model.compile) and captured for batches of" in caplog.text
