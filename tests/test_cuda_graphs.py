@@ -518,7 +518,7 @@ def test_the_compiled_step_graph_trains_uncompiled_while_a_process_compiles_the_
             )
         )
     assert stand_in.replays == 6
-    ((spec),) = specs  # the process compiles for Lightning's autocast, as the run does
+    (spec,) = specs  # the process compiles for Lightning's autocast, as the run does
     assert (spec["autocast"], spec["shape"], spec["channels_last"]) == (
         "bfloat16",
         [32, 3, 28, 28],
@@ -632,6 +632,7 @@ def test_a_fit_that_ends_before_the_process_stops_it_and_trained_uncompiled(
     monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
     monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    NeverDone.instances.clear()
     torch._dynamo.reset()
     counters.clear()
     run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
