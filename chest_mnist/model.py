@@ -134,7 +134,8 @@ class MedMNISTClassifier(L.LightningModule):
         tta_flip: at evaluation, average the logits of each image and its left-right mirror.
         compile: `torch.compile` the backbone in place (checkpoints keep their keys) for the
             training steps; true, or a torch.compile mode ("reduce-overhead" adds CUDA graphs,
-            "max-autotune"). Evaluation runs the same weights eagerly: it runs in large
+            "max-autotune"); auto: compiled (default mode) where the whole step is one CUDA
+            graph (cuda_graph=step on one CUDA GPU), nowhere else. Evaluation runs the same weights eagerly: it runs in large
             batches, so it has few kernel launches to save, and each compiled evaluation graph
             (no gradients, another last-batch size, inference tensors in test) would be one
             more compilation (BENCHMARKS.md counts them).
@@ -182,7 +183,11 @@ class MedMNISTClassifier(L.LightningModule):
                 f"model.pos_weight has {len(pos_weight)} values but there are {len(labels)} labels; "
                 f"give one per label, or auto, or null."
             )
-        self.backbone, self.head = backbone_and_head(stem, pretrained, len(labels), compile)
+        # the backbone's compilation as it stands: with compile=auto, decided in setup("fit")
+        self.compile_mode: bool | str = False if compile == "auto" else compile
+        self.backbone, self.head = backbone_and_head(
+            stem, pretrained, len(labels), self.compile_mode
+        )
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.graphs_wanted = False  # decided in setup("fit"), once the device is known
         self.training_graph: cuda_graphs.TrainingGraph | None = None
@@ -204,14 +209,17 @@ class MedMNISTClassifier(L.LightningModule):
             self.hparams.cuda_graph,
             trainer.strategy.root_device,
             world_size=trainer.world_size,
-            compile_mode=self.hparams.compile,
+            compile_mode=self.compile_mode,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
+        if self.hparams.compile == "auto" and self.whole_step_wanted and not self.compile_mode:
+            self.compile_mode = True  # where the whole step is one graph: compiled, in place
+            self.backbone.compile()
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
         self._close_step_graph()
         self.stop_background_compile()
         self.compile_pending = (
-            bool(self.hparams.compile)
+            bool(self.compile_mode)
             and self.hparams.compile_in_background
             and self.whole_step_wanted
             and not torch.are_deterministic_algorithms_enabled()
@@ -235,7 +243,7 @@ class MedMNISTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.training_graph is not None and self.training_graph.fits(x):
             return self.training_graph(x)
-        if self.hparams.compile and (not self.training or self.whole_step_wanted):
+        if self.compile_mode and (not self.training or self.whole_step_wanted):
             # the eager code (only __call__ is compiled): evaluation, and with the whole-step
             # graph the training batches it does not take (a partial last one), each of which
             # would be one more compilation; the graph records the compiled code
@@ -323,13 +331,13 @@ class MedMNISTClassifier(L.LightningModule):
         network = Network(self.backbone, self.head, eager=self.compile_pending)
         if self.compile_pending and self.background_compile is None:
             autocast = torch.is_autocast_enabled(x.device.type)
-            stem, mode = self.hparams.stem, self.hparams.compile
+            stem, mode = self.hparams.stem, self.compile_mode
             self.background_compile = BackgroundCompile(spec_for(network, stem, mode, x, autocast))
         self.step_graph = cuda_graphs.StepGraph(network, self.loss, optimizer, x, targets)
         if self.compile_pending:
             how = "of the network uncompiled (model.compile: a separate process compiles it) "
         else:
-            how = "compiled (model.compile) and " if self.hparams.compile else ""
+            how = "compiled (model.compile) and " if self.compile_mode else ""
         hits, misses = (now - before for now, before in zip(cache_lookups(), lookups, strict=True))
         log.info(
             "CUDA graph: the whole training step (forward, loss, backward and %s's update, %s) "

@@ -691,7 +691,8 @@ def test_a_fit_that_raises_stops_the_process_and_one_without_it_compiles_here(
 ):
     """The fit raises while the process compiles: Lightning calls none of the model's hooks,
     and the process is stopped all the same. With model.compile_in_background=false no process
-    starts and the first step compiles the network here."""
+    starts and the first step compiles the network here. Both with model.compile=auto, which
+    compiles where the whole step is one graph."""
     import chest_mnist.model
 
     stand_in = CaptureStandIn()
@@ -700,7 +701,12 @@ def test_a_fit_that_raises_stops_the_process_and_one_without_it_compiles_here(
     monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
     monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
     NeverDone.instances.clear()
-    run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
+    run = [
+        *BACKGROUND_RUN,
+        f"data.path={synthetic_npz}",
+        "model.cuda_graph=step",
+        "model.compile=auto",
+    ]
     fails = "+callbacks.fail._target_=tests.test_cuda_graphs.RaiseAtStep"
     with pytest.raises(RuntimeError, match="a fit that fails at step 2"):
         train(compose_train([*run, fails, f"paths.output_dir={tmp_path}/fails"]))
@@ -712,3 +718,37 @@ def test_a_fit_that_raises_stops_the_process_and_one_without_it_compiles_here(
     train(compose_train([*run, *off, f"paths.output_dir={tmp_path}/here"]))
     assert len(NeverDone.instances) == 1 and stand_in.replays == 4
     assert "fused) compiled (model.compile) and captured for batches of" in caplog.text
+
+
+@pytest.mark.slow
+def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
+    monkeypatch, tmp_path, synthetic_npz
+):
+    """model.compile=auto on the CPU (no graphs) and with the forward and backward graphs
+    (cuda_graph=auto, as on one GPU): nothing compiles, and the graphs are captured."""
+    from torch._dynamo.utils import counters
+
+    run = [
+        *EQUIVALENCE_RUN,
+        f"data.path={synthetic_npz}",
+        "model.compile=auto",
+        "trainer.max_epochs=1",
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/cpu"]))
+    stand_in = StandIn()
+    asked, real_wanted = [], cuda_graphs.wanted
+
+    def wanted(setting, device, compile_mode, **kwargs):  # the real rules, as on one GPU
+        asked.append(compile_mode)
+        return real_wanted(setting, GPU, compile_mode=compile_mode)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(cuda_graphs, "wanted", wanted)
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/graphs"]))
+    assert asked == [False]  # not "auto", which would read as a compiled network
+    assert stand_in.replayed == [32, 32]  # the forward and backward graphs took the full batches
+    assert counters["stats"]["unique_graphs"] == 0
+    checkpoint = load_checkpoint(tmp_path / "cpu" / "checkpoints" / "last.ckpt")
+    assert checkpoint["hyper_parameters"]["compile"] == "auto"
