@@ -9,14 +9,15 @@ them; the uncompiled graph trains meanwhile. From the caches the same compilatio
 seconds (BENCHMARKS.md, "Compiling in a separate process").
 
 The process compiles the same code for the same input: the model's `Network` with a backbone
-built as the model's (`build_resnet18`: stem, channels-last, compile mode), one forward and
+built as the model's (`backbone_and_head`: stem, channels-last, compile mode), one forward and
 backward of a zero batch with the shape, dtype and memory format of the run's batches, on the
 same device, under the same autocast, with the same weight dtype. Inductor keys what it caches
 by that code and those inputs, not by the weights' values, and both processes use the same
 cache directory (TORCHINDUCTOR_CACHE_DIR, which the parent sets before the process starts).
 Should the process fail, the run compiles in its own process, as without it.
 
-    python -m chest_mnist.background_compile '<spec as JSON>' PARENT_PID   (what `BackgroundCompile` runs)
+    python -m chest_mnist.background_compile '<spec as JSON>' PARENT_PID
+                                                (what `BackgroundCompile` runs)
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ them the hooks that see gradients (on_before_optimizer_step; `.grad` is empty af
 It also takes a compiled network (`model.compile=true`, or a mode without graphs of its own:
 not reduce-overhead or max-autotune): the graph then records inductor's kernels, and the
 batches it does not take run the eager code, so that a run compiles once. Unless the run is
-deterministic, a separate process compiles the network meanwhile, the graph replays the network
-uncompiled until then, and the run then compiles it from that process's caches and captures
-the step again (`chest_mnist.background_compile`).
+deterministic (or model.compile_in_background=false), a separate process compiles the network
+meanwhile, the graph replays the network uncompiled until then, and the run then compiles it
+from that process's caches and captures the step again (`chest_mnist.background_compile`).
 """
 
 from __future__ import annotations

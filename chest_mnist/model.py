@@ -135,8 +135,9 @@ class MedMNISTClassifier(L.LightningModule):
         compile: `torch.compile` the backbone in place (checkpoints keep their keys) for the
             training steps; true, or a torch.compile mode ("reduce-overhead" adds CUDA graphs,
             "max-autotune"); auto: compiled (default mode) where the whole step is one CUDA
-            graph (cuda_graph=step on one CUDA GPU), nowhere else. Evaluation runs the same weights eagerly: it runs in large
-            batches, so it has few kernel launches to save, and each compiled evaluation graph
+            graph (cuda_graph=step on one CUDA GPU), nowhere else. Evaluation runs the same
+            weights eagerly: it runs in large batches, so it has few kernel launches to save,
+            and each compiled evaluation graph
             (no gradients, another last-batch size, inference tensors in test) would be one
             more compilation (BENCHMARKS.md counts them).
         cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
