@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         default=None,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         help="torch.compile our backbone: default, reduce-overhead, max-autotune",
     )
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")

@@ -63,6 +63,22 @@ def build_resnet18(
     return net
 
 
+def check_compile(compile: bool | str) -> None:
+    """model.compile: true, false, auto, or one of torch.compile's modes."""
+    try:
+        from torch._inductor import list_mode_options
+
+        modes = list(list_mode_options())
+    except (ImportError, TypeError):  # a torch that lists them otherwise
+        modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    if isinstance(compile, bool) or (isinstance(compile, str) and compile in [*modes, "auto"]):
+        return
+    raise UserError(
+        f"model.compile={compile!r} is unknown: set true, false, auto (compiled only where the "
+        f"whole training step is one CUDA graph) or a torch.compile mode ({', '.join(modes)})."
+    )
+
+
 def backbone_and_head(
     stem: str, pretrained: bool, num_classes: int, compile: bool | str = False
 ) -> tuple[nn.Module, nn.Module]:
@@ -177,6 +193,7 @@ class MedMNISTClassifier(L.LightningModule):
         self.kind = Task.from_medmnist(task)
         self.kind.check_pos_weight(pos_weight)
         cuda_graphs.check_setting(cuda_graph)
+        check_compile(compile)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         if pos_weight not in (None, "auto") and len(pos_weight) != len(labels):
@@ -206,16 +223,16 @@ class MedMNISTClassifier(L.LightningModule):
         if stage != "fit":
             return
         trainer = self.trainer
+        auto = self.hparams.compile == "auto"
         self.graphs_wanted = cuda_graphs.wanted(
             self.hparams.cuda_graph,
             trainer.strategy.root_device,
             world_size=trainer.world_size,
-            compile_mode=self.compile_mode,
+            compile_mode=False if auto else self.compile_mode,  # auto: decided below
             accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
-        if self.hparams.compile == "auto" and self.whole_step_wanted and not self.compile_mode:
-            self.compile_mode = True  # where the whole step is one graph: compiled, in place
-            self.backbone.compile()
+        if auto:
+            self._compile_where_the_step_is_one_graph()
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
         self._close_step_graph()
         self.stop_background_compile()
@@ -239,6 +256,24 @@ class MedMNISTClassifier(L.LightningModule):
             self.pos_weight.copy_((1 - prevalence) / prevalence)
         else:
             self.pos_weight.copy_(torch.tensor(self.hparams.pos_weight, dtype=torch.float32))
+
+    def _compile_where_the_step_is_one_graph(self) -> None:
+        """model.compile=auto, at each fit: the backbone compiled in place where the whole step
+        is one CUDA graph; elsewhere not (undone, should an earlier fit have compiled it)."""
+        compiled = self.whole_step_wanted
+        if compiled and not self.compile_mode:
+            self.backbone.compile()
+        elif not compiled and self.compile_mode:
+            self.backbone._compiled_call_impl = None  # what nn.Module.compile() set
+        self.compile_mode = compiled
+        log.info(
+            "model.compile=auto: %s",
+            "compiled, as the whole training step is one CUDA graph"
+            if compiled
+            else f"not compiled: the whole training step is not one CUDA graph here "
+            f"(model.cuda_graph={str(self.hparams.cuda_graph).lower()}, on "
+            f"{self.trainer.strategy.root_device.type}, {self.trainer.world_size} process(es))",
+        )
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -752,3 +752,45 @@ def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
     assert counters["stats"]["unique_graphs"] == 0
     checkpoint = load_checkpoint(tmp_path / "cpu" / "checkpoints" / "last.ckpt")
     assert checkpoint["hyper_parameters"]["compile"] == "auto"
+
+
+def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog):
+    """model.compile=auto and cuda_graph=step: compiled on one CUDA GPU; not on the CPU, under
+    DDP or with accumulated gradients (cuda_graphs.wanted's own rules); a later fit where the
+    step is not one graph undoes an earlier fit's compilation. An unknown value is refused."""
+    from types import SimpleNamespace
+
+    model = MedMNISTClassifier(["a", "b"], compile="auto", cuda_graph="step")
+    assert model.compile_mode is False and model.backbone._compiled_call_impl is None
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+
+    def fit_on(device, world_size=1, accumulate=1) -> bool:
+        strategy = SimpleNamespace(root_device=device)
+        model._trainer = SimpleNamespace(
+            strategy=strategy,
+            world_size=world_size,
+            accumulate_grad_batches=accumulate,
+            datamodule=None,
+        )
+        model.setup("fit")
+        compiled = model.backbone._compiled_call_impl is not None
+        assert model.compile_mode is compiled
+        return compiled
+
+    assert fit_on(GPU)
+    assert (
+        "model.compile=auto: compiled, as the whole training step is one CUDA graph" in caplog.text
+    )
+    assert not fit_on(CPU)  # undone
+    assert (
+        "not compiled: the whole training step is not one CUDA graph here (model.cuda_graph=step, on cpu, 1 process(es))"
+        in caplog.text
+    )
+    assert fit_on(GPU)
+    assert not fit_on(GPU, world_size=2)
+    assert not fit_on(GPU, accumulate=2)
+    for typo in ("atuo", "Auto", 1):
+        with pytest.raises(
+            UserError, match=f"model.compile={typo!r} is unknown: set true, false, auto"
+        ):
+            MedMNISTClassifier(["a", "b"], compile=typo)
