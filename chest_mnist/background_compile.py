@@ -77,7 +77,8 @@ def spec_for(
 
 
 def _settings() -> dict:
-    names = SETTINGS if _setting(SETTINGS[1]) is not None else (*SETTINGS, OLD_TF32)
+    new_tf32 = "backends.cuda.matmul.fp32_precision"
+    names = SETTINGS if _setting(new_tf32) is not None else (*SETTINGS, OLD_TF32)
     return {name: _setting(name) for name in names if _setting(name) is not None}
 
 

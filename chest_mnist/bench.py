@@ -242,6 +242,8 @@ def reset_peak_rss() -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from chest_mnist.model import compile_modes
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -265,8 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         default=None,
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        help="torch.compile our backbone: default, reduce-overhead, max-autotune",
+        choices=compile_modes(),
+        help="torch.compile our backbone in one of torch.compile's modes",
     )
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     parser.add_argument(

@@ -63,14 +63,19 @@ def build_resnet18(
     return net
 
 
-def check_compile(compile: bool | str) -> None:
-    """model.compile: true, false, auto, or one of torch.compile's modes."""
+def compile_modes() -> list[str]:
+    """torch.compile's modes, as this torch lists them."""
     try:
         from torch._inductor import list_mode_options
 
-        modes = list(list_mode_options())
+        return list(list_mode_options())
     except (ImportError, TypeError):  # a torch that lists them otherwise
-        modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+        return ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def check_compile(compile: bool | str) -> None:
+    """model.compile: true, false, auto, or one of torch.compile's modes."""
+    modes = compile_modes()
     if isinstance(compile, bool) or (isinstance(compile, str) and compile in [*modes, "auto"]):
         return
     raise UserError(

@@ -147,6 +147,16 @@ class CaptureStandIn:
         return replay, output
 
 
+def whole_step_graphs_as_on_one_gpu(monkeypatch) -> CaptureStandIn:
+    """Runs train as on one GPU (cuda_graphs.wanted is true) with the capture's stand-ins:
+    their `replays` count the step graph's."""
+    stand_in = CaptureStandIn()
+    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)
+    return stand_in
+
+
 def small_network() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -340,10 +350,7 @@ def test_the_whole_step_graph_learns_what_the_plain_step_learns_across_a_resume(
     training state of the plain step's three epochs. The learning rate changes at both epoch
     ends, once inside a fit and once across the resume, and reaches the graph's update only
     through its device tensors (the stand-in's replay reads them as the graph would)."""
-    stand_in = CaptureStandIn()
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     run = [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
     out = tmp_path / "step"
@@ -380,10 +387,7 @@ def test_the_whole_step_graph_with_ema_averages_what_the_plain_step_averages(
         "callbacks.ema.update_starting_at_step=0",
     ]
     train(compose_train([*run, "model.cuda_graph=false", f"paths.output_dir={tmp_path}/plain"]))
-    stand_in = CaptureStandIn()
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     train(compose_train([*run, "model.cuda_graph=step", f"paths.output_dir={tmp_path}/step"]))
     assert stand_in.replays == 6
     plain, step = (
@@ -424,10 +428,7 @@ def test_the_whole_step_graph_of_the_compiled_network_compiles_once_and_learns_t
             ]
         )
     )
-    stand_in = CaptureStandIn()
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     run.append("model.cuda_graph=step")
     train(compose_train([*run, "data.drop_last=true", f"paths.output_dir={tmp_path}/step"]))
@@ -496,7 +497,6 @@ def test_the_compiled_step_graph_trains_uncompiled_while_a_process_compiles_the_
     import chest_mnist.model
 
     run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}"]
-    stand_in = CaptureStandIn()
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     specs = []
 
@@ -506,9 +506,7 @@ def test_the_compiled_step_graph_trains_uncompiled_while_a_process_compiles_the_
 
     with monkeypatch.context() as patch:
         patch.setattr(chest_mnist.model, "spec_for", recorded_spec)
-        patch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-        patch.setattr(cuda_graphs, "capture", stand_in.capture)
-        patch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+        stand_in = whole_step_graphs_as_on_one_gpu(patch)
         torch._dynamo.reset()
         counters.clear()
         wait = "+callbacks.wait._target_=tests.test_cuda_graphs.WaitForTheBackgroundCompile"
@@ -583,11 +581,8 @@ def test_where_the_process_fails_the_run_compiles_the_network_itself(
         return spec_for(*args) | {"stem": "vit"}
 
     spec_for = chest_mnist.model.spec_for
-    stand_in = CaptureStandIn()
     monkeypatch.setattr(chest_mnist.model, "spec_for", bad_spec)
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     wait = "+callbacks.wait._target_=tests.test_cuda_graphs.WaitForTheBackgroundCompile"
     run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step", wait]
@@ -626,11 +621,8 @@ def test_a_fit_that_ends_before_the_process_stops_it_and_trained_uncompiled(
 
     import chest_mnist.model
 
-    stand_in = CaptureStandIn()
     monkeypatch.setattr(chest_mnist.model, "BackgroundCompile", NeverDone)
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     NeverDone.instances.clear()
     torch._dynamo.reset()
@@ -695,11 +687,8 @@ def test_a_fit_that_raises_stops_the_process_and_one_without_it_compiles_here(
     compiles where the whole step is one graph."""
     import chest_mnist.model
 
-    stand_in = CaptureStandIn()
     monkeypatch.setattr(chest_mnist.model, "BackgroundCompile", NeverDone)
-    monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
-    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     NeverDone.instances.clear()
     run = [
         *BACKGROUND_RUN,
