@@ -25,8 +25,9 @@
 #      each mostly host-bound), so their wall times are not single-run timings, and those that
 #      compile reuse step 1's compiled backbone; last.ckpt only at the end; pneumonia_seeds.csv:
 #      path, seed, step, test AUC, test ACC, train_seconds;
-#   5. with the time left: the host's time per step of a step=graph step on this machine's CPU
-#      (benchmarks/step_host_time.py, the replay a stand-in), the report's bootstrap intervals on
+#   5. with the time left: the host's time per step of a step=graph step on this machine's CPU,
+#      and between epochs (benchmarks/step_host_time.py, the replay and the validation forward
+#      stand-ins), the report's bootstrap intervals on
 #      the GPU against the CPU (benchmarks/bootstrap_time.py --device cuda), and the step's floor
 #      without Lightning (benchmarks/step_floor_gpu.py): the whole step as one graph, compiled (cold)
 #      and not, its kernel time and costliest kernels: do inductor's kernels go under the 2.5 ms of
@@ -170,8 +171,8 @@ PY
 # stand-in; tests/test_benchmarks.py runs it on the CPU), the report's bootstrap on the GPU against
 # the CPU, and the floor without Lightning, eager and compiled (cold), with the costliest kernels
 if [ -z "${DRY_RUN:-}" ]; then
-  step step_host_time 40 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 600
-  grep -h "host time per step" "$RES/step_host_time.log" >> "$RES/summary.txt"
+  step step_host_time 40 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 150 --epochs 11
+  grep -h "host time" "$RES/step_host_time.log" >> "$RES/summary.txt"
   step bootstrap_time 40 python3 benchmarks/bootstrap_time.py --repeats 2 --device cuda
   step step_floor 150 $(caches $CACHES/step_floor) python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
     whole_compiled whole_compiled_kernels whole_fused whole_fused_kernels eval_1024
