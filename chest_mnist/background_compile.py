@@ -14,7 +14,9 @@ backward of a zero batch with the shape, dtype and memory format of the run's ba
 same device, under the same autocast, with the same weight dtype. Inductor keys what it caches
 by that code and those inputs, not by the weights' values, and both processes use the same
 cache directory (TORCHINDUCTOR_CACHE_DIR, which the parent sets before the process starts).
-Should the process fail, the run compiles in its own process, as without it.
+Should the process fail, the run compiles in its own process, as without it. The process runs
+at a lower priority (nice, NICER_BY more than the run's), it and its compile workers: they take
+the cores the run leaves idle, not the one that launches its steps.
 
     python -m chest_mnist.background_compile '<spec as JSON>' PARENT_PID
                                                 (what `BackgroundCompile` runs)
@@ -49,6 +51,9 @@ SETTINGS = (
     "backends.cuda.matmul.allow_bf16_reduced_precision_reduction",
 )
 OLD_TF32 = "backends.cuda.matmul.allow_tf32"
+# how much nicer than the run the process and its compile workers are: where they would fill
+# every core, the run's own thread (which launches the GPU's work) goes first
+NICER_BY = 10
 
 
 def spec_for(
@@ -119,6 +124,7 @@ class BackgroundCompile:
             env=env,
             start_new_session=True,  # its own process group: close() stops its workers too
         )
+        _lower_priority(self.process.pid)
         self.seconds: float | None = None  # from the start to the process's end
         weakref.finalize(self, _stop, self.process)
 
@@ -181,6 +187,15 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _lower_priority(pid: int) -> None:
+    """Make process `pid` NICER_BY nicer than this one (the workers it starts inherit it), so
+    that its compilation takes the cores the run leaves idle. Before its imports, in practice:
+    it has only just started."""
+    with contextlib.suppress(OSError, AttributeError):  # gone already; no priorities (Windows)
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICER_BY)
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
 
 
 def _inductor_cache_dir() -> str:

@@ -8,6 +8,7 @@ up on the CPU and "replay" by running the recorded step again, writing its loss 
 captured output. The capture itself is checked on a GPU (benchmarks/)."""
 
 import logging
+import os
 
 import lightning as L
 import pytest
@@ -645,6 +646,24 @@ def test_close_stops_the_process_at_once(tmp_path):
         compiling = BackgroundCompile(spec)
     compiling.close()
     assert compiling.process.returncode == -9  # killed, not ended on its own
+
+
+def test_the_process_runs_nicer_than_the_run(tmp_path):
+    """The process (and the compile workers it would start) yields the cores to the run."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    from chest_mnist.background_compile import NICER_BY
+
+    network = Network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), nn.Linear(4 * 26 * 26, 2))
+    spec = spec_for(network, "cifar", True, torch.zeros(8, 3, 28, 28), autocast=False)
+    run = os.getpriority(os.PRIO_PROCESS, 0)
+    with temporary_cache_dir(str(tmp_path)):
+        compiling = BackgroundCompile(spec)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, compiling.process.pid) == min(19, run + NICER_BY)
+    finally:
+        compiling.close()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == run  # the run's own is unchanged
 
 
 def test_the_process_gets_the_settings_that_inductor_keys_its_caches_by():
