@@ -27,12 +27,12 @@
 #      path, seed, step, test AUC, test ACC, train_seconds;
 #   5. with the time left: the host's time per step of a step=graph step on this machine's CPU,
 #      and between epochs (benchmarks/step_host_time.py, the replay and the validation forward
-#      stand-ins), the report's bootstrap intervals on
-#      the GPU against the CPU (benchmarks/bootstrap_time.py --device cuda), and the step's floor
-#      without Lightning (benchmarks/step_floor_gpu.py): the whole step as one graph, compiled (cold)
-#      and not, its kernel time and costliest kernels: do inductor's kernels go under the 2.5 ms of
-#      cuDNN's? (step_floor.json); the first compiled step of a fresh process, cold and from
-#      the caches (benchmarks/compile_from_cache_time.py: compile_from_cache_time.json)
+#      stand-ins), the report's bootstrap intervals on the GPU against the CPU
+#      (benchmarks/bootstrap_time.py --device cuda), and the step's floor without Lightning
+#      (benchmarks/step_floor_gpu.py): the whole step as one graph, compiled (cold) and not, its
+#      kernel time and costliest kernels: do inductor's kernels go under the 2.5 ms of cuDNN's?
+#      (step_floor.json); the first compiled step of a fresh process, cold and from the caches
+#      (benchmarks/compile_from_cache_time.py: compile_from_cache_time.json)
 # Results under $OUT (summary.txt, protocol_100*/, pneumonia_seeds.csv, results.tar.gz).
 #
 #   OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh          (carry .whl: make gpu-wheels)
@@ -167,8 +167,9 @@ for fast in ("step_compiled", "step"):
         print(f"pneumonia {fast} - plain: {gap:+.4f} ({'within' if gap >= -0.005 else 'NOT within'} the issue's 0.005)")
 PY
 
-# 5. with the time left: the host's share of a step=graph step on this machine's CPU (the replay a
-# stand-in; tests/test_benchmarks.py runs it on the CPU), the report's bootstrap on the GPU against
+# 5. with the time left: the host's share of a step=graph step on this machine's CPU, and its time
+# between epochs (the replay and the validation forward stand-ins; tests/test_benchmarks.py runs
+# it on the CPU), the report's bootstrap on the GPU against
 # the CPU, and the floor without Lightning, eager and compiled (cold), with the costliest kernels
 if [ -z "${DRY_RUN:-}" ]; then
   step step_host_time 40 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 150 --epochs 11
