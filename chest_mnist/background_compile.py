@@ -133,10 +133,6 @@ class BackgroundCompile:
             self.seconds = time.perf_counter() - self.started
         return self.seconds is not None
 
-    def wait(self, timeout: float | None = None) -> None:
-        self.process.wait(timeout)
-        self.finished()
-
     def error(self) -> str | None:
         """None if the process compiled; else its exit status and the end of its output."""
         if self.process.returncode == 0:

@@ -158,9 +158,9 @@ class MedMNISTClassifier(L.LightningModule):
             "max-autotune"); auto: compiled (default mode) where the whole step is one CUDA
             graph (cuda_graph=step on one CUDA GPU), nowhere else. Evaluation runs the same
             weights eagerly: it runs in large batches, so it has few kernel launches to save,
-            and each compiled evaluation graph
-            (no gradients, another last-batch size, inference tensors in test) would be one
-            more compilation (BENCHMARKS.md counts them).
+            and each compiled evaluation graph (no gradients, another last-batch size,
+            inference tensors in test) would be one more compilation (BENCHMARKS.md counts
+            them).
         cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
             CUDA GPU, without compile or DDP; true: refuse a run where it cannot; false: the
             plain step; step: where auto would, the whole step, the update included, as one

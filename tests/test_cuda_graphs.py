@@ -459,7 +459,7 @@ class WaitForTheBackgroundCompile(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1 and pl_module.background_compile is not None:
-            pl_module.background_compile.wait(timeout=600)
+            pl_module.background_compile.process.wait(timeout=600)
 
 
 # model.compile=true with the step graph, not deterministic (EQUIVALENCE_RUN's runs are): the
@@ -636,29 +636,29 @@ def test_a_fit_that_ends_before_the_process_stops_it_and_trained_uncompiled(
     assert "the fit ended before the separate process had compiled the network" in caplog.text
 
 
-def test_close_stops_the_process_at_once(tmp_path):
-    """A cold compilation takes seconds; close() ends the process (and its group) now."""
+def small_background_compile(cache_dir) -> BackgroundCompile:
+    """A process compiling a small network on the CPU, with its inductor cache in cache_dir."""
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     network = Network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), nn.Linear(4 * 26 * 26, 2))
     spec = spec_for(network, "cifar", True, torch.zeros(8, 3, 28, 28), autocast=False)
-    with temporary_cache_dir(str(tmp_path)):
-        compiling = BackgroundCompile(spec)
+    with temporary_cache_dir(str(cache_dir)):
+        return BackgroundCompile(spec)
+
+
+def test_close_stops_the_process_at_once(tmp_path):
+    """A cold compilation takes seconds; close() ends the process (and its group) now."""
+    compiling = small_background_compile(tmp_path)
     compiling.close()
     assert compiling.process.returncode == -9  # killed, not ended on its own
 
 
 def test_the_process_runs_nicer_than_the_run(tmp_path):
     """The process (and the compile workers it would start) yields the cores to the run."""
-    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-
     from chest_mnist.background_compile import NICER_BY
 
-    network = Network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), nn.Linear(4 * 26 * 26, 2))
-    spec = spec_for(network, "cifar", True, torch.zeros(8, 3, 28, 28), autocast=False)
     run = os.getpriority(os.PRIO_PROCESS, 0)
-    with temporary_cache_dir(str(tmp_path)):
-        compiling = BackgroundCompile(spec)
+    compiling = small_background_compile(tmp_path)
     try:
         assert os.getpriority(os.PRIO_PROCESS, compiling.process.pid) == min(19, run + NICER_BY)
     finally:
