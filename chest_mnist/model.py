@@ -171,9 +171,11 @@ class MedMNISTClassifier(L.LightningModule):
             it uncompiled, then the run compiles it from that process's caches and captures the
             step again (`chest_mnist.background_compile`).
         compile_in_background: with compile and the whole-step graph, compile in a separate
-            process meanwhile, as above; false: at the first step, in this process, as also a
-            deterministic run does (trainer.deterministic=true: its kernels must not change at
-            a step that depends on timing) and one whose inductor caches are off.
+            process meanwhile, as above (should it fail: with compile=auto the run goes on
+            uncompiled, with true it compiles in this process); false: at the first step, in
+            this process, as also a deterministic run does (trainer.deterministic=true: its
+            kernels must not change at a step that depends on timing) and one whose inductor
+            caches are off.
     """
 
     def __init__(
@@ -266,11 +268,7 @@ class MedMNISTClassifier(L.LightningModule):
         """model.compile=auto, at each fit: the backbone compiled in place where the whole step
         is one CUDA graph; elsewhere not (undone, should an earlier fit have compiled it)."""
         compiled = self.whole_step_wanted
-        if compiled and not self.compile_mode:
-            self.backbone.compile()
-        elif not compiled and self.compile_mode:
-            self.backbone._compiled_call_impl = None  # what nn.Module.compile() set
-        self.compile_mode = compiled
+        self._compile_backbone(compiled)
         log.info(
             "model.compile=auto: %s",
             "compiled, as the whole training step is one CUDA graph"
@@ -279,6 +277,14 @@ class MedMNISTClassifier(L.LightningModule):
             f"(model.cuda_graph={str(self.hparams.cuda_graph).lower()}, on "
             f"{self.trainer.strategy.root_device.type}, {self.trainer.world_size} process(es))",
         )
+
+    def _compile_backbone(self, compiled: bool) -> None:
+        """model.compile=auto: compile the backbone in place, or undo it."""
+        if compiled and not self.compile_mode:
+            self.backbone.compile()
+        elif not compiled and self.compile_mode:
+            self.backbone._compiled_call_impl = None  # what nn.Module.compile() set
+        self.compile_mode = compiled
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,11 +330,22 @@ class MedMNISTClassifier(L.LightningModule):
 
     def _use_background_compile(self) -> None:
         """The process is done: the next full batch compiles the network here (from its caches)
-        and captures the step graph again; or, should the process have failed, compiles it."""
+        and captures the step graph again. Should the process have failed: with compile=auto
+        the run goes on with the graph of the network uncompiled (a lasting failure would stop
+        the run in its own compilation), with compile=true it compiles the network here."""
         compiling, self.background_compile = self.background_compile, None
         error = compiling.error()
         compiling.close()
         self.compile_pending = False
+        if error and self.hparams.compile == "auto":
+            self._compile_backbone(False)
+            log.warning(
+                "model.compile: the separate process could not compile the network (%s); "
+                "model.compile=auto goes on with it uncompiled (model.compile=true compiles "
+                "it in the run's own process instead).",
+                error,
+            )
+            return  # the step graph of the uncompiled network stays
         self._close_step_graph()
         if error:
             log.warning(

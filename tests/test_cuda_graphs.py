@@ -571,11 +571,16 @@ def test_the_compiled_step_graph_trains_uncompiled_while_a_process_compiles_the_
 
 
 @pytest.mark.slow
-def test_where_the_process_fails_the_run_compiles_the_network_itself(
-    monkeypatch, tmp_path, synthetic_npz, caplog, inductor_cache
+@pytest.mark.parametrize("setting", ["true", "auto"])
+def test_where_the_process_fails_the_run_says_why_and_trains_on(
+    setting, monkeypatch, tmp_path, synthetic_npz, caplog, inductor_cache
 ):
     """The process cannot compile (here: a stem it does not know): the run says why, with the
-    end of the process's output, and compiles the network in its own process."""
+    end of the process's output; model.compile=true then compiles the network in the run's
+    own process, model.compile=auto replays the graph of the uncompiled network to the end
+    (captured once; nothing compiled in the run's process)."""
+    from torch._dynamo.utils import counters
+
     import chest_mnist.model
 
     def bad_spec(*args):
@@ -585,17 +590,32 @@ def test_where_the_process_fails_the_run_compiles_the_network_itself(
     monkeypatch.setattr(chest_mnist.model, "spec_for", bad_spec)
     stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    torch._dynamo.reset()
+    counters.clear()
     wait = "+callbacks.wait._target_=tests.test_cuda_graphs.WaitForTheBackgroundCompile"
     run = [*BACKGROUND_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step", wait]
-    train(compose_train([*run, "trainer.max_epochs=2", f"paths.output_dir={tmp_path}"]))
-    (failed,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    run += [f"model.compile={setting}", "trainer.max_epochs=2", f"paths.output_dir={tmp_path}"]
+    train(compose_train(run))
+    (failed,) = [
+        r for r in caplog.records if r.name == "chest_mnist.model" and r.levelno == logging.WARNING
+    ]
     assert failed.getMessage().startswith(
         "model.compile: the separate process could not compile the network (exit status 1: "
     )
     assert "model.stem='vit' is unknown" in failed.getMessage()
-    assert failed.getMessage().endswith("compiling it here instead.")
-    assert "fused) compiled (model.compile) and captured for batches of" in caplog.text
+    captures = [m for m in caplog.messages if m.startswith("CUDA graph: the whole training step")]
     assert stand_in.replays == 4
+    if setting == "true":
+        assert failed.getMessage().endswith("compiling it here instead.")
+        assert len(captures) == 2 and "fused) compiled (model.compile) and captured" in captures[1]
+        assert counters["stats"]["unique_graphs"] == 1
+    else:
+        assert failed.getMessage().endswith(
+            "model.compile=auto goes on with it uncompiled (model.compile=true compiles it in "
+            "the run's own process instead)."
+        )
+        assert len(captures) == 1 and "of the network uncompiled" in captures[0]
+        assert counters["stats"]["unique_graphs"] == 0
 
 
 class NeverDone:
