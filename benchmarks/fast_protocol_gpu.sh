@@ -46,9 +46,11 @@ python3 -c "import hydra, omegaconf, medmnist, captum, pydicom" 2>/dev/null \
 rm -rf /tmp/logs  # a rerun on a warm machine reads only its own runs
 if [ -n "${DRY_RUN:-}" ]; then
   SIZES="--train 600 --val 300 --test 300"; EPOCHS=2; SEEDS="1"  # fewer processes on a small CPU
+  EQUAL_IMAGES=600  # step 3's training subset
   CPU="trainer.accelerator=cpu model.stem=imagenet data.subset=600"
 else
   SIZES="--official-sizes"; EPOCHS=100; SEEDS="1 2 3"; CPU=""
+  EQUAL_IMAGES=2000
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$RES/summary.txt"
@@ -86,7 +88,7 @@ WARM=$(caches $CACHES/protocol_100_step_compiled)
 #    step run's epoch-1 checkpoint resumed on the CPU;
 #  - the compiled whole-step graph against the compiled plain step, without the partial batches
 #    (data.drop_last=true: the plain compiled step would compile them again)
-EQUAL="data=synthetic data.path=/tmp/chest_full.npz data.subset=2000 model.scheduler.milestones=[1]
+EQUAL="data=synthetic data.path=/tmp/chest_full.npz data.subset=$EQUAL_IMAGES model.scheduler.milestones=[1]
   trainer.deterministic=true trainer.benchmark=false model.optimizer.fused=true test=false
   trainer.precision=32-true"
 step equal_plain 120 python3 -m chest_mnist.train $EQUAL trainer.max_epochs=2 \
@@ -120,7 +122,7 @@ for seed in $SEEDS; do
   done
 done
 wait
-python3 - $([ -n "${DRY_RUN:-}" ] && echo 600 || echo 2000) >> "$RES/summary.txt" 2>&1 <<'PY'
+python3 - $EQUAL_IMAGES >> "$RES/summary.txt" 2>&1 <<'PY'
 import glob, math, sys, torch
 images = int(sys.argv[1])  # data.subset, in batches of 128
 def last(name):  # one run each: equal_step's resumed run goes on in its run directory

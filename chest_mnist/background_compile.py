@@ -14,9 +14,10 @@ backward of a zero batch with the shape, dtype and memory format of the run's ba
 same device, under the same autocast, with the same weight dtype. Inductor keys what it caches
 by that code and those inputs, not by the weights' values, and both processes use the same
 cache directory (TORCHINDUCTOR_CACHE_DIR, which the parent sets before the process starts).
-Should the process fail, the run compiles in its own process, as without it. The process runs
-at a lower priority (nice, NICER_BY more than the run's), it and its compile workers: they take
-the cores the run leaves idle, not the one that launches its steps.
+Should the process fail, the run says why and, with model.compile=true, compiles in its own
+process, as without it; with model.compile=auto it goes on with the network uncompiled. The
+process runs at a lower priority (nice, NICER_BY more than the run's), it and its compile
+workers: they take the cores the run leaves idle, not the one that launches its steps.
 
     python -m chest_mnist.background_compile '<spec as JSON>' PARENT_PID
                                                 (what `BackgroundCompile` runs)
