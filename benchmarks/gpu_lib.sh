@@ -8,11 +8,12 @@ OUT=${OUT:-/tmp/gpu_out}
 RES=/tmp/gpu_results
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"  # a rerun on a warm machine starts a fresh summary
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD  # the scripts run as files (python3 benchmarks/x.py) import chest_mnist from here
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null' EXIT
 
 if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist, captum, pydicom)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 say() { echo "$*" | tee -a "$RES/summary.txt" "$OUT/summary_live.txt"; }
 DEADLINE=${DEADLINE:-}  # epoch seconds; when set, no step runs past it and a step that
