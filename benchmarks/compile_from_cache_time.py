@@ -1,6 +1,7 @@
 """How long compiling the network's training step takes cold and from inductor's caches: what
 a separate process spends (cold) while the run trains uncompiled, and what the run then pauses
-for (from the caches), with model.compile=true model.cuda_graph=step
+for (from the caches), with the whole step as one graph of the compiled network (the default on
+one GPU: model.compile=auto model.cuda_graph=auto)
 (chest_mnist/background_compile.py).
 
 Each measurement is a fresh process that imports first and then times

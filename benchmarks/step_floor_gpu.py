@@ -5,14 +5,14 @@ ResNet-18 (the 28px model), batch 128 at 28px, 14 labels, bf16 autocast, channel
 BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at the end):
   eager         the step as written (zero_grad, forward, loss, backward, fused Adam)
   graphed_fb    forward and backward replayed as CUDA graphs (torch.cuda.make_graphed_callables,
-                what model.cuda_graph=auto does), the loss and fused Adam eager
+                what model.cuda_graph=true does), the loss and fused Adam eager
   whole_step    forward, loss, backward and Adam (capturable foreach, the learning rate a device
                 tensor) captured as one graph and replayed: one launch a step, so its time is the GPU's
-  whole_fused   the same with fused Adam (capturable): what model.cuda_graph=step replays
+  whole_fused   the same with fused Adam (capturable): what model.compile=false replays
   whole_fused_kernels  the CUDA kernel time of a whole_fused step (and its 15 costliest kernels,
                 whole_fused_kernels_top: name, ms and launches per step)
   whole_compiled  whole_fused with the network torch.compile'd (inductor's kernels: batch norm
-                and ReLU fused), what model.compile=true model.cuda_graph=step replays; its
+                and ReLU fused), what the default replays on one GPU; its
                 compilation (cold when TORCHINDUCTOR_CACHE_DIR is new), warm-up and capture
                 took whole_compiled_setup_s
   whole_compiled_kernels  its CUDA kernel time (and whole_compiled_kernels_top)
@@ -64,13 +64,17 @@ def timed(step, steps: int = STEPS) -> float:
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def training_step(forward, opt, x, y, set_to_none: bool = True, cache_enabled: bool = False):
+def training_step(forward, opt, x, y, cache_enabled: bool = False):
     """One step of the protocol's training: `forward` (the network, or its graphed copy)
-    under bf16 autocast, BCE, backward, `opt`. Graphs need autocast without its weight cache,
-    and a captured step (`set_to_none=False`) the same gradient buffers every time."""
+    under bf16 autocast, BCE, backward, `opt`. Graphs need autocast without its weight cache.
+    The gradients are set to None first, so the backward writes them instead of adding them to
+    zeros; in a captured step, into the graph's own memory, which each replay writes again (as
+    chest_mnist.cuda_graphs.StepGraph does). The whole steps here used to zero them and add
+    to them: most likely the 65 float additions, 0.119 ms a step, among the costliest kernels
+    of h200_step_floor_whole_step.json (BENCHMARKS.md)."""
 
     def step():
-        opt.zero_grad(set_to_none=set_to_none)
+        opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16, cache_enabled=cache_enabled):
             loss = F.binary_cross_entropy_with_logits(forward(x).float(), y)
         loss.backward()
@@ -144,7 +148,7 @@ def whole_step(
         capturable=True,
         **({"fused": True} if fused else {"foreach": True}),
     )
-    step = training_step(forward, opt, x, y, set_to_none=False)
+    step = training_step(forward, opt, x, y)
     started = time.perf_counter()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

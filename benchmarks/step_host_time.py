@@ -1,6 +1,6 @@
 """The host's time per training step of `python -m chest_mnist.train` with the whole step as one
-CUDA graph (model.cuda_graph=step), without the GPU's: what Lightning's loop, the callbacks and
-the module cost around a replay. The graph is replaced by a stand-in whose call returns the
+CUDA graph (model.cuda_graph=step, what auto takes on one GPU), without the GPU's: what
+Lightning's loop, the callbacks and the module cost around a replay. The graph is replaced by a stand-in whose call returns the
 same loss tensor and computes nothing, so on any machine (a CPU here) a step's time is the
 host's alone: on a GPU, a replay that takes longer than this keeps the GPU busy all the time.
 
@@ -107,6 +107,7 @@ def main() -> None:
                 "data=synthetic",
                 f"data.path={args.data}",
                 "model.cuda_graph=step",
+                "model.compile=false",  # the stand-in calls no network: nothing to compile
                 "trainer=cpu",
                 f"+trainer.limit_train_batches={args.steps}",
                 *validate,

@@ -1,7 +1,7 @@
-"""model.compile with the whole-step graph (model.cuda_graph=step): inductor compiles the
-network in a separate process while the run's first steps replay a graph of the network
-uncompiled; once that process is done, the run compiles the network itself, from the caches
-the process filled, and captures the step graph again (`MedMNISTClassifier`).
+"""model.compile with the whole step as one graph (model.cuda_graph=auto or step on one GPU):
+inductor compiles the network in a separate process while the run's first steps replay a graph
+of the network uncompiled; once that process is done, the run compiles the network itself, from
+the caches the process filled, and captures the step graph again (`MedMNISTClassifier`).
 
 A cold compilation of ResNet-18's training forward and backward takes tens of seconds, and
 issue 15's goal (the protocol's 100 epochs in 150 s on one GPU, from a cold start) counts

@@ -135,6 +135,7 @@ def time_ours(
     mmap: bool = False,
     fused_adam: bool = False,
     profile: bool = False,
+    cuda_graph: bool | str = "auto",
 ):
     """Seconds for `steps` training steps of our Lightning pipeline after `warmup` steps, the
     precision it used, the peak RSS (MB) once the data was loaded, before training, and with
@@ -148,6 +149,8 @@ def time_ours(
         stem=stem,
         optimizer=functools.partial(torch.optim.Adam, lr=1e-3, fused=fused_adam or None),
         compile=compile,
+        cuda_graph=cuda_graph,
+        compile_in_background=False,  # compiled in the warm-up steps, not during the timed ones
     )
     datamodule.setup("fit")  # load here, to measure memory with the data in and before training
     rss_loaded_mb = peak_rss_mb()
@@ -270,6 +273,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=compile_modes(),
         help="torch.compile our backbone in one of torch.compile's modes",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        default="auto",
+        choices=("auto", "true", "false", "step"),
+        help="model.cuda_graph of our pipeline (auto, the default: on one GPU the whole step as "
+        "one graph where it applies)",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="time only our pipeline")
     parser.add_argument(
         "--mmap",
@@ -334,6 +344,7 @@ def measure_ours(npz: Path, n_train: int, args: argparse.Namespace, device: torc
         mmap=args.mmap,
         fused_adam=args.fused_adam,
         profile=args.profile,
+        cuda_graph={"true": True, "false": False}.get(args.cuda_graph, args.cuda_graph),
     )
     memory = {
         "train_split_uint8_mb": dataset_mb,
@@ -384,6 +395,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
             "compile": args.compile,
             "mmap": args.mmap,
             "fused_adam": args.fused_adam,
+            "cuda_graph": args.cuda_graph,
             "ours": ours,
             "memory": memory,
         }

@@ -1,34 +1,42 @@
-"""The training step as CUDA graphs, replayed at every step: the network's forward and backward
-(model.cuda_graph=auto, the default), or the whole step (model.cuda_graph=step).
+"""The training step as CUDA graphs, replayed at every step: the whole step (forward, loss,
+backward and Adam's update, `StepGraph`), or only the network's forward and backward
+(`TrainingGraph`).
 
 A training step of ResNet-18 at batch 128 on 28px images is a few hundred small kernels; on
 a GPU, launching them one by one from Python costs more time than running them (issue 15:
-about 10 ms of host time per step against well under 1 ms of GPU work). Here they are
-recorded once, with `torch.cuda.make_graphed_callables`, and each step copies its batch into
-the graph's input and replays the forward graph, then (in `loss.backward()`) the backward
-graph: the same kernels and the same arithmetic, a handful of launches. Lightning still runs
-the step (automatic optimisation, its hooks, the callbacks); the loss, the optimizer update
-(fused: one kernel) and everything else run as before.
+about 10 ms of host time per step against about 2.5 ms of GPU work). Here they are recorded
+once and replayed: the same kernels and the same arithmetic, one launch or a handful.
 
-`model.cuda_graph`: auto (the default) captures on one CUDA GPU, without torch.compile, without
-DDP (whose gradient all-reduce runs in autograd hooks between the kernels) and without gradient
-accumulation; true asks for it and says why when it cannot; false runs the plain step. The
-graph is captured at the first full batch of a fit and dropped at its end; a batch of another
-shape (the last, partial one of an epoch) and evaluation run the network eagerly.
+`model.cuda_graph`: auto (the default) captures on one CUDA GPU, without DDP (whose gradient
+all-reduce runs in autograd hooks between the kernels), without gradient accumulation and
+without a torch.compile mode that makes graphs of its own; true asks for the forward and
+backward graphs and says why when it cannot; step asks for the whole step and refuses what it
+would leave out; false runs the plain step. Where graphs apply, auto takes the whole step
+unless it would leave out part of Lightning's step (gradient clipping, fp16's loss scaling, an
+optimizer other than Adam or AdamW, a hook that reads the gradients: `why_not_whole_step`), and
+then the forward and backward; a network compiled with model.compile=true is graphed only as
+the whole step, so there it runs the plain compiled step.
 
-`model.cuda_graph=step` goes further where graphs apply (else it runs the plain step, as auto
-does): the whole step, forward, loss, backward and the optimizer's update (capturable, the
-learning rate read from a device tensor that follows the schedule), is one graph, replayed by
-`training_step`, so the step's Python (autograd's engine, the optimizer) runs once, at the
-capture (`StepGraph`). Lightning's loop and the callbacks' batch and epoch hooks still run
-around it; the module skips the backward and the update, which the graph has done, and with
-them the hooks that see gradients (on_before_optimizer_step; `.grad` is empty after the step).
-It also takes a compiled network (`model.compile=true`, or a mode without graphs of its own:
-not reduce-overhead or max-autotune): the graph then records inductor's kernels, and the
+The whole step (`StepGraph`): forward, loss, backward and the optimizer's update (capturable,
+the learning rate read from a device tensor that follows the schedule) are one graph, replayed
+by `training_step`, so the step's Python (autograd's engine, the optimizer) runs once, at the
+capture. Lightning's loop and the callbacks' batch and epoch hooks still run around it; the
+module skips the backward and the update, which the graph has done, and with them Lightning's
+hooks that see gradients (GRADIENT_HOOKS: `.grad` is empty after the step). It also takes
+a compiled network (`model.compile=auto`, the default, or true, or a mode without graphs of its
+own: not reduce-overhead or max-autotune): the graph then records inductor's kernels, and the
 batches it does not take run the eager code, so that a run compiles once. Unless the run is
 deterministic (or model.compile_in_background=false), a separate process compiles the network
 meanwhile, the graph replays the network uncompiled until then, and the run then compiles it
 from that process's caches and captures the step again (`chest_mnist.background_compile`).
+
+The forward and backward (`TrainingGraph`, `torch.cuda.make_graphed_callables`): each step
+copies its batch into the graph's input and replays the forward graph, then (in
+`loss.backward()`) the backward graph; Lightning runs the rest of the step as before
+(automatic optimisation, its hooks, the callbacks, the loss, the update: fused, one kernel).
+
+Either graph is captured at the first full batch of a fit and dropped at its end; a batch of
+another shape (the last, partial one of an epoch) and evaluation run the network eagerly.
 """
 
 from __future__ import annotations
@@ -56,16 +64,18 @@ def wanted(
     world_size: int = 1,
     compile_mode: bool | str = False,
     accumulate_grad_batches: int = 1,
+    whole_step: bool = False,
 ) -> bool:
-    """Whether training should replay CUDA graphs, for `model.cuda_graph=setting` (step: as
-    auto, with the whole step as the graph) and `model.compile=compile_mode`."""
+    """Whether training should replay CUDA graphs, for `model.cuda_graph=setting` and
+    `model.compile=compile_mode`; `whole_step`: whether the graph would be the whole step
+    (`whole_step()`), the only graph a compiled network is replayed in."""
     check_setting(setting)
     compile_key = f"model.compile={str(compile_mode).lower()}"  # as typed: true, not True
     reasons = {
         "it needs a CUDA GPU (this run is on the CPU)": device.type != "cuda",
         f"{compile_key} makes its own graphs": compile_mode in GRAPHING_COMPILE_MODES,
         f"{compile_key}: a compiled network is graphed only as the whole step "
-        f"(model.cuda_graph=step)": bool(compile_mode) and setting != "step",
+        f"(model.cuda_graph=auto or step)": bool(compile_mode) and not whole_step,
         f"under DDP ({world_size} processes) the gradients are all-reduced between the "
         f"kernels": world_size > 1,
         # the graph hands its own gradient buffers to .grad, and the next replay overwrites them:
@@ -116,8 +126,18 @@ class TrainingGraph:
         return self.graphed(x)
 
 
-def check_whole_step(clip: float | None, precision: str, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse model.cuda_graph=step where the graph would leave out part of Lightning's step."""
+# hooks that Lightning calls with the gradients in `.grad`: with the whole step as the graph,
+# the gradients stay in the graph's memory and Lightning's optimizer step does not run
+GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step")
+
+
+def why_not_whole_step(
+    clip: float | None, precision: str, optimizer_class: object, gradient_hooks: list[str] = ()
+) -> str | None:
+    """What the whole-step graph would leave out of Lightning's step, if anything;
+    `gradient_hooks`: the GRADIENT_HOOKS that the module or a callback overrides, as
+    "Class.hook"."""
+    name = getattr(optimizer_class, "__name__", optimizer_class)
     reasons = {
         # Lightning clips between the backward and the update, inside the graph
         f"trainer.gradient_clip_val={clip} clips the gradients between the backward and the "
@@ -125,15 +145,35 @@ def check_whole_step(clip: float | None, precision: str, optimizer: torch.optim.
         # the scaler scales the loss and may skip an update: neither is in the graph
         f"trainer.precision={precision} scales the loss (GradScaler)": precision == "16-mixed",
         # their fresh state is zeros, which the warm-up's state is reset to (see _Snapshot)
-        f"the graph captures Adam or AdamW, not {type(optimizer).__name__}": not isinstance(
-            optimizer, torch.optim.Adam | torch.optim.AdamW
+        f"the graph captures Adam or AdamW, not {name}": not (
+            isinstance(optimizer_class, type)
+            and issubclass(optimizer_class, torch.optim.Adam | torch.optim.AdamW)
         ),
+        f"{' and '.join(gradient_hooks)} {'reads' if len(gradient_hooks) == 1 else 'read'} the "
+        f"gradients, which the graph keeps in its own memory": bool(gradient_hooks),
     }
-    why_not = next((why for why, applies in reasons.items() if applies), None)
+    return next((why for why, applies in reasons.items() if applies), None)
+
+
+def whole_step(setting: bool | str, why_not: str | None) -> bool:
+    """Whether the graph, where graphs apply, is the whole step: with model.cuda_graph=step
+    (`check_whole_step` refuses what it would leave out), and with auto where it leaves out
+    nothing (`why_not`, from `why_not_whole_step`, is None); else the forward and backward."""
+    return setting == "step" or (setting == "auto" and why_not is None)
+
+
+def check_whole_step(
+    clip: float | None,
+    precision: str,
+    optimizer: torch.optim.Optimizer,
+    gradient_hooks: list[str] = (),
+) -> None:
+    """Refuse model.cuda_graph=step where the graph would leave out part of Lightning's step."""
+    why_not = why_not_whole_step(clip, precision, type(optimizer), gradient_hooks)
     if why_not:
         raise UserError(
             f"model.cuda_graph=step, but {why_not}. Set model.cuda_graph=auto (the forward and "
-            f"backward as graphs) or false."
+            f"backward as graphs where the whole step cannot be) or false."
         )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 from typing_extensions import override
@@ -155,21 +156,24 @@ class MedMNISTClassifier(L.LightningModule):
         tta_flip: at evaluation, average the logits of each image and its left-right mirror.
         compile: `torch.compile` the backbone in place (checkpoints keep their keys) for the
             training steps; true, or a torch.compile mode ("reduce-overhead" adds CUDA graphs,
-            "max-autotune"); auto: compiled (default mode) where the whole step is one CUDA
-            graph (cuda_graph=step on one CUDA GPU), nowhere else. Evaluation runs the same
+            "max-autotune"); auto (the default): compiled (default mode) where the whole step
+            is one CUDA graph (on one CUDA GPU), nowhere else. Evaluation runs the same
             weights eagerly: it runs in large batches, so it has few kernel launches to save,
             and each compiled evaluation graph (no gradients, another last-batch size,
             inference tensors in test) would be one more compilation (BENCHMARKS.md counts
             them).
-        cuda_graph: replay the training forward and backward as CUDA graphs (auto: on one
-            CUDA GPU, without compile or DDP; true: refuse a run where it cannot; false: the
-            plain step; step: where auto would, the whole step, the update included, as one
-            graph, also of a network compiled without graphs of its own, `compile=true`, whose
-            partial batches then run eagerly). With it, an optimizer whose `fused` is not set
-            runs fused. See `chest_mnist.cuda_graphs`. With compile and step, inductor
-            compiles the network in a separate process while the first steps replay a graph of
-            it uncompiled, then the run compiles it from that process's caches and captures the
-            step again (`chest_mnist.background_compile`).
+        cuda_graph: replay the training step as CUDA graphs (`chest_mnist.cuda_graphs`):
+            auto (the default), on one CUDA GPU without DDP, the whole step, the update
+            included, as one graph, or, where that would leave out part of Lightning's step
+            (clipping, fp16's loss scaling, an optimizer other than Adam or AdamW, a hook that
+            reads the gradients), the forward and backward only; step: the whole step, refusing a run where it cannot
+            be; true: the forward and backward, refusing a run where they cannot be; false:
+            the plain step. With graphs, an optimizer whose `fused` is not set runs fused. The
+            whole step also takes a network compiled without graphs of its own (compile=auto
+            or true), whose partial batches then run eagerly: inductor compiles it in a
+            separate process while the first steps replay a graph of it uncompiled, then the
+            run compiles it from that process's caches and captures the step again
+            (`chest_mnist.background_compile`).
         compile_in_background: with compile and the whole-step graph, compile in a separate
             process meanwhile, as above (should it fail: with compile=auto the run goes on
             uncompiled, with true it compiles in this process); false: at the first step, in
@@ -189,7 +193,7 @@ class MedMNISTClassifier(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         label_smoothing: float = 0.0,
         tta_flip: bool = False,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
         cuda_graph: bool | str = "auto",
         compile_in_background: bool = True,
     ):
@@ -215,8 +219,9 @@ class MedMNISTClassifier(L.LightningModule):
         )
         self.register_buffer("pos_weight", None if pos_weight is None else torch.ones(len(labels)))
         self.graphs_wanted = False  # decided in setup("fit"), once the device is known
+        self.whole_step_wanted = False  # the whole step as the graph: also in setup("fit")
         self.training_graph: cuda_graphs.TrainingGraph | None = None
-        self.step_graph: cuda_graphs.StepGraph | None = None  # model.cuda_graph=step
+        self.step_graph: cuda_graphs.StepGraph | None = None  # the whole step as the graph
         self.graph_steps = False  # whether this batch's step is the step graph's replay
         # model.compile with the step graph: whether the graph runs the network uncompiled
         # until the process compiling it (background_compile) is done
@@ -231,13 +236,30 @@ class MedMNISTClassifier(L.LightningModule):
             return
         trainer = self.trainer
         auto = self.hparams.compile == "auto"
+        setting = self.hparams.cuda_graph
+        why_not_whole = cuda_graphs.why_not_whole_step(
+            trainer.gradient_clip_val,
+            str(trainer.precision),
+            getattr(self.optimizer_factory, "func", self.optimizer_factory),  # Hydra's partial
+            self._gradient_hooks(),
+        )
+        whole_step = cuda_graphs.whole_step(setting, why_not_whole)
         self.graphs_wanted = cuda_graphs.wanted(
-            self.hparams.cuda_graph,
+            setting,
             trainer.strategy.root_device,
             world_size=trainer.world_size,
             compile_mode=False if auto else self.compile_mode,  # auto: decided below
             accumulate_grad_batches=trainer.accumulate_grad_batches,
+            whole_step=whole_step,
         )
+        self.whole_step_wanted = self.graphs_wanted and whole_step
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        if setting == "auto" and not whole_step and (self.graphs_wanted or on_gpu):
+            log.info(
+                "model.cuda_graph=auto: not the whole step as one CUDA graph, as %s; %s instead.",
+                why_not_whole,
+                "the forward and backward as graphs" if self.graphs_wanted else "the plain step",
+            )
         if auto:
             self._compile_where_the_step_is_one_graph()
         self.training_graph = None  # captured again at the first step (a resumed fit, too)
@@ -263,6 +285,18 @@ class MedMNISTClassifier(L.LightningModule):
             self.pos_weight.copy_((1 - prevalence) / prevalence)
         else:
             self.pos_weight.copy_(torch.tensor(self.hparams.pos_weight, dtype=torch.float32))
+
+    def _gradient_hooks(self) -> list[str]:
+        """The hooks that read gradients (cuda_graphs.GRADIENT_HOOKS) overridden by this module
+        or the trainer's callbacks, as "Class.hook"."""
+        owners = [(self, L.LightningModule)]
+        owners += [(c, L.Callback) for c in getattr(self._trainer, "callbacks", [])]
+        return [
+            f"{type(owner).__name__}.{hook}"
+            for owner, parent in owners
+            for hook in cuda_graphs.GRADIENT_HOOKS
+            if is_overridden(hook, owner, parent)
+        ]
 
     def _compile_where_the_step_is_one_graph(self) -> None:
         """model.compile=auto, at each fit: the backbone compiled in place where the whole step
@@ -365,10 +399,6 @@ class MedMNISTClassifier(L.LightningModule):
         if self.step_graph is not None:
             self.step_graph.close()
         self.step_graph = None
-
-    @property
-    def whole_step_wanted(self) -> bool:
-        return self.graphs_wanted and self.hparams.cuda_graph == "step"
 
     def _full_batch(self, x: torch.Tensor) -> bool:
         """Whether `x` is a whole batch (a graph captured for a partial one would fix its shape)."""
@@ -577,6 +607,7 @@ class MedMNISTClassifier(L.LightningModule):
                 getattr(self._trainer, "gradient_clip_val", None),
                 str(getattr(self._trainer, "precision", "")),
                 optimizer,
+                self._gradient_hooks(),
             )
         if self.scheduler_factory is None:
             return optimizer

@@ -53,7 +53,7 @@ class ModelSchema:
     pos_weight: Any = None  # null, auto, or one weight per label
     label_smoothing: float = 0.0
     tta_flip: bool = False
-    compile: Any = False  # true, false, auto or a torch.compile mode
+    compile: Any = "auto"  # true, false, auto or a torch.compile mode
     cuda_graph: Any = "auto"  # auto, true, false or step
     compile_in_background: bool = True
     optimizer: Any = None

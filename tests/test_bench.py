@@ -84,10 +84,11 @@ def test_bench_profiles_its_steps_and_can_fuse_adam(tmp_path):
     result = run_bench(
         *("--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu"),
         *("--skip-reference", "--fused-adam", "--profile", "--out", str(out)),
+        *("--cuda-graph", "false"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["fused_adam"] is True
+    assert data["fused_adam"] is True and data["cuda_graph"] == "false"
     profile = data["profile"]
     assert profile["wall_ms_per_step"] == pytest.approx(1e3 * data["ours"]["seconds"] / 2)
     host = {row["name"]: row for row in profile["top_host"]}

@@ -3,12 +3,13 @@ the plain step learns. Capturing needs a GPU; here torch.cuda.make_graphed_calla
 replaced by a stand-in that does what it does to the model (warm-up forwards in training mode,
 which move the batch-norm statistics) and returns the network unchanged, so the rest of the
 fast step (which batches take the graph, the statistics put back, the fused optimizer, the
-schedule) runs for real. For the whole-step graph (model.cuda_graph=step) the stand-ins warm
+schedule) runs for real. For the whole-step graph (model.cuda_graph=auto or step) the stand-ins warm
 up on the CPU and "replay" by running the recorded step again, writing its loss into the
 captured output. The capture itself is checked on a GPU (benchmarks/)."""
 
 import logging
 import os
+import re
 
 import lightning as L
 import pytest
@@ -33,10 +34,92 @@ def test_auto_graphs_one_gpu_without_ddp_or_compiled_graphs():
     assert not cuda_graphs.wanted("auto", GPU, 1, accumulate_grad_batches=2)
     # a compiled network is graphed as the whole step, where compile makes no graphs of its own
     assert not cuda_graphs.wanted("auto", GPU, 1, compile_mode=True)
-    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="reduce-overhead")
-    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune")
-    assert cuda_graphs.wanted("step", GPU, 1, compile_mode=True)
-    assert cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune-no-cudagraphs")
+    assert cuda_graphs.wanted("auto", GPU, 1, compile_mode=True, whole_step=True)
+    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="reduce-overhead", whole_step=True)
+    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune", whole_step=True)
+    assert cuda_graphs.wanted("step", GPU, 1, compile_mode=True, whole_step=True)
+    assert cuda_graphs.wanted(
+        "step", GPU, 1, compile_mode="max-autotune-no-cudagraphs", whole_step=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("clip", "precision", "optimizer", "whole"),
+    [
+        (None, "bf16-mixed", torch.optim.Adam, True),
+        (None, "32-true", torch.optim.AdamW, True),
+        (1.0, "bf16-mixed", torch.optim.Adam, False),
+        (None, "16-mixed", torch.optim.Adam, False),
+        (None, "bf16-mixed", torch.optim.SGD, False),
+    ],
+)
+def test_auto_makes_the_whole_step_the_graph_where_it_leaves_nothing_out(
+    clip, precision, optimizer, whole, caplog
+):
+    """model.cuda_graph=auto (the default) on one GPU: the whole step as one graph where it
+    would leave nothing of Lightning's step out, else the forward and backward graphs, and
+    it says why; it never refuses the run, as step does."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    model = MedMNISTClassifier(["a", "b"], optimizer=partial(optimizer, lr=1e-3))
+    model._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=GPU),
+        world_size=1,
+        accumulate_grad_batches=1,
+        datamodule=None,
+        gradient_clip_val=clip,
+        precision=precision,
+    )
+    model.setup("fit")
+    assert model.graphs_wanted and model.whole_step_wanted is whole
+    fallback = "model.cuda_graph=auto: not the whole step as one CUDA graph, as "
+    assert (fallback in caplog.text) is not whole
+    if not whole:
+        why = cuda_graphs.why_not_whole_step(clip, precision, optimizer)
+        assert f"{why}; the forward and backward as graphs instead." in caplog.text
+    assert isinstance(model.configure_optimizers(), optimizer)
+
+
+def test_a_hook_that_reads_the_gradients_keeps_the_step_out_of_the_graph(caplog):
+    """A callback's on_before_optimizer_step (or the module's on_after_backward) would see no
+    gradients with the whole step as one graph: auto graphs the forward and backward instead,
+    and says why; step refuses the run."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    class GradientNorm(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pass
+
+    class Module(MedMNISTClassifier):
+        def on_after_backward(self):
+            pass
+
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    for setting in ("auto", "step"):
+        model = Module(["a", "b"], optimizer=partial(torch.optim.Adam), cuda_graph=setting)
+        model._trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=GPU),
+            world_size=1,
+            accumulate_grad_batches=1,
+            datamodule=None,
+            gradient_clip_val=None,
+            precision="bf16-mixed",
+            callbacks=[L.Callback(), GradientNorm()],
+        )
+        model.setup("fit")
+        why = (
+            "Module.on_after_backward and GradientNorm.on_before_optimizer_step read the gradients"
+        )
+        if setting == "auto":
+            assert model.graphs_wanted and not model.whole_step_wanted
+            assert f"as {why}, which the graph keeps in its own memory; the forward" in caplog.text
+            model.configure_optimizers()
+        else:
+            with pytest.raises(UserError, match=re.escape(f"model.cuda_graph=step, but {why}")):
+                model.configure_optimizers()
 
 
 @pytest.mark.parametrize(
@@ -264,7 +347,7 @@ def test_the_step_graph_refuses_what_it_would_leave_out(clip, precision, optimiz
     from types import SimpleNamespace
 
     model = MedMNISTClassifier(["a", "b"], optimizer=partial(optimizer, lr=1e-3), cuda_graph="step")
-    model.graphs_wanted = True  # as on one GPU
+    model.graphs_wanted = model.whole_step_wanted = True  # as setup("fit") on one GPU
     model._trainer = SimpleNamespace(gradient_clip_val=clip, precision=precision)
     with pytest.raises(UserError, match=f"model.cuda_graph=step, but {why}.*cuda_graph=auto"):
         model.configure_optimizers()
@@ -289,6 +372,7 @@ EQUIVALENCE_RUN = [
     "~callbacks.model_summary",
     "test=false",
     "model.optimizer.fused=true",  # both steps: the optimizer the fast step uses
+    "model.compile=false",  # the default, auto, would compile the whole step (tests that want it say so)
 ]
 
 
@@ -333,7 +417,8 @@ def test_the_fast_step_learns_what_the_plain_step_learns(
     monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
     train(
         compose_train(
-            [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", f"paths.output_dir={tmp_path}/fast"]
+            [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=true"]
+            + [f"paths.output_dir={tmp_path}/fast"]
         )
     )
     assert stand_in.replayed == [32, 32] * 3  # the full batches; the partial ones ran eagerly
@@ -344,16 +429,18 @@ def test_the_fast_step_learns_what_the_plain_step_learns(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", ["auto", "step"])
 def test_the_whole_step_graph_learns_what_the_plain_step_learns_across_a_resume(
-    monkeypatch, tmp_path, synthetic_npz, caplog, plain_run
+    monkeypatch, tmp_path, synthetic_npz, caplog, plain_run, setting
 ):
-    """model.cuda_graph=step for two epochs, then resumed from last.ckpt for the third: the
-    training state of the plain step's three epochs. The learning rate changes at both epoch
-    ends, once inside a fit and once across the resume, and reaches the graph's update only
-    through its device tensors (the stand-in's replay reads them as the graph would)."""
+    """The whole step as one graph (model.cuda_graph=auto, the default, or step) for two
+    epochs, then resumed from last.ckpt for the third: the training state of the plain step's
+    three epochs. The learning rate changes at both epoch ends, once inside a fit and once
+    across the resume, and reaches the graph's update only through its device tensors (the
+    stand-in's replay reads them as the graph would)."""
     stand_in = whole_step_graphs_as_on_one_gpu(monkeypatch)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
-    run = [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.cuda_graph=step"]
+    run = [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", f"model.cuda_graph={setting}"]
     out = tmp_path / "step"
     train(compose_train([*run, "trainer.max_epochs=2", f"paths.output_dir={out}"]))
     assert stand_in.replays == 4  # the full batches; the partial ones ran eagerly
@@ -373,6 +460,31 @@ def test_the_whole_step_graph_learns_what_the_plain_step_learns_across_a_resume(
     )
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert_same_training_state(resumed, plain_run)
+
+
+@pytest.mark.slow
+def test_with_clipped_gradients_auto_graphs_the_forward_and_backward(
+    monkeypatch, tmp_path, synthetic_npz, caplog
+):
+    """model.cuda_graph=auto with trainer.gradient_clip_val, as on one GPU: Lightning clips
+    between the backward and the update, so the graphs are the forward and backward (the full
+    batches replay them) and the optimizer is left as configured (Lightning does not clip a
+    fused one under mixed precision); the log says why."""
+    stand_in = StandIn()
+    caplog.set_level(logging.INFO, logger="chest_mnist.model")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on one GPU
+    run = [*EQUIVALENCE_RUN, f"data.path={synthetic_npz}", "model.optimizer.fused=null"]
+    train(
+        compose_train(
+            [*run, "+trainer.gradient_clip_val=1.0", f"paths.output_dir={tmp_path}/clipped"]
+        )
+    )
+    assert stand_in.replayed == [32, 32] * 3  # the full batches; the partial ones ran eagerly
+    assert "trainer.gradient_clip_val=1.0 clips the gradients" in caplog.text
+    assert "the forward and backward as graphs instead" in caplog.text
+    assert "runs as configured" in caplog.text  # not made fused
+    assert "the whole training step" not in caplog.text
 
 
 @pytest.mark.slow
@@ -753,7 +865,7 @@ def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
     monkeypatch, tmp_path, synthetic_npz
 ):
     """model.compile=auto on the CPU (no graphs) and with the forward and backward graphs
-    (cuda_graph=auto, as on one GPU): nothing compiles, and the graphs are captured."""
+    (cuda_graph=true, as on one GPU): nothing compiles, and the graphs are captured."""
     from torch._dynamo.utils import counters
 
     run = [
@@ -774,7 +886,7 @@ def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
     monkeypatch.setattr(cuda_graphs, "wanted", wanted)
-    train(compose_train([*run, f"paths.output_dir={tmp_path}/graphs"]))
+    train(compose_train([*run, "model.cuda_graph=true", f"paths.output_dir={tmp_path}/graphs"]))
     assert asked == [False]  # not "auto", which would read as a compiled network
     assert stand_in.replayed == [32, 32]  # the forward and backward graphs took the full batches
     assert counters["stats"]["unique_graphs"] == 0
@@ -782,23 +894,34 @@ def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
     assert checkpoint["hyper_parameters"]["compile"] == "auto"
 
 
-def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog):
-    """model.compile=auto and cuda_graph=step: compiled on one CUDA GPU; not on the CPU, under
-    DDP or with accumulated gradients (cuda_graphs.wanted's own rules); a later fit where the
-    step is not one graph undoes an earlier fit's compilation. An unknown value is refused."""
+@pytest.mark.parametrize("cuda_graph", ["auto", "step"])
+def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog, cuda_graph):
+    """model.compile=auto with cuda_graph=auto (the defaults) or step: compiled on one CUDA
+    GPU; not on the CPU, under DDP or with accumulated gradients (cuda_graphs.wanted's own
+    rules), nor, with auto, where the graph is not the whole step (clipped gradients); a later
+    fit where the step is not one graph undoes an earlier fit's compilation. An unknown value
+    is refused."""
+    from functools import partial
     from types import SimpleNamespace
 
-    model = MedMNISTClassifier(["a", "b"], compile="auto", cuda_graph="step")
+    model = MedMNISTClassifier(
+        ["a", "b"],
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+        compile="auto",
+        cuda_graph=cuda_graph,
+    )
     assert model.compile_mode is False and model.backbone._compiled_call_impl is None
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
 
-    def fit_on(device, world_size=1, accumulate=1) -> bool:
+    def fit_on(device, world_size=1, accumulate=1, clip=None) -> bool:
         strategy = SimpleNamespace(root_device=device)
         model._trainer = SimpleNamespace(
             strategy=strategy,
             world_size=world_size,
             accumulate_grad_batches=accumulate,
             datamodule=None,
+            gradient_clip_val=clip,
+            precision="bf16-mixed",
         )
         model.setup("fit")
         compiled = model.backbone._compiled_call_impl is not None
@@ -811,12 +934,14 @@ def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog):
     )
     assert not fit_on(CPU)  # undone
     assert (
-        "not compiled: the whole training step is not one CUDA graph here (model.cuda_graph=step, on cpu, 1 process(es))"
-        in caplog.text
+        "not compiled: the whole training step is not one CUDA graph here "
+        f"(model.cuda_graph={cuda_graph}, on cpu, 1 process(es))" in caplog.text
     )
     assert fit_on(GPU)
     assert not fit_on(GPU, world_size=2)
     assert not fit_on(GPU, accumulate=2)
+    if cuda_graph == "auto":  # the forward and backward graphs, of the network uncompiled
+        assert not fit_on(GPU, clip=1.0) and model.graphs_wanted
     for typo in ("atuo", "Auto", 1):
         with pytest.raises(
             UserError, match=f"model.compile={typo!r} is unknown: set true, false, auto"

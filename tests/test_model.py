@@ -74,6 +74,8 @@ def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
         strategy=SimpleNamespace(root_device=torch.device("cpu")),
         world_size=1,
         accumulate_grad_batches=1,
+        gradient_clip_val=None,
+        precision="32-true",
     )
     model.setup("fit")
     positives = datamodule.splits["train"].labels.float().sum(0)

@@ -161,7 +161,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(
         monkeypatch.setattr(cuda_graphs, "warm_up", stand_in.warm_up)
         monkeypatch.setattr(cuda_graphs, "capture", stand_in.capture)
         monkeypatch.setattr(cuda_graphs, "wanted", lambda *args, **kwargs: True)  # as on a GPU
-        extra = ["model.cuda_graph=step"]
+        extra = ["model.cuda_graph=step", "model.compile=false"]
     cfg = compose_train(
         command(synthetic_npz, tmp_path)[:-1]
         + extra
