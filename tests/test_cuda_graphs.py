@@ -10,6 +10,7 @@ captured output. The capture itself is checked on a GPU (benchmarks/)."""
 import logging
 import os
 import re
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -24,6 +25,23 @@ from chest_mnist.train import train
 from tests.conftest import compose_train
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def trainer_for_setup(device=GPU, **replaced) -> SimpleNamespace:
+    """What MedMNISTClassifier.setup("fit") reads of its Trainer, as on one `device`, bf16,
+    without clipping or callbacks; `replaced` sets other values."""
+    return SimpleNamespace(
+        **{
+            "strategy": SimpleNamespace(root_device=device),
+            "world_size": 1,
+            "accumulate_grad_batches": 1,
+            "datamodule": None,
+            "gradient_clip_val": None,
+            "precision": "bf16-mixed",
+            "callbacks": [],
+            **replaced,
+        }
+    )
 
 
 def test_auto_graphs_one_gpu_without_ddp_or_compiled_graphs():
@@ -60,18 +78,10 @@ def test_auto_makes_the_whole_step_the_graph_where_it_leaves_nothing_out(
     would leave nothing of Lightning's step out, else the forward and backward graphs, and
     it says why; it never refuses the run, as step does."""
     from functools import partial
-    from types import SimpleNamespace
 
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     model = MedMNISTClassifier(["a", "b"], optimizer=partial(optimizer, lr=1e-3))
-    model._trainer = SimpleNamespace(
-        strategy=SimpleNamespace(root_device=GPU),
-        world_size=1,
-        accumulate_grad_batches=1,
-        datamodule=None,
-        gradient_clip_val=clip,
-        precision=precision,
-    )
+    model._trainer = trainer_for_setup(gradient_clip_val=clip, precision=precision)
     model.setup("fit")
     assert model.graphs_wanted and model.whole_step_wanted is whole
     fallback = "model.cuda_graph=auto: not the whole step as one CUDA graph, as "
@@ -87,7 +97,6 @@ def test_a_hook_that_reads_the_gradients_keeps_the_step_out_of_the_graph(caplog)
     gradients with the whole step as one graph: auto graphs the forward and backward instead,
     and says why; step refuses the run."""
     from functools import partial
-    from types import SimpleNamespace
 
     class GradientNorm(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -100,15 +109,7 @@ def test_a_hook_that_reads_the_gradients_keeps_the_step_out_of_the_graph(caplog)
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
     for setting in ("auto", "step"):
         model = Module(["a", "b"], optimizer=partial(torch.optim.Adam), cuda_graph=setting)
-        model._trainer = SimpleNamespace(
-            strategy=SimpleNamespace(root_device=GPU),
-            world_size=1,
-            accumulate_grad_batches=1,
-            datamodule=None,
-            gradient_clip_val=None,
-            precision="bf16-mixed",
-            callbacks=[L.Callback(), GradientNorm()],
-        )
+        model._trainer = trainer_for_setup(callbacks=[L.Callback(), GradientNorm()])
         model.setup("fit")
         why = (
             "Module.on_after_backward and GradientNorm.on_before_optimizer_step read the gradients"
@@ -182,7 +183,6 @@ def test_with_graphs_an_unset_fused_optimizer_runs_fused():
     foreach or for-loop Adam up to rounding (one step here: allowed 1.2e-7 apart), so the
     equivalence test below gives both steps the same optimizer."""
     from functools import partial
-    from types import SimpleNamespace
 
     def optimizer(fused, graphs, clip=None):
         model = MedMNISTClassifier(
@@ -344,7 +344,6 @@ def test_a_failed_capture_leaves_the_model_and_optimizer_as_they_were(monkeypatc
 )
 def test_the_step_graph_refuses_what_it_would_leave_out(clip, precision, optimizer, why):
     from functools import partial
-    from types import SimpleNamespace
 
     model = MedMNISTClassifier(["a", "b"], optimizer=partial(optimizer, lr=1e-3), cuda_graph="step")
     model.graphs_wanted = model.whole_step_wanted = True  # as setup("fit") on one GPU
@@ -902,7 +901,6 @@ def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog, cuda_graph):
     fit where the step is not one graph undoes an earlier fit's compilation. An unknown value
     is refused."""
     from functools import partial
-    from types import SimpleNamespace
 
     model = MedMNISTClassifier(
         ["a", "b"],
@@ -914,14 +912,11 @@ def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog, cuda_graph):
     caplog.set_level(logging.INFO, logger="chest_mnist.model")
 
     def fit_on(device, world_size=1, accumulate=1, clip=None) -> bool:
-        strategy = SimpleNamespace(root_device=device)
-        model._trainer = SimpleNamespace(
-            strategy=strategy,
+        model._trainer = trainer_for_setup(
+            device,
             world_size=world_size,
             accumulate_grad_batches=accumulate,
-            datamodule=None,
             gradient_clip_val=clip,
-            precision="bf16-mixed",
         )
         model.setup("fit")
         compiled = model.backbone._compiled_call_impl is not None
