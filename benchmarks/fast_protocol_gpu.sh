@@ -64,6 +64,8 @@ caches() {  # step NAME SECONDS $(caches DIR) COMMAND...: inductor's and Triton'
 CACHES=/tmp/compile_caches; rm -rf $CACHES  # empty: the first run of each compiles cold
 protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protocol, its files kept
   local name=$1 cap=$2; shift 2
+  # the log's own times start at Hydra's run folder: this one times what comes before it
+  say "$name: started at $(date +%T.%N | cut -c1-12) (the log's times follow)"
   step $name $(( cap + 60 )) $(caches $CACHES/$name) python3 -m chest_mnist.train data=synthetic \
     data.path=/tmp/chest_full.npz trainer.max_epochs=$EPOCHS \
     +trainer.max_time=$(printf '00:00:%02d:%02d' $(( cap / 60 )) $(( cap % 60 ))) paths.log_dir=/tmp/logs/$name $CPU "$@"
