@@ -68,7 +68,8 @@ def wanted(
 ) -> bool:
     """Whether training should replay CUDA graphs, for `model.cuda_graph=setting` and
     `model.compile=compile_mode`; `whole_step`: whether the graph would be the whole step
-    (`whole_step()`), the only graph a compiled network is replayed in."""
+    (step, or auto where `why_not_whole_step` finds nothing), the only graph a compiled network
+    is replayed in."""
     check_setting(setting)
     compile_key = f"model.compile={str(compile_mode).lower()}"  # as typed: true, not True
     reasons = {
@@ -153,13 +154,6 @@ def why_not_whole_step(
         f"gradients, which the graph keeps in its own memory": bool(gradient_hooks),
     }
     return next((why for why, applies in reasons.items() if applies), None)
-
-
-def whole_step(setting: bool | str, why_not: str | None) -> bool:
-    """Whether the graph, where graphs apply, is the whole step: with model.cuda_graph=step
-    (`check_whole_step` refuses what it would leave out), and with auto where it leaves out
-    nothing (`why_not`, from `why_not_whole_step`, is None); else the forward and backward."""
-    return setting == "step" or (setting == "auto" and why_not is None)
 
 
 def check_whole_step(

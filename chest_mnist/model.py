@@ -166,9 +166,9 @@ class MedMNISTClassifier(L.LightningModule):
             auto (the default), on one CUDA GPU without DDP, the whole step, the update
             included, as one graph, or, where that would leave out part of Lightning's step
             (clipping, fp16's loss scaling, an optimizer other than Adam or AdamW, a hook that
-            reads the gradients), the forward and backward only; step: the whole step, refusing a run where it cannot
-            be; true: the forward and backward, refusing a run where they cannot be; false:
-            the plain step. With graphs, an optimizer whose `fused` is not set runs fused. The
+            reads the gradients), the forward and backward only; step: the whole step,
+            refusing a run where it cannot be; true: the forward and backward, refusing a run
+            where they cannot be; false: the plain step. With graphs, an optimizer whose `fused` is not set runs fused. The
             whole step also takes a network compiled without graphs of its own (compile=auto
             or true), whose partial batches then run eagerly: inductor compiles it in a
             separate process while the first steps replay a graph of it uncompiled, then the
@@ -243,7 +243,9 @@ class MedMNISTClassifier(L.LightningModule):
             getattr(self.optimizer_factory, "func", self.optimizer_factory),  # Hydra's partial
             self._gradient_hooks(),
         )
-        whole_step = cuda_graphs.whole_step(setting, why_not_whole)
+        # step insists (configure_optimizers refuses what it would leave out); auto where it
+        # leaves nothing out, else the forward and backward
+        whole_step = setting == "step" or (setting == "auto" and why_not_whole is None)
         self.graphs_wanted = cuda_graphs.wanted(
             setting,
             trainer.strategy.root_device,
