@@ -23,26 +23,45 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   compiled_kernels  the CUDA kernel time of a compiled step: whether inductor's kernels lower
                 the floor that `kernels` measures for cuDNN's
   eval_1024     an inference forward of 1,024 images (the evaluation batch)
+Whether the GPU has room for more at once (issue 15: a step of 2.2 ms of kernels is the floor
+of 100 epochs in 150 s):
+  whole_compiled_pair  two independent whole_compiled steps (two networks, two graphs) replayed
+                side by side on two streams, ms per pair: against twice whole_compiled, how much
+                of the GPU one step leaves idle
+  whole_streams  whole_fused with each convolution's weight gradient on a second stream while
+                its input gradient runs on the current one (benchmarks/two_stream_conv.py)
+  whole_compiled_streams  the same, the network compiled (whole_compiled with two streams)
+  streams_max_grad_diff  the largest difference of a gradient between the two-stream network and
+                the plain one after one bf16 step on the same batch and weights (not ms)
+*_kernels measurements also sum their kernels by kind (<name>_by_kind: convolution forward,
+input and weight gradients, inductor's fused kernels, batch norm, Adam, copies, other).
 Prints one line per measurement, and writes them as JSON to the path given (if any).
 
-    python benchmarks/step_floor_gpu.py [OUT.json [NAME...]]   (NAME: only those measurements)
+    python benchmarks/step_floor_gpu.py [OUT.json [NAME...]] [--cudnn-benchmark-limit N]
+      NAME: only those measurements. --cudnn-benchmark-limit: how many of cuDNN's algorithms
+      its benchmark tries per convolution (PyTorch's default 10; 0: all), for the whole process
+      (cuDNN keeps the first choice for each shape, so compare limits in separate processes)
 """
 
+import argparse
+import copy
 import functools
 import json
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from two_stream_conv import two_streams  # benchmarks/ is the script's folder
 
 from chest_mnist.model import build_resnet18
 
 BATCH, SIZE, LABELS, STEPS = 128, 28, 14, 300
 
 
-def network(channels_last: bool = True) -> torch.nn.Module:
+def network(channels_last: bool = True, streams: bool = False) -> torch.nn.Module:
     net = build_resnet18("cifar", num_classes=LABELS).cuda()
+    if streams:
+        net = two_streams(net)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -112,6 +131,24 @@ def compiled(profile: bool = False) -> float:
 
 
 TOP: dict[str, list] = {}  # the costliest kernels of each profiled step, by its name
+BY_KIND: dict[str, dict] = {}  # ms a step of each kind of kernel, by the step's name
+KINDS = [  # (kind, a part of the kernel's name), the first that matches
+    ("conv_weight_grad", "wgrad"),
+    ("conv_input_grad", "dgrad"),
+    ("conv_forward", "fprop"),
+    ("conv_other", "conv"),
+    ("inductor_fused", "triton_"),
+    ("batch_norm", "batch_norm"),
+    ("adam", "multi_tensor_apply"),
+    ("adam", "fused_adam"),
+    ("copy", "copy"),
+    ("elementwise", "elementwise"),
+]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, part in KINDS if part in name), "other")
 
 
 def kernel_ms(step, name: str | None = None) -> float:
@@ -129,6 +166,10 @@ def kernel_ms(step, name: str | None = None) -> float:
             [e.key[:100], round(e.self_device_time_total / 50 / 1e3, 4), e.count / 50]
             for e in events[:15]
         ]
+        kinds: dict[str, float] = {}
+        for e in events:
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + e.self_device_time_total
+        BY_KIND[name] = {kind: round(us / 50 / 1e3, 4) for kind, us in sorted(kinds.items())}
     return sum(e.self_device_time_total for e in events) / 50 / 1e3
 
 
@@ -136,10 +177,15 @@ def kernel_ms(step, name: str | None = None) -> float:
 SETUP_SECONDS: dict[str, float] = {}
 
 
-def whole_step(
-    channels_last: bool = True, fused: bool = False, profile: bool = False, compile_it: bool = False
-) -> float:
-    net, (x, y) = network(channels_last), batch(channels_last)
+def captured_step(
+    channels_last: bool = True,
+    fused: bool = False,
+    compile_it: bool = False,
+    streams: bool = False,
+) -> torch.cuda.CUDAGraph:
+    """A whole training step (forward, loss, backward, Adam with a device learning rate)
+    captured as one CUDA graph after 3 warm-up steps, on its own network and batch."""
+    net, (x, y) = network(channels_last, streams), batch(channels_last)
     forward = torch.compile(net) if compile_it else net
     lr = torch.tensor(1e-3, device="cuda")
     opt = torch.optim.Adam(
@@ -149,7 +195,6 @@ def whole_step(
         **({"fused": True} if fused else {"foreach": True}),
     )
     step = training_step(forward, opt, x, y)
-    started = time.perf_counter()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -160,11 +205,57 @@ def whole_step(
     with torch.cuda.graph(graph):
         step()
     torch.cuda.synchronize()
+    return graph
+
+
+def whole_step(
+    channels_last: bool = True,
+    fused: bool = False,
+    profile: bool = False,
+    compile_it: bool = False,
+    streams: bool = False,
+) -> float:
+    started = time.perf_counter()
+    graph = captured_step(channels_last, fused, compile_it, streams)
     if compile_it and "whole_compiled" not in SETUP_SECONDS:  # the first: cold
         SETUP_SECONDS["whole_compiled"] = round(time.perf_counter() - started, 2)
     if profile:
         return kernel_ms(graph.replay, f"whole_{'compiled' if compile_it else 'fused'}_kernels")
     return timed(graph.replay)
+
+
+def whole_compiled_pair() -> float:
+    """ms for two compiled whole steps replayed at once, each on its own stream."""
+    graphs = [captured_step(fused=True, compile_it=True) for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in graphs]
+
+    def both():
+        main = torch.cuda.current_stream()
+        for graph, stream in zip(graphs, streams, strict=True):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            main.wait_stream(stream)
+
+    return timed(both)
+
+
+def streams_max_grad_diff() -> float:
+    """The largest absolute difference of a gradient, two-stream network against plain, after
+    one bf16-autocast forward and backward of the same batch from the same weights."""
+    plain = network()
+    streamed = two_streams(copy.deepcopy(plain))
+    x, y = batch()
+    for net in (plain, streamed):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+        loss.backward()
+    torch.cuda.synchronize()
+    return max(
+        (a.grad - b.grad).abs().max().item()
+        for a, b in zip(plain.parameters(), streamed.parameters(), strict=True)
+    )
 
 
 def eval_1024() -> float:
@@ -179,7 +270,14 @@ def eval_1024() -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", help="the JSON file to write")
+    parser.add_argument("names", nargs="*", help="only these measurements")
+    parser.add_argument("--cudnn-benchmark-limit", type=int, default=None)
+    args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     results = {}
     measures = {
         "whole_fused": lambda: whole_step(fused=True),
@@ -194,27 +292,45 @@ def main() -> None:
         "eval_1024": eval_1024,
         "compiled": compiled,
         "compiled_kernels": lambda: compiled(profile=True),
+        "whole_compiled_pair": whole_compiled_pair,
+        "whole_streams": lambda: whole_step(fused=True, streams=True),
+        "whole_compiled_streams": lambda: whole_step(fused=True, compile_it=True, streams=True),
+        "streams_max_grad_diff": streams_max_grad_diff,
     }
-    # python benchmarks/step_floor_gpu.py OUT.json whole_fused whole_compiled_kernels ...: only those
-    names = sys.argv[2:] or list(measures)
-    for name, measure in [(name, measures[name]) for name in names]:
+    unknown = [name for name in args.names if name not in measures]
+    if unknown:
+        parser.error(
+            f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(measures)}"
+        )
+    for name, measure in [(name, measures[name]) for name in args.names or list(measures)]:
         try:
-            results[name] = round(measure(), 4)
-            print(f"{name}: {results[name]:.3f} ms", flush=True)
+            value = measure()
+            if name.endswith("_diff"):  # a difference, not a time
+                results[name] = value
+                print(f"{name}: {value:.3e}", flush=True)
+            else:
+                results[name] = round(value, 4)
+                print(f"{name}: {value:.3f} ms", flush=True)
         except Exception as e:  # one failure should not lose the other numbers
             results[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed: {results[name]}", flush=True)
+    limit = torch.backends.cudnn.benchmark_limit
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH}, {STEPS} steps"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH}, {STEPS} steps, "
+        f"cudnn.benchmark_limit {limit}"
     )
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+    for name, kinds in BY_KIND.items():
+        print(f"{name} by kind (ms a step): {kinds}")
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(
                 {
                     "device": torch.cuda.get_device_name(),
+                    "cudnn_benchmark_limit": limit,
                     **results,
                     **{f"{name}_setup_s": sec for name, sec in SETUP_SECONDS.items()},
                     **{f"{name}_top": top for name, top in TOP.items()},
+                    **{f"{name}_by_kind": kinds for name, kinds in BY_KIND.items()},
                 },
                 f,
                 indent=1,

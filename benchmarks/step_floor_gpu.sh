@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 15: can a training step of the protocol (batch 128 at 28px, bf16, the whole step as one
+# CUDA graph) take less GPU time than the 2.2 ms that puts 100 epochs at about 150 s of training
+# alone? In one call of about 3 minutes (DEADLINE 240 s), benchmarks/step_floor_gpu.py without
+# Lightning, twice:
+#   1. cuDNN's benchmark as PyTorch runs it (10 algorithms tried per convolution):
+#      - whole_compiled, whole_compiled_kernels: the default's step, and its kernel time by kind
+#        (convolution forward, input and weight gradients, inductor's fused kernels, Adam, ...),
+#        now that the benchmark's gradients are set to None as the run's are (the 2.2 ms the
+#        last measurement estimated, from 2.316 ms less 0.119 ms of float additions);
+#      - whole_compiled_pair: two independent steps at once on two streams: how much of the GPU
+#        one step leaves idle (a pair in twice the time: none);
+#      - whole_streams, whole_compiled_streams, streams_max_grad_diff: each convolution's weight
+#        gradient on a second stream beside its input gradient (benchmarks/two_stream_conv.py),
+#        uncompiled and compiled, against whole_fused and whole_compiled; its gradients against
+#        the plain network's;
+#   2. cuDNN's benchmark trying every algorithm (--cudnn-benchmark-limit 0), a fresh process:
+#      whole_compiled and whole_fused.
+# Results under $OUT: step_floor.json, step_floor_all_algorithms.json, summary.txt (each log's
+# last 12 lines), results.tar.gz (the whole logs).
+#
+#   OUT=/tmp/out bash benchmarks/step_floor_gpu.sh     (nothing to carry: it needs torch and Lightning)
+set -u
+DEADLINE=$(( $(date +%s) + 240 ))
+source "$(dirname "$0")/gpu_lib.sh"  # $OUT, $RES, say, step
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$RES/summary.txt"
+CACHES="env TORCHINDUCTOR_CACHE_DIR=/tmp/step_floor_caches/inductor TRITON_CACHE_DIR=/tmp/step_floor_caches/triton"
+rm -rf /tmp/step_floor_caches  # the first compile is cold (whole_compiled_setup_s)
+step step_floor 170 $CACHES python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
+  whole_compiled whole_compiled_kernels whole_compiled_pair whole_fused whole_streams \
+  streams_max_grad_diff whole_compiled_streams
+step step_floor_all_algorithms 90 $CACHES python3 benchmarks/step_floor_gpu.py \
+  "$OUT/step_floor_all_algorithms.json" whole_compiled whole_fused --cudnn-benchmark-limit 0
+cp "$RES/summary.txt" "$OUT/summary.txt"
+say "done"
