@@ -31,6 +31,9 @@ of 100 epochs in 150 s):
   whole_streams  whole_fused with each convolution's weight gradient on a second stream while
                 its input gradient runs on the current one (benchmarks/two_stream_conv.py)
   whole_compiled_streams  the same, the network compiled (whole_compiled with two streams)
+  whole_compiled_streams_kernels  its kernels' time (summed: more than the step's time where
+                they overlap) and by kind: copies the compiled graph adds around the custom
+                convolutions would show there
   streams_max_grad_diff  the largest difference of a gradient between the two-stream network and
                 the plain one after one bf16 step on the same batch and weights (not ms)
 *_kernels measurements also sum their kernels by kind (<name>_by_kind: convolution forward,
@@ -220,7 +223,10 @@ def whole_step(
     if compile_it and "whole_compiled" not in SETUP_SECONDS:  # the first: cold
         SETUP_SECONDS["whole_compiled"] = round(time.perf_counter() - started, 2)
     if profile:
-        return kernel_ms(graph.replay, f"whole_{'compiled' if compile_it else 'fused'}_kernels")
+        name = (
+            f"whole_{'compiled' if compile_it else 'fused'}{'_streams' if streams else ''}_kernels"
+        )
+        return kernel_ms(graph.replay, name)
     return timed(graph.replay)
 
 
@@ -295,6 +301,9 @@ def main() -> None:
         "whole_compiled_pair": whole_compiled_pair,
         "whole_streams": lambda: whole_step(fused=True, streams=True),
         "whole_compiled_streams": lambda: whole_step(fused=True, compile_it=True, streams=True),
+        "whole_compiled_streams_kernels": lambda: whole_step(
+            fused=True, compile_it=True, streams=True, profile=True
+        ),
         "streams_max_grad_diff": streams_max_grad_diff,
     }
     unknown = [name for name in args.names if name not in measures]

@@ -28,7 +28,7 @@ CACHES="env TORCHINDUCTOR_CACHE_DIR=/tmp/step_floor_caches/inductor TRITON_CACHE
 rm -rf /tmp/step_floor_caches  # the first compile is cold (whole_compiled_setup_s)
 step step_floor 170 $CACHES python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
   whole_compiled whole_compiled_kernels whole_compiled_pair whole_fused whole_streams \
-  streams_max_grad_diff whole_compiled_streams
+  streams_max_grad_diff whole_compiled_streams whole_compiled_streams_kernels
 step step_floor_all_algorithms 90 $CACHES python3 benchmarks/step_floor_gpu.py \
   "$OUT/step_floor_all_algorithms.json" whole_compiled whole_fused --cudnn-benchmark-limit 0
 cp "$RES/summary.txt" "$OUT/summary.txt"
