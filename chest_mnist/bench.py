@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from chest_mnist import UserError
-from chest_mnist.cli import resolve_device
+from chest_mnist.cli import freeze_for_exit, resolve_device
 from chest_mnist.data import MedMNISTDataModule  # here: its imports (Lightning) count before data
 from chest_mnist.npz import SIZES
 
@@ -462,3 +462,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    freeze_for_exit()

@@ -33,7 +33,7 @@ import yaml
 from scipy import stats
 
 from chest_mnist import UserError, run_files
-from chest_mnist.cli import report_user_errors
+from chest_mnist.cli import freeze_for_exit, report_user_errors
 
 # (column, metrics.json key): what a row shows
 DIFFERENCE = "compare_difference.csv"
@@ -312,3 +312,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    freeze_for_exit()

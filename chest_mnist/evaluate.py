@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from chest_mnist import UserError, run_files
 from chest_mnist.calibration import scale, temperature_scaling
 from chest_mnist.checkpoints import load_model, weights_digest
-from chest_mnist.cli import quiet_lightning, report_user_errors
+from chest_mnist.cli import freeze_for_exit, quiet_lightning, report_user_errors
 from chest_mnist.config import register
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
@@ -219,3 +219,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    freeze_for_exit()

@@ -54,7 +54,7 @@ from chest_mnist import UserError
 from chest_mnist.batches import to_model_input
 from chest_mnist.cam import write_overlays
 from chest_mnist.checkpoints import load_model, weights_digest
-from chest_mnist.cli import report_user_errors, resolve_device
+from chest_mnist.cli import freeze_for_exit, report_user_errors, resolve_device
 from chest_mnist.config import register
 from chest_mnist.images import IMAGE_SUFFIXES, is_image_file, read_image
 from chest_mnist.model import MedMNISTClassifier
@@ -399,3 +399,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    freeze_for_exit()

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chest_mnist import run_files
 from chest_mnist.checkpoints import load_weights
-from chest_mnist.cli import quiet_lightning, report_user_errors
+from chest_mnist.cli import freeze_for_exit, quiet_lightning, report_user_errors
 from chest_mnist.config import register
 from chest_mnist.config_checks import check_before_training
 from chest_mnist.evaluate import evaluate_model
@@ -126,3 +126,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
+    freeze_for_exit()
