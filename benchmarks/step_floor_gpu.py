@@ -32,13 +32,16 @@ of 100 epochs in 150 s):
                 its input gradient runs on the current one (benchmarks/two_stream_conv.py)
   whole_compiled_streams  the same, the network compiled (whole_compiled with two streams)
   whole_compiled_streams_kernels  its kernels' time (summed: more than the step's time where
-                they overlap) and by kind: copies the compiled graph adds around the custom
-                convolutions would show there
+                they overlap) and by kind, against whole_compiled_kernels': the custom
+                convolutions' own copies to the promised strides show under copy, copies
+                inductor adds around them under inductor_fused
   streams_max_grad_diff  the largest difference of a gradient between the two-stream network and
-                the plain one after one bf16 step on the same batch and weights (not ms)
-*_kernels measurements also sum their kernels by kind (<name>_by_kind: convolution forward,
-input and weight gradients, inductor's fused kernels, batch norm, Adam, copies, other).
-Prints one line per measurement, and writes them as JSON to the path given (if any).
+                the plain one after one bf16 forward and backward on the same batch and weights
+                (not ms)
+The whole_*_kernels measurements also sum their kernels by kind (<name>_by_kind: convolution
+forward, input and weight gradients, inductor's fused kernels, batch norm, Adam, copies, other).
+Prints one line per measurement, and after each writes those so far as JSON to the path given
+(if any).
 
     python benchmarks/step_floor_gpu.py [OUT.json [NAME...]] [--cudnn-benchmark-limit N]
       NAME: only those measurements. --cudnn-benchmark-limit: how many of cuDNN's algorithms
@@ -136,14 +139,16 @@ def compiled(profile: bool = False) -> float:
 TOP: dict[str, list] = {}  # the costliest kernels of each profiled step, by its name
 BY_KIND: dict[str, dict] = {}  # ms a step of each kind of kernel, by the step's name
 KINDS = [  # (kind, a part of the kernel's name), the first that matches
+    # first: inductor names a kernel by the operators it came from, and a layout copy for a
+    # convolution (triton_poi_fused_convolution_0) or a cast (..._convert_element_type_...)
+    # would otherwise count as a convolution
+    ("inductor_fused", "triton_"),
     ("conv_weight_grad", "wgrad"),
     ("conv_input_grad", "dgrad"),
     ("conv_forward", "fprop"),
     ("conv_other", "conv"),
-    ("inductor_fused", "triton_"),
     ("batch_norm", "batch_norm"),
-    ("adam", "multi_tensor_apply"),
-    ("adam", "fused_adam"),
+    ("adam", "multi_tensor_apply"),  # fused or foreach Adam (any foreach op would count)
     ("copy", "copy"),
     ("elementwise", "elementwise"),
 ]
@@ -275,75 +280,83 @@ def eval_1024() -> float:
     return timed(forward, 50)
 
 
+MEASURES = {  # what each name measures: the module's docstring
+    "whole_fused": lambda: whole_step(fused=True),
+    "whole_fused_kernels": lambda: whole_step(fused=True, profile=True),
+    "whole_compiled": lambda: whole_step(fused=True, compile_it=True),
+    "whole_compiled_kernels": lambda: whole_step(fused=True, compile_it=True, profile=True),
+    "whole_step": whole_step,
+    "graphed_fb": graphed_fb,
+    "eager": eager,
+    "whole_nchw": lambda: whole_step(channels_last=False),
+    "kernels": lambda: graphed_fb(profile=True),
+    "eval_1024": eval_1024,
+    "compiled": compiled,
+    "compiled_kernels": lambda: compiled(profile=True),
+    "whole_compiled_pair": whole_compiled_pair,
+    "whole_streams": lambda: whole_step(fused=True, streams=True),
+    "whole_compiled_streams": lambda: whole_step(fused=True, compile_it=True, streams=True),
+    "whole_compiled_streams_kernels": lambda: whole_step(
+        fused=True, compile_it=True, streams=True, profile=True
+    ),
+    "streams_max_grad_diff": streams_max_grad_diff,
+}
+
+
+def write(path: str, results: dict) -> None:
+    """The results so far as JSON (after each measurement: a run stopped by its time limit
+    keeps those it finished)."""
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "device": torch.cuda.get_device_name(),
+                "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
+                **results,
+                **{f"{name}_setup_s": sec for name, sec in SETUP_SECONDS.items()},
+                **{f"{name}_top": top for name, top in TOP.items()},
+                **{f"{name}_by_kind": kinds for name, kinds in BY_KIND.items()},
+            },
+            f,
+            indent=1,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", help="the JSON file to write")
     parser.add_argument("names", nargs="*", help="only these measurements")
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None)
     args = parser.parse_args()
+    unknown = [name for name in args.names if name not in MEASURES]
+    if unknown:
+        parser.error(
+            f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(MEASURES)}"
+        )
     torch.backends.cudnn.benchmark = True
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH}, {STEPS} steps, "
+        f"cudnn.benchmark_limit {torch.backends.cudnn.benchmark_limit}",
+        flush=True,
+    )
     results = {}
-    measures = {
-        "whole_fused": lambda: whole_step(fused=True),
-        "whole_fused_kernels": lambda: whole_step(fused=True, profile=True),
-        "whole_compiled": lambda: whole_step(fused=True, compile_it=True),
-        "whole_compiled_kernels": lambda: whole_step(fused=True, compile_it=True, profile=True),
-        "whole_step": whole_step,
-        "graphed_fb": graphed_fb,
-        "eager": eager,
-        "whole_nchw": lambda: whole_step(channels_last=False),
-        "kernels": lambda: graphed_fb(profile=True),
-        "eval_1024": eval_1024,
-        "compiled": compiled,
-        "compiled_kernels": lambda: compiled(profile=True),
-        "whole_compiled_pair": whole_compiled_pair,
-        "whole_streams": lambda: whole_step(fused=True, streams=True),
-        "whole_compiled_streams": lambda: whole_step(fused=True, compile_it=True, streams=True),
-        "whole_compiled_streams_kernels": lambda: whole_step(
-            fused=True, compile_it=True, streams=True, profile=True
-        ),
-        "streams_max_grad_diff": streams_max_grad_diff,
-    }
-    unknown = [name for name in args.names if name not in measures]
-    if unknown:
-        parser.error(
-            f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(measures)}"
-        )
-    for name, measure in [(name, measures[name]) for name in args.names or list(measures)]:
+    for name in args.names or list(MEASURES):
         try:
-            value = measure()
+            value = MEASURES[name]()
             if name.endswith("_diff"):  # a difference, not a time
                 results[name] = value
                 print(f"{name}: {value:.3e}", flush=True)
             else:
                 results[name] = round(value, 4)
                 print(f"{name}: {value:.3f} ms", flush=True)
+            if name in BY_KIND:
+                print(f"{name} by kind (ms a step): {BY_KIND[name]}", flush=True)
         except Exception as e:  # one failure should not lose the other numbers
             results[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed: {results[name]}", flush=True)
-    limit = torch.backends.cudnn.benchmark_limit
-    print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH}, {STEPS} steps, "
-        f"cudnn.benchmark_limit {limit}"
-    )
-    for name, kinds in BY_KIND.items():
-        print(f"{name} by kind (ms a step): {kinds}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "device": torch.cuda.get_device_name(),
-                    "cudnn_benchmark_limit": limit,
-                    **results,
-                    **{f"{name}_setup_s": sec for name, sec in SETUP_SECONDS.items()},
-                    **{f"{name}_top": top for name, top in TOP.items()},
-                    **{f"{name}_by_kind": kinds for name, kinds in BY_KIND.items()},
-                },
-                f,
-                indent=1,
-            )
+        if args.out:
+            write(args.out, results)
 
 
 if __name__ == "__main__":

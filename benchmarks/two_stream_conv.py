@@ -6,12 +6,14 @@ At batch 128 and 28px, ResNet-18's later convolutions are small GEMMs (layer4: 2
 positions by 512 channels) that leave many of an H200's 132 SMs idle, and PyTorch runs a
 convolution's two backward GEMMs one after the other on one stream. They do not depend on each
 other, so on two streams they may overlap; a whole-step CUDA graph keeps the two branches. The
-kernels are the same (aten.convolution_backward, once per gradient), so the gradients are too.
+current stream waits for both before it goes on, so only a convolution's own two gradients
+overlap. The kernels are aten.convolution_backward's, once per gradient, so the gradients should
+be the same (step_floor_gpu's streams_max_grad_diff measures it on a GPU).
 
 Both are custom operators (torch.library), so torch.compile treats them as opaque kernels
 rather than tracing the streams. On the CPU the backward runs on one thread, in order.
 
-    net = two_streams(build_resnet18("cifar"))   # every bias-free nn.Conv2d, in place
+    net = two_streams(build_resnet18("cifar"))   # every nn.Conv2d (all bias-free), in place
 """
 
 import torch
@@ -25,6 +27,13 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _SIDE:
         _SIDE[device] = torch.cuda.Stream(device)
     return _SIDE[device]
+
+
+def _check_apart(main: torch.cuda.Stream, side: torch.cuda.Stream) -> None:
+    """torch.cuda.Stream() hands out PyTorch's 32 pooled streams in turn, so after 32 more the
+    current stream can be the side one; the two gradients would then run in order, silently."""
+    if main == side:
+        raise RuntimeError(f"the current stream is the side stream ({side}): nothing would overlap")
 
 
 def _backward_args(grad, x, weight, stride, padding):
@@ -54,6 +63,7 @@ def grads(
         grad_x = _laid_out_as(grad_x, x) if input_grad else x.new_empty(0)
         return grad_x, _laid_out_as(grad_weight, weight)
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    _check_apart(main, side)
     # the side stream starts after everything enqueued so far (this gradient, and the last
     # step's optimizer reading the weight gradient whose memory it may reuse); the current
     # stream goes on only after the side's work, so nothing it frees is still being read
@@ -99,22 +109,25 @@ conv.register_autograd(_backward, setup_context=_setup_context)
 
 
 class TwoStreamConv2d(nn.Module):
-    """An nn.Conv2d (square, no bias, no groups or dilation) run through `conv`, with the same
-    weight. Under autocast the operands are cast as autocast casts a convolution's (custom
-    operators are not on its lists)."""
+    """An nn.Conv2d (square stride and padding, zero padding, no bias, groups or dilation) run
+    through `conv`, with the same weight. Under autocast the operands are cast as autocast casts
+    a convolution's (custom operators are not on its lists)."""
 
     def __init__(self, original: nn.Conv2d):
         super().__init__()
         stride, padding = original.stride, original.padding
         if (
             original.bias is not None
+            or original.padding_mode != "zeros"
             or original.groups != 1
             or original.dilation != (1, 1)
             or stride[0] != stride[1]
             or not isinstance(padding, tuple)
             or padding[0] != padding[1]
         ):
-            raise ValueError(f"not a square, bias-free, ungrouped convolution: {original}")
+            raise ValueError(
+                f"not a square, zero-padded, bias-free, ungrouped convolution: {original}"
+            )
         self.weight = original.weight
         self.stride, self.padding = stride[0], padding[0]
 

@@ -15,6 +15,7 @@ def test_freeze_for_exit_finalizes_the_garbage_before_it_freezes_the_rest():
         def __del__(self):
             finalized.append(self)
 
+    enabled = gc.isenabled()
     gc.disable()  # nothing collects the cycle before the call does
     try:
         a, b = Node(), Node()
@@ -27,4 +28,5 @@ def test_freeze_for_exit_finalizes_the_garbage_before_it_freezes_the_rest():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()  # this test process goes on
-        gc.enable()
+        if enabled:
+            gc.enable()

@@ -6,6 +6,7 @@ gradients in order on one stream; the GPU call checks the two-stream path
 
 import copy
 import json
+import re
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import each other as files do
 import step_floor_gpu  # noqa: E402
-from two_stream_conv import TwoStreamConv2d, two_streams  # noqa: E402
+from two_stream_conv import TwoStreamConv2d, _laid_out_as, two_streams  # noqa: E402
 
 
 def grads_of(net, x, y, autocast: bool = False) -> list[torch.Tensor]:
@@ -46,26 +47,41 @@ def test_resnet18_with_two_stream_convolutions_has_the_same_gradients(autocast):
 
 
 @pytest.mark.slow
-def test_compiled_two_stream_convolutions_match_eager_conv2d():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_two_stream_convolutions_match_eager_conv2d(autocast):
     """torch.compile sees the custom operators (their fake kernels give the output's shape and
     strides): a strided convolution of channels-last input, and one whose input needs no
-    gradient (a network's first)."""
+    gradient (a network's first); under bf16 autocast too, as step_floor_gpu compiles them."""
     torch.manual_seed(0)
     first = torch.nn.Conv2d(3, 8, 3, 1, 1, bias=False)
     second = torch.nn.Conv2d(8, 16, 3, 2, 1, bias=False)
     plain = torch.nn.Sequential(first, torch.nn.ReLU(), second)
     streamed = torch.nn.Sequential(TwoStreamConv2d(first), torch.nn.ReLU(), TwoStreamConv2d(second))
     x = torch.rand(4, 3, 12, 12).contiguous(memory_format=torch.channels_last)
-    out = torch.compile(streamed)(x)
-    out.square().sum().backward()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = torch.compile(streamed, fullgraph=True)(x)
+    out.float().square().sum().backward()
     got = [p.grad.clone() for p in streamed.parameters()]
     for p in plain.parameters():
         p.grad = None
-    expected_out = plain(x)
-    expected_out.square().sum().backward()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        expected_out = plain(x)
+    expected_out.float().square().sum().backward()
     torch.testing.assert_close(out, expected_out)
     for a, b in zip((p.grad for p in plain.parameters()), got, strict=True):
         torch.testing.assert_close(b, a)
+
+
+def test_a_gradient_in_another_layout_is_copied_to_the_promised_one():
+    """What aten's gradient kernels may return in another memory format than the operand's (the
+    fake kernels promise the operand's strides): the same values, the operand's strides."""
+    like = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    t = torch.rand(2, 3, 4, 5)
+    laid_out = _laid_out_as(t, like)
+    assert laid_out.stride() == like.stride() != t.stride()
+    assert torch.equal(laid_out, t)
+    same = torch.rand(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert _laid_out_as(same, like) is same
 
 
 def test_a_convolution_it_cannot_run_is_refused():
@@ -73,6 +89,8 @@ def test_a_convolution_it_cannot_run_is_refused():
         TwoStreamConv2d(torch.nn.Conv2d(3, 8, 3, bias=True))
     with pytest.raises(ValueError, match="bias-free"):
         TwoStreamConv2d(torch.nn.Conv2d(8, 8, 3, groups=2, bias=False))
+    with pytest.raises(ValueError, match="zero-padded"):
+        TwoStreamConv2d(torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False))
 
 
 def test_kernel_kinds_of_the_h200_profile():
@@ -98,3 +116,17 @@ def test_kernel_kinds_of_the_h200_profile():
     for start, kind in expected.items():
         name = next(name for name in names if name.startswith(start))
         assert step_floor_gpu.kind_of(name) == kind, name
+    # inductor names a kernel after its operators: a convolution's layout copy is inductor's
+    for name in ("triton_poi_fused_convolution_0", "triton_red_fused_convert_element_type_1"):
+        assert step_floor_gpu.kind_of(name) == "inductor_fused", name
+
+
+def test_the_gpu_script_asks_for_measurements_that_exist():
+    """step_floor_gpu.sh's names: an unknown one stops step_floor_gpu.py before it measures
+    anything, and the GPU's minutes are few."""
+    script = (ROOT / "benchmarks/step_floor_gpu.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r"python3 benchmarks/step_floor_gpu\.py (.*)", script)
+    assert len(calls) == 2
+    for call in calls:
+        words = call.split("--")[0].split()[1:]  # after OUT.json, before the options
+        assert words and set(words) <= set(step_floor_gpu.MEASURES), words
