@@ -9,7 +9,9 @@
 #      100 epochs of ChestMNIST-sized data, from a cold start (a fresh process, new inductor and
 #      Triton caches: the compilation is counted), timed end to end against 150 s; metrics.json
 #      and .hydra/config.yaml kept (protocol_100/). Training stops at 150 s (trainer.max_time):
-#      a run that gets there has missed the goal, and epochs_trained says how far it got;
+#      a run that gets there has missed the goal, and epochs_trained says how far it got. The
+#      summary also says how long the command took to its run folder (imports, Hydra) and from
+#      its last log line to its end (the exit);
 #   2. the same with cuDNN's kernels (model.compile=false, nothing compiled), 30 s: its seconds
 #      per epoch (protocol_100_uncompiled/). A step of them needs about 2.6 ms of GPU work (an
 #      H200), about 160 s for 100 epochs: this one cannot meet the goal, its rate says by how much;
@@ -36,6 +38,8 @@
 # Results under $OUT (summary.txt, protocol_100*/, pneumonia_seeds.csv, results.tar.gz).
 #
 #   OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh          (carry .whl: make gpu-wheels)
+#   ONLY_PROTOCOL=1 OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh   (steps 1 and 2: the default's
+#                                                                  time, when its learning is not in question)
 #   DRY_RUN=1 OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh   (every step on the CPU, tiny data
 #                                                                  2 epochs, seed 1: checks the script, times nothing)
 set -u
@@ -64,14 +68,30 @@ caches() {  # step NAME SECONDS $(caches DIR) COMMAND...: inductor's and Triton'
 CACHES=/tmp/compile_caches; rm -rf $CACHES  # empty: the first run of each compiles cold
 protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protocol, its files kept
   local name=$1 cap=$2; shift 2
-  # the log's own times start at Hydra's run folder: this one times what comes before it
+  # the log's own times start at Hydra's run folder: the command's start and end time what
+  # comes before it (imports, Hydra) and after its last line (the exit)
+  local started=$(date +%s.%N)
   say "$name: started at $(date +%T.%N | cut -c1-12) (the log's times follow)"
   step $name $(( cap + 60 )) $(caches $CACHES/$name) python3 -m chest_mnist.train data=synthetic \
     data.path=/tmp/chest_full.npz trainer.max_epochs=$EPOCHS \
     +trainer.max_time=$(printf '00:00:%02d:%02d' $(( cap / 60 )) $(( cap % 60 ))) paths.log_dir=/tmp/logs/$name $CPU "$@"
+  local ended=$(date +%s.%N)
   grep -h "CUDA graph:" "$RES/$name.log" >> "$RES/summary.txt" || say "$name: no CUDA graph captured"
   grep -h "model.compile:" "$RES/$name.log" >> "$RES/summary.txt"
   local run=$(ls -d /tmp/logs/$name/train/runs/* 2>/dev/null | head -1)
+  python3 - "$started" "$ended" "$run" "$RES/$name.log" >> "$RES/summary.txt" 2>&1 <<'PY'
+import datetime, re, sys
+started, ended, run, log = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+def epoch(text, fmt):  # the machine's local time, as date and the log write it
+    return datetime.datetime.strptime(text, fmt).timestamp()
+if not run:
+    sys.exit("no run folder: the command's start and end not compared with its log")
+folder = epoch(run.rsplit("/", 1)[-1], "%Y-%m-%d_%H-%M-%S")  # to the second
+stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", open(log).read(), re.M)
+last = epoch(stamps[-1], "%Y-%m-%d %H:%M:%S,%f") if stamps else float("nan")
+print(f"start to the run folder {folder - started:.1f} s (+0 to 1 s: the folder's name has whole "
+      f"seconds); the last log line to the end {ended - last:.2f} s; the command {ended - started:.1f} s")
+PY
   mkdir -p "$OUT/$name"
   cp "$run/report/metrics.json" "$run/.hydra/config.yaml" "$OUT/$name/" 2>/dev/null
   say_report $name "$run/report/metrics.json" train_seconds epochs_trained best_val/auroc test/auroc test/acc
@@ -79,6 +99,11 @@ protocol() {  # protocol NAME CAP_SECONDS OVERRIDES...: a cold run of the protoc
 }
 protocol protocol_100 150  # the default command
 protocol protocol_100_uncompiled 30 model.compile=false
+if [ -n "${ONLY_PROTOCOL:-}" ]; then  # steps 1 and 2 only, about 4.5 minutes
+  say "ONLY_PROTOCOL: steps 3 to 5 left out"
+  cp "$RES/summary.txt" "$OUT/summary.txt"
+  exit 0
+fi
 # the runs below that compile reuse the protocol's compiled backbone (the same network and batch
 # shape: the head, which differs, is not compiled): they check weights and accuracy, not the start
 WARM=$(caches $CACHES/protocol_100)
