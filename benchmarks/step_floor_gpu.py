@@ -54,11 +54,13 @@ import copy
 import functools
 import json
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from two_stream_conv import two_streams  # benchmarks/ is the script's folder
 
+from chest_mnist import cuda_graphs
 from chest_mnist.model import build_resnet18
 
 BATCH, SIZE, LABELS, STEPS = 128, 28, 14, 300
@@ -190,9 +192,10 @@ def captured_step(
     fused: bool = False,
     compile_it: bool = False,
     streams: bool = False,
-) -> torch.cuda.CUDAGraph:
+) -> Callable[[], None]:
     """A whole training step (forward, loss, backward, Adam with a device learning rate)
-    captured as one CUDA graph after 3 warm-up steps, on its own network and batch."""
+    captured as one CUDA graph after 3 warm-up steps, as the run warms up and captures
+    (chest_mnist.cuda_graphs), on its own network and batch: the graph's replay."""
     net, (x, y) = network(channels_last, streams), batch(channels_last)
     forward = torch.compile(net) if compile_it else net
     lr = torch.tensor(1e-3, device="cuda")
@@ -203,17 +206,10 @@ def captured_step(
         **({"fused": True} if fused else {"foreach": True}),
     )
     step = training_step(forward, opt, x, y)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    cuda_graphs.warm_up(step)
+    replay, _ = cuda_graphs.capture(step)
     torch.cuda.synchronize()
-    return graph
+    return replay
 
 
 def whole_step(
@@ -224,28 +220,28 @@ def whole_step(
     streams: bool = False,
 ) -> float:
     started = time.perf_counter()
-    graph = captured_step(channels_last, fused, compile_it, streams)
+    replay = captured_step(channels_last, fused, compile_it, streams)
     if compile_it and "whole_compiled" not in SETUP_SECONDS:  # the first: cold
         SETUP_SECONDS["whole_compiled"] = round(time.perf_counter() - started, 2)
     if profile:
         name = (
             f"whole_{'compiled' if compile_it else 'fused'}{'_streams' if streams else ''}_kernels"
         )
-        return kernel_ms(graph.replay, name)
-    return timed(graph.replay)
+        return kernel_ms(replay, name)
+    return timed(replay)
 
 
 def whole_compiled_pair() -> float:
     """ms for two compiled whole steps replayed at once, each on its own stream."""
-    graphs = [captured_step(fused=True, compile_it=True) for _ in range(2)]
-    streams = [torch.cuda.Stream() for _ in graphs]
+    replays = [captured_step(fused=True, compile_it=True) for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in replays]
 
     def both():
         main = torch.cuda.current_stream()
-        for graph, stream in zip(graphs, streams, strict=True):
+        for replay, stream in zip(replays, streams, strict=True):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                graph.replay()
+                replay()
         for stream in streams:
             main.wait_stream(stream)
 

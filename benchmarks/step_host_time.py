@@ -2,7 +2,8 @@
 CUDA graph (model.cuda_graph=step, what auto takes on one GPU), without the GPU's: what
 Lightning's loop, the callbacks and the module cost around a replay. The graph is replaced by
 a stand-in whose call returns the same loss tensor and computes nothing, so on any machine (a
-CPU here) a step's time is the host's alone: on a GPU, a replay that takes longer than this keeps the GPU busy all the time.
+CPU here) a step's time is the host's alone: on a GPU, a replay that takes longer than this
+keeps the GPU busy all the time.
 
 The default config (the protocol: batch 128, its callbacks, loggers and progress bar) on the
 data file given, `--steps` steps an epoch; the step time is the median gap between consecutive

@@ -168,12 +168,12 @@ class MedMNISTClassifier(L.LightningModule):
             (clipping, fp16's loss scaling, an optimizer other than Adam or AdamW, a hook that
             reads the gradients), the forward and backward only; step: the whole step,
             refusing a run where it cannot be; true: the forward and backward, refusing a run
-            where they cannot be; false: the plain step. With graphs, an optimizer whose `fused` is not set runs fused. The
-            whole step also takes a network compiled without graphs of its own (compile=auto
-            or true), whose partial batches then run eagerly: inductor compiles it in a
-            separate process while the first steps replay a graph of it uncompiled, then the
-            run compiles it from that process's caches and captures the step again
-            (`chest_mnist.background_compile`).
+            where they cannot be; false: the plain step. With graphs, an optimizer whose
+            `fused` is not set runs fused. The whole step also takes a network compiled without
+            graphs of its own (compile=auto or true), whose partial batches then run eagerly:
+            inductor compiles it in a separate process while the first steps replay a graph of
+            it uncompiled, then the run compiles it from that process's caches and captures the
+            step again (`chest_mnist.background_compile`).
         compile_in_background: with compile and the whole-step graph, compile in a separate
             process meanwhile, as above (should it fail: with compile=auto the run goes on
             uncompiled, with true it compiles in this process); false: at the first step, in

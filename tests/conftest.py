@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -91,3 +93,23 @@ def tiny_overrides(tmp_path, synthetic_npz) -> list[str]:
 @pytest.fixture
 def cfg_tiny(tiny_overrides) -> DictConfig:
     return compose_train(tiny_overrides)
+
+
+ONE_GPU = torch.device("cuda", 0)
+
+
+def trainer_for_setup(device: torch.device = ONE_GPU, **replaced) -> SimpleNamespace:
+    """What MedMNISTClassifier.setup("fit") reads of its Trainer, as on one `device`, bf16,
+    without clipping or callbacks; `replaced` sets other values."""
+    return SimpleNamespace(
+        **{
+            "strategy": SimpleNamespace(root_device=device),
+            "world_size": 1,
+            "accumulate_grad_batches": 1,
+            "datamodule": None,
+            "gradient_clip_val": None,
+            "precision": "bf16-mixed",
+            "callbacks": [],
+            **replaced,
+        }
+    )

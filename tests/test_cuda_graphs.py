@@ -3,9 +3,9 @@ the plain step learns. Capturing needs a GPU; here torch.cuda.make_graphed_calla
 replaced by a stand-in that does what it does to the model (warm-up forwards in training mode,
 which move the batch-norm statistics) and returns the network unchanged, so the rest of the
 fast step (which batches take the graph, the statistics put back, the fused optimizer, the
-schedule) runs for real. For the whole-step graph (model.cuda_graph=auto or step) the stand-ins warm
-up on the CPU and "replay" by running the recorded step again, writing its loss into the
-captured output. The capture itself is checked on a GPU (benchmarks/)."""
+schedule) runs for real. For the whole-step graph (model.cuda_graph=auto or step) the
+stand-ins warm up on the CPU and "replay" by running the recorded step again, writing its loss
+into the captured output. The capture itself is checked on a GPU (benchmarks/)."""
 
 import logging
 import os
@@ -22,26 +22,9 @@ from chest_mnist.background_compile import BackgroundCompile, spec_for
 from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.model import MedMNISTClassifier, Network
 from chest_mnist.train import train
-from tests.conftest import compose_train
+from tests.conftest import ONE_GPU, compose_train, trainer_for_setup
 
-CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
-
-
-def trainer_for_setup(device=GPU, **replaced) -> SimpleNamespace:
-    """What MedMNISTClassifier.setup("fit") reads of its Trainer, as on one `device`, bf16,
-    without clipping or callbacks; `replaced` sets other values."""
-    return SimpleNamespace(
-        **{
-            "strategy": SimpleNamespace(root_device=device),
-            "world_size": 1,
-            "accumulate_grad_batches": 1,
-            "datamodule": None,
-            "gradient_clip_val": None,
-            "precision": "bf16-mixed",
-            "callbacks": [],
-            **replaced,
-        }
-    )
+CPU, GPU = torch.device("cpu"), ONE_GPU
 
 
 def test_auto_graphs_one_gpu_without_ddp_or_compiled_graphs():
@@ -371,7 +354,8 @@ EQUIVALENCE_RUN = [
     "~callbacks.model_summary",
     "test=false",
     "model.optimizer.fused=true",  # both steps: the optimizer the fast step uses
-    "model.compile=false",  # the default, auto, would compile the whole step (tests that want it say so)
+    # the default, auto, would compile the whole step (tests that want it say so)
+    "model.compile=false",
 ]
 
 

@@ -5,6 +5,7 @@ import torchvision.models._api as torchvision_api
 from chest_mnist import UserError
 from chest_mnist.model import MedMNISTClassifier, build_resnet18
 from chest_mnist.synthetic import LABELS
+from tests.conftest import trainer_for_setup
 
 
 def test_cifar_stem_keeps_28px_through_the_first_stage():
@@ -62,20 +63,13 @@ def test_pos_weight_must_have_one_value_per_label():
 
 
 def test_pos_weight_auto_is_the_train_negative_to_positive_ratio(synthetic_npz):
-    from types import SimpleNamespace
-
     from chest_mnist.data import MedMNISTDataModule
 
     datamodule = MedMNISTDataModule(path=str(synthetic_npz))
     datamodule.setup()
     model = MedMNISTClassifier(LABELS, stem="imagenet", pos_weight="auto")
-    model._trainer = SimpleNamespace(
-        datamodule=datamodule,
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        world_size=1,
-        accumulate_grad_batches=1,
-        gradient_clip_val=None,
-        precision="32-true",
+    model._trainer = trainer_for_setup(
+        torch.device("cpu"), datamodule=datamodule, precision="32-true"
     )
     model.setup("fit")
     positives = datamodule.splits["train"].labels.float().sum(0)
