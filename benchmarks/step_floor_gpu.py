@@ -23,8 +23,8 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   compiled_kernels  the CUDA kernel time of a compiled step: whether inductor's kernels lower
                 the floor that `kernels` measures for cuDNN's
   eval_1024     an inference forward of 1,024 images (the evaluation batch)
-Whether the GPU has room for more at once (issue 15: a step of 2.2 ms of kernels is the floor
-of 100 epochs in 150 s):
+Whether the GPU has room for more at once (issue 15: at about 2.2 ms of kernels a step, an
+estimate from an H200's whole_compiled_kernels, 100 epochs take about 135 s of training alone):
   whole_compiled_pair  two independent whole_compiled steps (two networks, two graphs) replayed
                 side by side on two streams, ms per pair: against twice whole_compiled, how much
                 of the GPU one step leaves idle

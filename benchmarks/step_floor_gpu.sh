@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15: can a training step of the protocol (batch 128 at 28px, bf16, the whole step as one
-# CUDA graph) take less GPU time than the 2.2 ms that puts 100 epochs at about 150 s of training
-# alone? In one call of about 3 minutes (DEADLINE 240 s), benchmarks/step_floor_gpu.py without
-# Lightning, twice:
+# CUDA graph) take less GPU time than the 2.2 ms (an estimate) that puts 100 epochs at about
+# 150 s of training alone (1.49 s an epoch: BENCHMARKS.md)? In one call of at most 4 minutes
+# (DEADLINE 240 s; not yet timed), benchmarks/step_floor_gpu.py without Lightning, twice:
 #   1. cuDNN's benchmark as PyTorch runs it (10 algorithms tried per convolution):
 #      - whole_compiled, whole_compiled_kernels: the default's step, and its kernel time by kind
 #        (convolution forward, input and weight gradients, inductor's fused kernels, Adam, ...),
