@@ -38,8 +38,14 @@ estimate from an H200's whole_compiled_kernels, 100 epochs take about 135 s of t
   streams_max_grad_diff  the largest difference of a gradient between the two-stream network and
                 the plain one after one bf16 forward and backward on the same batch and weights
                 (not ms)
+  whole_compiled_combo  whole_compiled with inductor's combo kernels (independent small kernels,
+                the weights' casts to bf16 for instance, launched as one:
+                torch._inductor.config.combo_kernels); its cold setup whole_compiled_combo_setup_s
+  whole_compiled_combo_kernels  its kernels' time, by kind and launches
 The whole_*_kernels measurements also sum their kernels by kind (<name>_by_kind: convolution
-forward, input and weight gradients, inductor's fused kernels, batch norm, Adam, copies, other).
+forward, input and weight gradients, inductor's fused kernels, batch norm, Adam, copies, other)
+and count their launches a step (<name>_launches_by_kind: a launch costs a few microseconds
+even in a graph, so many small kernels cost more than their work).
 Prints one line per measurement, and after each writes those so far as JSON to the path given
 (if any).
 
@@ -140,6 +146,7 @@ def compiled(profile: bool = False) -> float:
 
 TOP: dict[str, list] = {}  # the costliest kernels of each profiled step, by its name
 BY_KIND: dict[str, dict] = {}  # ms a step of each kind of kernel, by the step's name
+LAUNCHES_BY_KIND: dict[str, dict] = {}  # kernels launched a step of each kind, by the step's name
 KINDS = [  # (kind, a part of the kernel's name), the first that matches
     # first: inductor names a kernel by the operators it came from, and a layout copy for a
     # convolution (triton_poi_fused_convolution_0) or a cast (..._convert_element_type_...)
@@ -163,7 +170,8 @@ def kind_of(kernel: str) -> str:
 
 def kernel_ms(step, name: str | None = None) -> float:
     """The CUDA kernel time of one call of `step` (the GPU's busy time), over 50 calls; with a
-    `name`, its 15 costliest kernels go to TOP[name]."""
+    `name`, its 15 costliest kernels go to TOP[name], its time and launches by kind to
+    BY_KIND[name] and LAUNCHES_BY_KIND[name]."""
     timed(step, 20)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(50):
@@ -177,9 +185,13 @@ def kernel_ms(step, name: str | None = None) -> float:
             for e in events[:15]
         ]
         kinds: dict[str, float] = {}
+        launches: dict[str, int] = {}
         for e in events:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + e.self_device_time_total
+            kind = kind_of(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+            launches[kind] = launches.get(kind, 0) + e.count
         BY_KIND[name] = {kind: round(us / 50 / 1e3, 4) for kind, us in sorted(kinds.items())}
+        LAUNCHES_BY_KIND[name] = {kind: n / 50 for kind, n in sorted(launches.items())}
     return sum(e.self_device_time_total for e in events) / 50 / 1e3
 
 
@@ -192,12 +204,14 @@ def captured_step(
     fused: bool = False,
     compile_it: bool = False,
     streams: bool = False,
+    compile_options: dict | None = None,
 ) -> Callable[[], None]:
     """A whole training step (forward, loss, backward, Adam with a device learning rate)
     captured as one CUDA graph after 3 warm-up steps, as the run warms up and captures
-    (chest_mnist.cuda_graphs), on its own network and batch: the graph's replay."""
+    (chest_mnist.cuda_graphs), on its own network and batch: the graph's replay.
+    `compile_options`: inductor's settings for torch.compile (its `options`)."""
     net, (x, y) = network(channels_last, streams), batch(channels_last)
-    forward = torch.compile(net) if compile_it else net
+    forward = torch.compile(net, options=compile_options) if compile_it else net
     lr = torch.tensor(1e-3, device="cuda")
     opt = torch.optim.Adam(
         net.parameters(),
@@ -215,20 +229,26 @@ def captured_step(
 def whole_step(
     channels_last: bool = True,
     fused: bool = False,
-    profile: bool = False,
+    profile: str | None = None,
     compile_it: bool = False,
     streams: bool = False,
+    compile_options: dict | None = None,
+    setup: str | None = None,
 ) -> float:
+    """ms per replay of `captured_step(...)`, or with `profile` (a measurement's name) its
+    CUDA kernel time, recorded under that name; `setup`: the name under which the seconds to
+    the captured graph go to SETUP_SECONDS, if it has none yet (the first is the cold one)."""
     started = time.perf_counter()
-    replay = captured_step(channels_last, fused, compile_it, streams)
-    if compile_it and "whole_compiled" not in SETUP_SECONDS:  # the first: cold
-        SETUP_SECONDS["whole_compiled"] = round(time.perf_counter() - started, 2)
+    replay = captured_step(channels_last, fused, compile_it, streams, compile_options)
+    if setup and setup not in SETUP_SECONDS:
+        SETUP_SECONDS[setup] = round(time.perf_counter() - started, 2)
     if profile:
-        name = (
-            f"whole_{'compiled' if compile_it else 'fused'}{'_streams' if streams else ''}_kernels"
-        )
-        return kernel_ms(replay, name)
+        return kernel_ms(replay, profile)
     return timed(replay)
+
+
+# inductor fuses independent small kernels into one launch (torch._inductor.config.combo_kernels)
+COMBO = {"combo_kernels": True}
 
 
 def whole_compiled_pair() -> float:
@@ -278,9 +298,11 @@ def eval_1024() -> float:
 
 MEASURES = {  # what each name measures: the module's docstring
     "whole_fused": lambda: whole_step(fused=True),
-    "whole_fused_kernels": lambda: whole_step(fused=True, profile=True),
-    "whole_compiled": lambda: whole_step(fused=True, compile_it=True),
-    "whole_compiled_kernels": lambda: whole_step(fused=True, compile_it=True, profile=True),
+    "whole_fused_kernels": lambda: whole_step(fused=True, profile="whole_fused_kernels"),
+    "whole_compiled": lambda: whole_step(fused=True, compile_it=True, setup="whole_compiled"),
+    "whole_compiled_kernels": lambda: whole_step(
+        fused=True, compile_it=True, profile="whole_compiled_kernels", setup="whole_compiled"
+    ),
     "whole_step": whole_step,
     "graphed_fb": graphed_fb,
     "eager": eager,
@@ -291,11 +313,27 @@ MEASURES = {  # what each name measures: the module's docstring
     "compiled_kernels": lambda: compiled(profile=True),
     "whole_compiled_pair": whole_compiled_pair,
     "whole_streams": lambda: whole_step(fused=True, streams=True),
-    "whole_compiled_streams": lambda: whole_step(fused=True, compile_it=True, streams=True),
+    "whole_compiled_streams": lambda: whole_step(
+        fused=True, compile_it=True, streams=True, setup="whole_compiled_streams"
+    ),
     "whole_compiled_streams_kernels": lambda: whole_step(
-        fused=True, compile_it=True, streams=True, profile=True
+        fused=True,
+        compile_it=True,
+        streams=True,
+        profile="whole_compiled_streams_kernels",
+        setup="whole_compiled_streams",
     ),
     "streams_max_grad_diff": streams_max_grad_diff,
+    "whole_compiled_combo": lambda: whole_step(
+        fused=True, compile_it=True, compile_options=COMBO, setup="whole_compiled_combo"
+    ),
+    "whole_compiled_combo_kernels": lambda: whole_step(
+        fused=True,
+        compile_it=True,
+        compile_options=COMBO,
+        profile="whole_compiled_combo_kernels",
+        setup="whole_compiled_combo",
+    ),
 }
 
 
@@ -311,6 +349,7 @@ def write(path: str, results: dict) -> None:
                 **{f"{name}_setup_s": sec for name, sec in SETUP_SECONDS.items()},
                 **{f"{name}_top": top for name, top in TOP.items()},
                 **{f"{name}_by_kind": kinds for name, kinds in BY_KIND.items()},
+                **{f"{name}_launches_by_kind": n for name, n in LAUNCHES_BY_KIND.items()},
             },
             f,
             indent=1,
@@ -348,6 +387,7 @@ def main() -> None:
                 print(f"{name}: {value:.3f} ms", flush=True)
             if name in BY_KIND:
                 print(f"{name} by kind (ms a step): {BY_KIND[name]}", flush=True)
+                print(f"{name} launches a step by kind: {LAUNCHES_BY_KIND[name]}", flush=True)
         except Exception as e:  # one failure should not lose the other numbers
             results[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed: {results[name]}", flush=True)

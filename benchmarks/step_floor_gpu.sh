@@ -14,6 +14,8 @@
 #        gradient on a second stream beside its input gradient (benchmarks/two_stream_conv.py),
 #        uncompiled and compiled, against whole_fused and whole_compiled; its gradients against
 #        the plain network's;
+#      - whole_compiled_combo(_kernels): inductor's combo kernels (independent small kernels
+#        launched as one), compiled cold again, last as the least likely to matter;
 #   2. cuDNN's benchmark trying every algorithm (--cudnn-benchmark-limit 0), a fresh process:
 #      whole_compiled and whole_fused.
 # Results under $OUT: step_floor.json, step_floor_all_algorithms.json, summary.txt (each log's
@@ -28,7 +30,8 @@ CACHES="env TORCHINDUCTOR_CACHE_DIR=/tmp/step_floor_caches/inductor TRITON_CACHE
 rm -rf /tmp/step_floor_caches  # the first compile is cold (whole_compiled_setup_s)
 step step_floor 170 $CACHES python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
   whole_compiled whole_compiled_kernels whole_compiled_pair whole_fused whole_streams \
-  streams_max_grad_diff whole_compiled_streams whole_compiled_streams_kernels
+  streams_max_grad_diff whole_compiled_streams whole_compiled_streams_kernels \
+  whole_compiled_combo whole_compiled_combo_kernels
 step step_floor_all_algorithms 90 $CACHES python3 benchmarks/step_floor_gpu.py \
   "$OUT/step_floor_all_algorithms.json" whole_compiled whole_fused --cudnn-benchmark-limit 0
 cp "$RES/summary.txt" "$OUT/summary.txt"

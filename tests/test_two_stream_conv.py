@@ -130,3 +130,11 @@ def test_the_gpu_script_asks_for_measurements_that_exist():
     for call in calls:
         words = call.split("--")[0].split()[1:]  # after OUT.json, before the options
         assert words and set(words) <= set(step_floor_gpu.MEASURES), words
+
+
+def test_the_combo_measurement_names_an_inductor_setting():
+    """torch.compile refuses an option inductor does not know: on the GPU that measurement
+    would be lost."""
+    import torch._inductor.config as inductor
+
+    assert step_floor_gpu.COMBO and all(hasattr(inductor, key) for key in step_floor_gpu.COMBO)
