@@ -148,6 +148,7 @@ def test_profile_summary_counts_kernels_once():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_on_a_missing_gpu_says_so():
     result = run_bench("--device", "cuda", timeout=120)
@@ -156,6 +157,7 @@ def test_bench_on_a_missing_gpu_says_so():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_size_medmnist_does_not_have():
     result = run_bench("--size", "100", timeout=120)
     assert result.returncode == 2

@@ -61,12 +61,20 @@ def test_the_reliability_diagram_bins_add_up_to_the_ece():
     logits, targets = calibrated_logits(n=3000, seed=2)
     scores = (0.4 * logits).sigmoid()  # under-confident this time
     scores[:5, 0] = torch.tensor([0.0, 1.0, 0.2, 0.4, 1.0 / 3])  # edges and exact values
-    for task, bins in ((MULTI_LABEL_TASK, 15), (MULTI_LABEL_TASK, 7)):
-        points = reliability_bins(*pooled(scores, targets, task), bins)
+    g = torch.Generator().manual_seed(8)
+    classes = torch.randint(0, 4, (3000,), generator=g)
+    logits = torch.randn(3000, 4, generator=g) + 2 * torch.nn.functional.one_hot(classes, 4)
+    probabilities = (0.6 * logits).softmax(1)
+    for task, p, truth, bins, pairs in (
+        (MULTI_LABEL_TASK, scores, targets, 15, scores.numel()),  # every (image, label) score
+        (MULTI_LABEL_TASK, scores, targets, 7, scores.numel()),
+        (MULTI_CLASS_TASK, probabilities, classes[:, None], 15, len(classes)),  # top labels
+    ):
+        points = reliability_bins(*pooled(p, truth, task), bins)
         share = points["count"] / points["count"].sum()
         ece = (share * np.abs(points["confidence"] - points["frequency"])).sum()
-        assert ece == pytest.approx(calibration_errors(scores, targets, task, bins)[0], abs=1e-6)
-        assert points["count"].sum() == scores.numel()
+        assert ece == pytest.approx(calibration_errors(p, truth, task, bins)[0], abs=1e-6)
+        assert points["count"].sum() == pairs
 
 
 def test_temperature_fixes_an_over_confident_model_and_keeps_its_ranking():
@@ -111,12 +119,16 @@ def test_temperature_fixes_an_over_confident_model_and_keeps_its_ranking():
 
 
 def test_a_softmax_task_takes_one_temperature():
-    logits = torch.randn(200, 4) * 5
-    classes = logits.argmax(1)[:, None]
+    """One temperature for all classes, and the right one: the classes are drawn from the
+    softmax of `logits`, and the model's logits are 3 times those."""
+    g = torch.Generator().manual_seed(7)
+    logits = 2 * torch.randn(4000, 4, generator=g)
+    classes = torch.multinomial(logits.softmax(1), 1, generator=g)
     with pytest.raises(UserError, match="calibration.per_label=false"):
-        fit_temperature(logits, classes, MULTI_CLASS_TASK, per_label=True)
-    temperature = fit_temperature(logits, classes, MULTI_CLASS_TASK, per_label=False)
-    assert temperature.shape == (1,) and temperature.item() > 0
+        fit_temperature(3 * logits, classes, MULTI_CLASS_TASK, per_label=True)
+    temperature = fit_temperature(3 * logits, classes, MULTI_CLASS_TASK, per_label=False)
+    assert temperature.shape == (1,)
+    assert temperature.item() == pytest.approx(3.0, rel=0.1)
 
 
 def test_the_report_gives_the_calibration_before_and_after():

@@ -310,15 +310,16 @@ def test_heatmap_figure_from_a_datamodule(tmp_path):
         splits = {"test": SplitDataset(torch.from_numpy(np.stack([quadrant_image()] * 5)), None)}
 
     model = bright_and_dark_model()
-    scores = torch.rand(5, 3)
-    truth = torch.randint(0, 2, (5, 3))
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(5, 3, generator=g)
+    truth = torch.randint(0, 2, (5, 3), generator=g)
     report = build_report(
         (scores, truth), (scores, truth), ["bright", "dark", "not_bright"], torch.full((3,), 0.5)
     )
     path = write_heatmap_figure(model, Data(), report, tmp_path, per_label=2)
     assert path == tmp_path / "heatmaps.png"
-    width, height = Image.open(path).size
-    assert width < height  # 3 rows of 2
+    # a row per label, a column per image: 1.9 in a column and 2.0 a row (plus margins), 100 dpi
+    assert Image.open(path).size == (round(100 * (1.9 * 2 + 0.6)), round(100 * (2.0 * 3 + 0.4)))
 
 
 def test_a_failing_heatmap_figure_costs_only_itself(trained_run, tmp_path, monkeypatch, caplog):

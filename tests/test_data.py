@@ -186,6 +186,7 @@ def test_prevalence_and_labels_from_medmnist_info(synthetic_npz):
     assert torch.allclose(dm.prevalence("train"), expected)
 
 
+@pytest.mark.slow
 def test_official_split_sizes_from_info(tmp_path):
     path = write_synthetic(
         tmp_path / "chestmnist.npz",
@@ -212,7 +213,7 @@ def test_real_pneumoniamnist_file_reads(tmp_path):
     )  # pneumonia cases in the official test split
 
 
-def test_augmentation_shifts_in_training_only():
+def test_random_shift_translates_with_a_replicated_border():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 28, 28, generator=g)
     shifted = random_shift(x, 2, generator=g)

@@ -30,22 +30,36 @@ def _predictions(n, seed):
     return scores, targets
 
 
+def _rule_value(decided: torch.Tensor, truth: torch.Tensor, rule: str) -> float:
+    """F1, or Youden's J (TPR - FPR), of the decisions `decided` against `truth`."""
+    tp = (decided & truth).sum().item()
+    if rule == "f1":
+        return 2 * tp / (decided.sum().item() + truth.sum().item())
+    fp = (decided & ~truth).sum().item()
+    return tp / truth.sum().item() - fp / (~truth).sum().item()
+
+
+def _best_by_brute_force(column: torch.Tensor, truth: torch.Tensor, rule: str) -> float:
+    """The rule's highest value over every decision `score >= cut` of the label's own scores."""
+    return max(_rule_value(column >= cut, truth, rule) for cut in column.unique())
+
+
+def _best_f1_by_brute_force(column: torch.Tensor, truth: torch.Tensor) -> float:
+    return _best_by_brute_force(column, truth, "f1")
+
+
 @pytest.mark.parametrize("rule", ["f1", "youden"])
-def test_tuned_thresholds_reproduce_their_cut(rule):
+def test_tuned_thresholds_reach_their_rules_best_cut(rule):
     scores, targets = _predictions(400, seed=0)
     thresholds, kept = tune_thresholds(scores, targets, rule=rule)
     assert thresholds.shape == (14,) and ((thresholds > 0) & (thresholds < 1)).all()
     assert not (scores == thresholds).any() and kept == {}  # below its cut, here on no score
-
-
-def _best_f1_by_brute_force(column: torch.Tensor, truth: torch.Tensor) -> float:
-    """The highest F1 of any decision `score >= cut` over the label's own scores."""
-    best = 0.0
-    for cut in column.unique():
-        decided = column >= cut
-        tp = (decided & truth).sum().item()
-        best = max(best, 2 * tp / (decided.sum().item() + truth.sum().item()))
-    return best
+    for k in range(14):
+        truth = targets[:, k] == 1
+        reached = _rule_value(scores[:, k] > thresholds[k], truth, rule)
+        assert reached == pytest.approx(_best_by_brute_force(scores[:, k], truth, rule), abs=1e-9)
+    other = "youden" if rule == "f1" else "f1"  # the two rules choose differently here
+    assert not torch.equal(thresholds, tune_thresholds(scores, targets, rule=other)[0])
 
 
 def test_decisions_at_a_tuned_threshold_are_the_decisions_tuning_chose():

@@ -242,6 +242,7 @@ def test_cli_unknown_key(tmp_path):
     assert result.returncode != 0 and "Could not override 'data.colour'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:No positive samples in targets")  # rare labels, 128 images
 def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
     npz = tmp_path / "chest.npz"

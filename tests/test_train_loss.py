@@ -29,6 +29,7 @@ class RecordSteps(L.Callback):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", [2, 50])
 def test_train_loss_is_the_epochs_mean_and_logged_once_per_epoch(tmp_path, monkeypatch, every):
     npz = write_synthetic(tmp_path / "chest.npz", n_train=70, n_val=32, n_test=32, seed=0)
@@ -135,6 +136,7 @@ def test_a_stop_asked_for_mid_epoch_writes_that_steps_own_loss(tmp_path):
     assert step_loss == pytest.approx({1: losses[1], 2: losses[2]}, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_inside_an_epoch_trains_and_logs_the_rest_of_it(tmp_path):
     """The checkpoint Ctrl-C or SIGTERM writes is inside an epoch; the resumed run starts
     there, without the epoch's start hook."""

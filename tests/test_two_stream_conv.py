@@ -28,6 +28,7 @@ def grads_of(net, x, y, autocast: bool = False) -> list[torch.Tensor]:
     return [p.grad for p in net.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("autocast", [False, True])
 def test_resnet18_with_two_stream_convolutions_has_the_same_gradients(autocast):
     torch.manual_seed(0)
