@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def extract_npy(path: Path) -> Path:
     stat = path.stat()
     source = {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     stamp = folder / "source.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == source:
+    if _stamp(stamp) == source:
         return folder
     log.info("Extracting the arrays of %s into %s for memory mapping", path.name, folder)
     part = None
@@ -140,15 +141,32 @@ def extract_npy(path: Path) -> Path:
                     shutil.copyfileobj(src, dst, 1 << 24)
                 part.replace(target)
         stamp.write_text(json.dumps(source) + "\n")
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except BaseException as e:  # Ctrl-C too: no .part left behind (its name is this process's)
         if part is not None:
             part.unlink(missing_ok=True)
-        raise UserError(
-            f"Could not extract the arrays of {path} into {folder} for data.mmap=true "
-            f"({type(e).__name__}: {e}). It needs about the npz's uncompressed size in free disk; "
-            f"free some, or set data.mmap=false to read the file into memory."
-        ) from e
+        if isinstance(e, zlib.error | zipfile.BadZipFile | EOFError):
+            raise UserError(
+                f"Could not extract the arrays of {path} for data.mmap=true: the file is damaged "
+                f"({type(e).__name__}: {e}). Replace it with the MedMNIST file or regenerate it "
+                f"(python -m chest_mnist.synthetic)."
+            ) from e
+        if isinstance(e, OSError):
+            raise UserError(
+                f"Could not extract the arrays of {path} into {folder} for data.mmap=true "
+                f"({type(e).__name__}: {e}). It needs about the npz's uncompressed size in free "
+                f"disk; free some, or set data.mmap=false to read the file into memory."
+            ) from e
+        raise
     return folder
+
+
+def _stamp(stamp: Path) -> dict | None:
+    """What `source.json` says was extracted, or None when there is none or it cannot be read
+    (an extraction cut short while writing it): the arrays are then extracted again."""
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class NpyFolder:
@@ -218,10 +236,16 @@ def read_split(
             )
     try:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(
-            f"{path}: cannot read the {split} arrays ({e}); the file is damaged."
+            f"{path}: cannot read the {split} arrays ({type(e).__name__}: {e}); the file is "
+            f"damaged. Replace it with the MedMNIST file or regenerate it."
         ) from e
+    if len(images) == 0:
+        raise UserError(
+            f"{path}: {split}_images holds no images; training, validation and test each need "
+            f"some (a MedMNIST npz has all three splits filled)."
+        )
     if images.dtype != np.uint8 or images.shape[1:] != image_shape:
         raise UserError(
             f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "

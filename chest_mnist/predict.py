@@ -58,7 +58,7 @@ from chest_mnist.cli import freeze_for_exit, report_user_errors, resolve_device
 from chest_mnist.config import register
 from chest_mnist.images import IMAGE_SUFFIXES, is_image_file, read_image
 from chest_mnist.model import MedMNISTClassifier
-from chest_mnist.npz import SPLITS, read_npz
+from chest_mnist.npz import SPLITS, open_npz, read_split
 from chest_mnist.task import Task
 from chest_mnist.tuned import choose_tuned
 
@@ -99,7 +99,8 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
             items.extend(read_item(p, size, channels) for p in files)
         elif path.suffix.lower() == ".npz":
             try:
-                images, _ = read_npz(path, flag, size)[split]
+                with open_npz(path) as npz:  # that split only: not the other two's arrays
+                    images, _ = read_split(npz, path, split, flag, size)
             except UserError as e:  # its message starts with the file's name: the row has it
                 items.append(Item(name, error=str(e).removeprefix(str(path)).lstrip(": ")))
                 continue

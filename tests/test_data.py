@@ -1,7 +1,11 @@
 import functools
 import hashlib
 import http.server
+import json
+import struct
 import threading
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -566,6 +570,56 @@ def test_mmap_without_room_for_the_copies_says_what_to_do(tmp_path, monkeypatch)
     assert "No space left on device" in str(error.value)
     assert not list((tmp_path / "chest_npy").glob("*.part"))  # no half-written file left
     assert npz.exists()
+
+
+def _damaged_deflate(tmp_path: Path) -> Path:
+    """A compressed npz whose train_images stream starts with an invalid deflate block: reading
+    it raises zlib.error, neither BadZipFile nor OSError."""
+    good = write_synthetic(tmp_path / "good.npz", n_train=64, n_val=8, n_test=8)
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        header = archive.getinfo("train_images.npy").header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26 : header + 30])
+    start = header + 30 + name_length + extra_length  # the member's compressed data
+    data[start : start + 8] = b"\xff" * 8  # block type 3: reserved, invalid
+    bad = tmp_path / "damaged.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(zlib.error):
+        np.load(bad)["train_images"]
+    return bad
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_damaged_compressed_npz_is_named_and_kept(tmp_path, mmap):
+    bad = _damaged_deflate(tmp_path)
+    before = bad.read_bytes()
+    with pytest.raises(UserError, match=r"damaged\.npz.*damaged") as error:
+        read_npz(bad, "chestmnist", 28, mmap=mmap)
+    assert "invalid block type" in str(error.value)  # zlib's own words
+    assert bad.read_bytes() == before  # the user's file is left as it is
+    if mmap:
+        assert not list((tmp_path / "damaged_npy").glob("*.part"))
+
+
+def test_an_unreadable_extraction_stamp_means_extract_again(tmp_path):
+    """source.json cut short (a full disk while it was written): the arrays are extracted
+    again rather than the run stopping on a JSON error."""
+    npz = write_synthetic(tmp_path / "chest.npz", n_train=16, n_val=8, n_test=8, seed=0)
+    read_npz(npz, "chestmnist", 28, mmap=True)
+    stamp = tmp_path / "chest_npy" / "source.json"
+    stamp.write_text('{"file": "ch')
+    mapped = read_npz(npz, "chestmnist", 28, mmap=True)
+    np.testing.assert_array_equal(mapped["val"][0], read_npz(npz, "chestmnist", 28)["val"][0])
+    assert json.loads(stamp.read_text())["file"] == "chest.npz"
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_an_empty_split_is_refused_by_name(tmp_path, split):
+    arrays = _good_arrays()
+    arrays[f"{split}_images"] = arrays[f"{split}_images"][:0]
+    arrays[f"{split}_labels"] = arrays[f"{split}_labels"][:0]
+    with pytest.raises(UserError, match=rf"x\.npz: {split}_images holds no images"):
+        read_npz(_write(tmp_path / "x.npz", **arrays), "chestmnist", 28)
 
 
 def test_md5_is_a_file_check_that_fips_builds_allow(tmp_path, monkeypatch):
