@@ -94,11 +94,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict) -> MedMNISTClassifier:
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "") -> MedMNISTClassifier:
     """The trained model, uncompiled: torch.compile pays off over a training run, not for one
-    pass of evaluation or prediction (and the weights' names are the same either way)."""
-    model = MedMNISTClassifier(**(checkpoint["hyper_parameters"] | {"compile": False}))
-    model.load_state_dict(checkpoint["state_dict"])
+    pass of evaluation or prediction (and the weights' names are the same either way). Built
+    without ImageNet's weights (model.pretrained), which the checkpoint's replace: no download.
+    `path`, the checkpoint's file, names it in the error of one that does not fit the model."""
+    try:
+        model = MedMNISTClassifier(
+            **(checkpoint["hyper_parameters"] | {"compile": False, "pretrained": False})
+        )
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as e:  # other arguments, other weights
+        raise UserError(
+            f"ckpt_path={path or '?'} is not a checkpoint of this version of chest_mnist's model "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); use one written by python -m "
+            f"chest_mnist.train."
+        ) from e
     return model
 
 
@@ -108,7 +119,7 @@ def load_model(ckpt_path: str | Path) -> tuple[Path, MedMNISTClassifier, dict]:
     optimizer's state) is freed on return."""
     path = resolve_checkpoint(ckpt_path)
     checkpoint = load_checkpoint(path)
-    return path, model_from_checkpoint(checkpoint), checkpoint["datamodule_hyper_parameters"]
+    return path, model_from_checkpoint(checkpoint, path), checkpoint["datamodule_hyper_parameters"]
 
 
 def load_weights(model: MedMNISTClassifier, path: str | Path) -> MedMNISTClassifier:

@@ -241,6 +241,8 @@ def _window(values: np.ndarray, centre: float, width: float, function: str) -> n
     """DICOM PS3.3 C.11.2.1.2-3: the window of the VOI LUT function, to 0..255."""
     x = values.astype(np.float64)
     if function == "SIGMOID":
+        if width <= 0:  # 0 divides by zero (NaN at the centre); below 0 inverts the image
+            raise ValueError(f"DICOM Window Width {width} must be above 0 for SIGMOID")
         y = 255 / (1 + np.exp(-4 * (x - centre) / width))
     elif function in ("LINEAR", "LINEAR_EXACT"):
         if function == "LINEAR":  # the standard's half-pixel offsets of integer-valued input

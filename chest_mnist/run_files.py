@@ -18,6 +18,7 @@ people and other tools; no command of ours reads them back.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,12 +101,16 @@ def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
         table, temperatures = data["labels"], data.get("temperatures")
         if temperatures is not None:
             temperatures = {label: float(temperatures[label]) for label in labels}
-            if not all(t > 0 for t in temperatures.values()):
-                raise ValueError("a temperature is not above 0")
+            if not all(0 < t < math.inf for t in temperatures.values()):
+                raise ValueError("a temperature is not a finite number above 0")
+        if table is not None:  # JSON allows NaN: `score > NaN` would never predict the label
+            table = {label: float(table[label]) for label in labels}
+            if not all(math.isfinite(t) for t in table.values()):
+                raise ValueError("a threshold is not a finite number")
         return Thresholds(
             rule=data.get("rule", "f1"),
             default=float(data.get("default", 0.5)),
-            labels=None if table is None else {label: float(table[label]) for label in labels},
+            labels=table,
             checkpoint=data.get("checkpoint"),
             weights_sha256=data.get("weights_sha256"),
             kept_at_default=data.get("kept_at_default") or {},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from chest_mnist import UserError
 from chest_mnist.run_files import REPORT, THRESHOLDS, Thresholds, read_thresholds, run_of
 from chest_mnist.task import THRESHOLD, Task
 
@@ -86,6 +87,12 @@ def _from_file(tuned: Thresholds, path: Path, source: str, task: Task) -> Tuned:
         calibration = f"temperature scaling fitted on validation ({path})"
     if not task.tunes_thresholds:
         return Tuned(None, temperature, "arg-max class (multi-class task)", calibration)
+    if tuned.labels is None:
+        raise UserError(
+            f"thresholds={path} is a multi-class model's (no thresholds: the arg-max class), not "
+            f"one for this model's labels; use the one in the checkpoint run's report/, or "
+            f"thresholds=null for 0.5."
+        )
     return Tuned(list(tuned.labels.values()), temperature, source, calibration)
 
 

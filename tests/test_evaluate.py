@@ -14,6 +14,7 @@ from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
+from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.report_content import build_report
 from chest_mnist.synthetic import LABELS
 from tests.conftest import compose_train
@@ -416,6 +417,44 @@ def test_checkpoint_of_something_else(tmp_path):
     torch.save({"weight": torch.zeros(3)}, path)
     with pytest.raises(UserError, match="is not a chest_mnist checkpoint .*state_dict"):
         load_checkpoint(path)
+
+
+def _checkpoint_of(model: MedMNISTClassifier) -> dict:
+    """What train's checkpoints hold of `model`, for model_from_checkpoint."""
+    return {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+
+
+def test_a_model_trained_from_imagenet_weights_is_rebuilt_offline(monkeypatch):
+    """model.pretrained=true chose the initial weights only: evaluate and predict rebuild the
+    network without downloading them, then take the checkpoint's."""
+    import torchvision.models._api as torchvision_api
+
+    def offline(url, *args, **kwargs):
+        raise OSError(f"no network for {url}")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
+    torch.manual_seed(0)
+    trained = MedMNISTClassifier(labels=["a", "b"], stem="imagenet")
+    checkpoint = _checkpoint_of(trained)
+    checkpoint["hyper_parameters"]["pretrained"] = True
+    model = model_from_checkpoint(checkpoint)
+    assert model.state_dict().keys() == trained.state_dict().keys()
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("change", ["argument", "weights"])
+def test_a_checkpoint_of_another_model_is_named(change):
+    checkpoint = _checkpoint_of(MedMNISTClassifier(labels=["a", "b"], stem="imagenet"))
+    if change == "argument":  # another project's, or a later version's, hyperparameters
+        checkpoint["hyper_parameters"]["dropout"] = 0.5
+        said = "unexpected keyword argument 'dropout'"
+    else:  # three labels' weights for a two-label model
+        checkpoint["state_dict"]["head.weight"] = torch.zeros(3, 512)
+        said = "size mismatch for head.weight"
+    with pytest.raises(UserError, match="ckpt_path=old.ckpt is not a checkpoint of this") as error:
+        model_from_checkpoint(checkpoint, "old.ckpt")
+    assert said in str(error.value)
 
 
 class Payload:

@@ -158,6 +158,18 @@ def test_windows_clip_and_the_other_voi_functions(tmp_path):
         channels=1,
     )
     np.testing.assert_array_equal(sigmoid[0], [0, 30, 31, 128, 224, 225, 255])
+    for width in (0, -400):  # NaN at the centre; an inverted image
+        bad = write_dicom(
+            tmp_path / f"s{width}.dcm",
+            values,
+            WindowCenter=40,
+            WindowWidth=width,
+            VOILUTFunction="SIGMOID",
+        )
+        with pytest.raises(
+            ValueError, match=rf"Window Width {width}\.0 must be above 0 for SIGMOID"
+        ):
+            read_image(bad, size=7, channels=1)
 
 
 def test_what_a_dicom_cannot_give_is_refused_with_the_reason(picture, tmp_path):

@@ -16,7 +16,7 @@ from chest_mnist import UserError
 from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
 from chest_mnist.images import read_image
-from chest_mnist.predict import predict
+from chest_mnist.predict import collect, predict
 from tests.conftest import ROOT, compose_train, run_module
 
 
@@ -38,6 +38,20 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_an_npz_is_read_for_its_split_alone(tmp_path, synthetic_npz):
+    """predict reads and checks only the split it predicts: a file with the test arrays alone
+    is enough."""
+    full = np.load(synthetic_npz)
+    only_test = tmp_path / "only_test.npz"
+    np.savez(only_test, test_images=full["test_images"], test_labels=full["test_labels"])
+    items = collect([str(only_test)], 28, 1, "chestmnist", "test")
+    assert [item.error for item in items] == [None] * len(full["test_images"])
+    np.testing.assert_array_equal(np.stack([item.pixels for item in items]), full["test_images"])
+    assert items[3].path == f"{only_test}:test[3]"
+    (row,) = collect([str(only_test)], 28, 1, "chestmnist", "val")
+    assert row.pixels is None and "has no key 'val_images'" in row.error
 
 
 @pytest.fixture
@@ -254,6 +268,32 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
     values, source = choose_thresholds(None, ckpt, "0" * 64, labels, MULTI_LABEL_TASK)
     assert values == [0.5, 0.5] and "None" not in source
     assert "tuned for other weights (in no checkpoint file), not last.ckpt" in source
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ('{"labels": {"a": NaN, "b": 0.7}}', "a threshold is not a finite number"),
+        ('{"labels": {"a": 0.3, "b": Infinity}}', "a threshold is not a finite number"),
+        (
+            '{"labels": {"a": 0.3, "b": 0.7}, "temperatures": {"a": 1.0, "b": Infinity}}',
+            "a temperature is not a finite number above 0",
+        ),
+        ('{"labels": null}', "is a multi-class model's"),  # for a multi-label model
+    ],
+    ids=["nan", "infinite", "infinite_temperature", "multi_class_file"],
+)
+def test_a_thresholds_file_that_cannot_be_used_is_named(tmp_path, content, said):
+    """JSON allows NaN and Infinity, and a multi-class report's file has no thresholds: each
+    is refused with the file's name rather than used (NaN would never predict its label)."""
+    from chest_mnist.task import MULTI_LABEL_TASK
+    from chest_mnist.tuned import choose_tuned
+
+    path = tmp_path / "thresholds.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=f"thresholds={path} ") as error:
+        choose_tuned(str(path), tmp_path / "x.ckpt", "0" * 64, ["a", "b"], MULTI_LABEL_TASK)
+    assert said in str(error.value)
 
 
 @pytest.mark.parametrize(
