@@ -15,6 +15,8 @@
 #   2. the same with cuDNN's kernels (model.compile=false, nothing compiled), 30 s: its seconds
 #      per epoch (protocol_100_uncompiled/). A step of them needs about 2.6 ms of GPU work (an
 #      H200), about 160 s for 100 epochs: this one cannot meet the goal, its rate says by how much;
+#      then, warm, the time of `import chest_mnist.train` (its costliest imports) and of
+#      `--cfg job` (the imports and Hydra's composition): what the time to the run folder is;
 #   3. fp32, two epochs of 2,000 images, the learning rate x0.1 after the first, the largest weight
 #      difference: the whole-step graph (stopped after the first epoch and resumed from last.ckpt)
 #      against the plain step, and its first-epoch checkpoint resumed on the CPU (rc 0: portable);
@@ -99,6 +101,20 @@ PY
 }
 protocol protocol_100 150  # the default command
 protocol protocol_100_uncompiled 30 model.compile=false
+# what the time to the run folder is made of, warm now (the runs above read their files cold): the
+# imports (each package's first import, with what it imported first), then the config's
+# composition with them (--cfg job, printing only paths)
+step import_time 60 python3 -X importtime -c "import chest_mnist.train"
+python3 - "$RES/import_time.log" >> "$RES/summary.txt" 2>&1 <<'PY'
+import sys
+rows = [line.split("|") for line in open(sys.argv[1]) if line.startswith("import time:")]
+packages = sorted(
+    ((int(c), n.strip()) for _, c, n in rows if c.strip().isdigit() and "." not in n), reverse=True
+)
+print("import chest_mnist.train, warm: packages by their first import's cumulative time")
+print("\n".join(f"  {us / 1e6:.2f} s {name}" for us, name in packages[:12]))
+PY
+step compose_time 60 python3 -m chest_mnist.train --cfg job --package paths
 if [ -n "${ONLY_PROTOCOL:-}" ]; then  # steps 1 and 2 only, about 4.5 minutes
   say "ONLY_PROTOCOL: steps 3 to 5 left out"
   cp "$RES/summary.txt" "$OUT/summary.txt"
