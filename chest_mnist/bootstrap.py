@@ -41,7 +41,7 @@ class Bootstrap:
 
     def describe(self) -> str:
         return (
-            f"{self.level:.0%} percentile bootstrap over test images, "
+            f"{self.level * 100:g}% percentile bootstrap over test images, "
             f"{self.resamples:,} resamples, seed {self.seed}"
         )
 

@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from medmnist import INFO
 from scipy import stats
 
 from chest_mnist import UserError, run_files
 from chest_mnist.cli import freeze_for_exit, report_user_errors
+from chest_mnist.task import Task
 
-# (column, metrics.json key): what a row shows
+# (column, metrics.json key): what a row shows; the keys at the tuned thresholds (_tuned) only for
+# a task that tunes them (a multi-class model decides by its arg-max class: see `columns`)
 DIFFERENCE = "compare_difference.csv"
 METRICS = (
     ("test AUC", "test/auroc"),
@@ -44,6 +47,14 @@ METRICS = (
     ("macro AP", "test/ap_macro"),
     ("macro F1 tuned", "test/f1_macro_tuned"),
 )
+
+
+def columns(flag: str | None) -> tuple[tuple[str, str], ...]:
+    """METRICS for the dataset `flag`: without the tuned ones where its task tunes no thresholds."""
+    tunes = flag not in INFO or Task.from_medmnist(INFO[flag]["task"]).tunes_thresholds
+    return tuple((column, key) for column, key in METRICS if tunes or not key.endswith("_tuned"))
+
+
 # config keys (and the keys under them) that say where a run writes, what it resumed from, how
 # it shows its progress, or how its report draws intervals, not what it learns
 NOT_THE_RECIPE = (
@@ -71,6 +82,10 @@ class Run:
     seed: int
     recipe: dict[str, Any]  # the flattened config without NOT_THE_RECIPE
     metrics: dict[str, Any]
+
+    @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        return columns(self.recipe.get("data.flag"))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -123,14 +138,15 @@ def read_run(path: Path) -> Run:
             f"{path} was trained with seed={config.get('seed')!r}: compare needs each run's "
             f"seed (seed=1,2,3)."
         )
-    missing = [key for _, key in METRICS if key not in metrics]
+    wanted = columns((config.get("data") or {}).get("flag"))
+    missing = [key for _, key in wanted if key not in metrics]
     if missing:
         raise UserError(
             f"{path / run_files.REPORT / run_files.METRICS} has no {', '.join(missing)}: a "
             f"report of an older version. Evaluate the run again: python -m chest_mnist.evaluate "
             f"ckpt_path={path}"
         )
-    for _, key in METRICS:
+    for _, key in wanted:
         if not isinstance(metrics[key], int | float):
             raise UserError(
                 f"{path / run_files.REPORT / run_files.METRICS}: {key} is {metrics[key]!r}, "
@@ -218,15 +234,16 @@ def difference(first: Group, second: Group, key: str) -> dict[str, Any]:
 
 def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
     """The markdown table and the CSV rows of the groups."""
+    shown = groups[0].runs[0].columns  # one dataset: check_comparable
     lines = [
-        "| group | seeds | " + " | ".join(column for column, _ in METRICS) + " |",
-        "| --- | --- |" + " --- |" * len(METRICS),
+        "| group | seeds | " + " | ".join(column for column, _ in shown) + " |",
+        "| --- | --- |" + " --- |" * len(shown),
     ]
     rows = []
     for group in groups:
         cells, row = [], {"group": group.name, "n_seeds": len(group.runs)}
         row["seeds"] = " ".join(map(str, group.seeds))
-        for _, key in METRICS:
+        for _, key in shown:
             s = summary(group.values(key))
             cells.append(
                 f"{s['mean']:.4f} (1 seed)"
@@ -250,7 +267,7 @@ def difference_table(first: Group, second: Group) -> tuple[str, list[dict]]:
         "| --- | --- | --- | --- |",
     ]
     rows = []
-    for column, key in METRICS:
+    for column, key in first.runs[0].columns:
         d = difference(first, second, key)
         a, b = statistics.mean(first.values(key)), statistics.mean(second.values(key))
         interval = (

@@ -179,6 +179,7 @@ def test_the_report_shows_the_intervals_in_its_rows_scalars_and_text():
     assert f"**{s['auroc']:.4f} [{s['auroc_low']:.4f}, {s['auroc_high']:.4f}]**" in text
     assert f"{row['auroc']:.4f} [{row['auroc_low']:.4f}, {row['auroc_high']:.4f}]" in text
     assert "95% percentile bootstrap over test images, 120 resamples, seed 4" in text
+    assert Bootstrap(1000, 0.975, 0).describe().startswith("97.5% percentile")  # not 98%
     no_intervals = build_report(test, test, labels, torch.tensor([0.4, 0.1, 0.01]))
     assert "auroc_low" not in no_intervals.scalars and "ap_low" not in no_intervals.per_label[0]
 

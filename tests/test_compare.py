@@ -30,7 +30,7 @@ def fake_run(folder: Path, seed: int, values: dict[str, float], **recipe) -> Pat
     }
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    metrics = {key: values[key] for _, key in METRICS}
+    metrics = {key: values[key] for _, key in METRICS if key in values}
     metrics |= {f"test/auroc/{label}": 0.5 for label in values.get("labels", LABELS)}
     (folder / "report").mkdir()
     (folder / "report" / "metrics.json").write_text(json.dumps(metrics))
@@ -60,6 +60,27 @@ def test_one_row_per_group_with_mean_sd_min_max(tmp_path):
     assert float(row["test/acc mean"]) == pytest.approx(statistics.mean(values) + 0.01)
     assert "0.9133 ± 0.0153 (0.9000 to 0.9300)" in markdown
     assert (tmp_path / "out" / "compare.md").read_text() == markdown + "\n"
+
+
+def test_a_multi_class_dataset_has_no_tuned_columns(tmp_path):
+    """A multi-class model decides by its arg-max class: its report has no tuned thresholds,
+    so no ACC tuned or macro F1 tuned, and compare shows the other columns."""
+    untuned = {key: value for key, value in metric_values(0.9).items() if "_tuned" not in key}
+    for seed, lr in ((1, 1e-3), (2, 1e-3), (1, 1e-2), (2, 1e-2)):
+        fake_run(tmp_path / f"{lr}" / str(seed), seed, untuned, flag="bloodmnist", lr=lr)
+    markdown = compare([tmp_path], tmp_path / "out")
+    assert "| group | seeds | test AUC | test ACC | macro AP |" in markdown
+    assert "tuned" not in markdown
+    assert "test/acc_tuned mean" not in read_csv(tmp_path / "out" / "compare.csv")[0]
+    assert [row["metric"] for row in read_csv(tmp_path / "out" / "compare_difference.csv")] == [
+        "test/auroc",
+        "test/acc",
+        "test/ap_macro",
+    ]
+    # a multi-label report without them is an older one
+    fake_run(tmp_path / "chest" / "1", 1, untuned)
+    with pytest.raises(UserError, match="has no test/acc_tuned, test/f1_macro_tuned"):
+        compare([tmp_path / "chest"], tmp_path / "out_chest")
 
 
 def test_two_groups_paired_by_seed(tmp_path):
