@@ -87,6 +87,8 @@ class LastCheckpoint(ModelCheckpoint):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._when_due(super().on_train_epoch_end, trainer, pl_module)
+        if _last_epoch(trainer):  # the end's save, here: before on_train_end (see there)
+            self._save_unsaved(trainer)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -105,11 +107,19 @@ class LastCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the steps since the last save: the last epochs when their count is not a multiple of
-        # every_n_epochs, or a run ended by trainer.max_steps inside an epoch
+        # the steps since the last save, should the last epoch's end not have saved them. Saved
+        # there, not here: Lightning runs checkpoint callbacks last, so callbacks=ema has by now
+        # copied the average into the model, and a save here would resume from the average
+        self._save_unsaved(trainer)
+
+    def _save_unsaved(self, trainer: L.Trainer) -> None:
+        """last.ckpt now, unless it holds this step: the last epochs when their count is not a
+        multiple of every_n_epochs or they ended within min_interval_s, or a stop inside an
+        epoch (trainer.max_steps, max_time). Every rank calls it (a save is collective)."""
         if trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(self.format_checkpoint_name({}))
             self._last_global_step_saved = trainer.global_step
+            self._saved_at = time.monotonic()
 
     @override
     def on_exception(
@@ -132,6 +142,18 @@ class LastCheckpoint(ModelCheckpoint):
             )
 
 
+def _last_epoch(trainer: L.Trainer) -> bool:
+    """Whether the fit ends after this epoch, asked in on_train_epoch_end (Lightning's fit loop
+    has counted the epoch as processed then): its max_epochs or max_steps reached, or a stop asked
+    for (early stopping, max_time, a non-finite loss; with trainer.min_epochs a save too many)."""
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    return (
+        trainer.should_stop
+        or (max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs)
+        or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
+    )
+
+
 class StopOnNonFiniteLoss(Callback):
     """Stop at the first NaN or infinite training loss.
 
@@ -140,6 +162,13 @@ class StopOnNonFiniteLoss(Callback):
     the epoch, so no checkpoint is written after a bad step."""
 
     def __init__(self, check_every_n_steps: int = 50):
+        if isinstance(check_every_n_steps, bool) or not (
+            isinstance(check_every_n_steps, int) and check_every_n_steps >= 1
+        ):
+            raise UserError(
+                f"callbacks.nonfinite_loss.check_every_n_steps={check_every_n_steps!r} must be a "
+                f"whole number of at least 1 (steps between reads of the loss's check)."
+            )
         self.check_every_n_steps = check_every_n_steps
         self._first_bad: torch.Tensor | None = None  # (step, loss) of the first bad step
         self._step: torch.Tensor | None = None

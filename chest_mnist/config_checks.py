@@ -49,12 +49,13 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     `check_job` builds them too.)"""
     check_report_options(cfg)
     lr = cfg.model.get("optimizer", {}).get("lr")
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+    # a bool is an int to Python: lr=true would train at 1.0, max_epochs=true for one epoch
+    if lr is not None and (isinstance(lr, bool) or not (isinstance(lr, int | float) and lr > 0)):
         raise UserError(
             f"model.optimizer.lr={lr!r} must be a number above 0 (the protocol's is 1e-3)."
         )
-    epochs = cfg.trainer.get("max_epochs")
-    if epochs is not None and epochs != -1 and (not isinstance(epochs, int) or epochs < 1):
+    epochs = cfg.trainer.get("max_epochs")  # null: Lightning's 1,000, which no milestone follows
+    if epochs != -1 and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise UserError(
             f"trainer.max_epochs={epochs!r} must be a whole number of at least 1 (or -1: no limit)."
         )

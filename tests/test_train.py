@@ -254,6 +254,35 @@ def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
 
 
 @pytest.mark.slow
+def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_npz):
+    """The end's last.ckpt of callbacks=ema holds the training (raw) weights to resume from, as
+    the same run without EMA ends with them, and the average apart. Saved at on_train_end it
+    would hold the average twice: Lightning runs checkpoint callbacks after EMA's, which copies
+    the average into the model there. No epoch-end save here (min_interval_s 3600)."""
+    import torch
+
+    from chest_mnist.checkpoints import load_checkpoint
+
+    def run(name: str, *extra: str) -> dict:
+        overrides = [
+            "callbacks.last_checkpoint.min_interval_s=3600" if "min_interval_s" in o else o
+            for o in tiny_training_overrides(synthetic_npz, tmp_path / name)
+        ]
+        common = ["trainer.max_epochs=2", "trainer.deterministic=true", "test=false"]
+        train(compose_train(overrides + common + list(extra)))
+        return load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    plain = run("plain")
+    ema = run("ema", "callbacks=ema", "callbacks.ema.update_starting_at_step=1")
+    assert ema["global_step"] == plain["global_step"] == 6
+    assert ema["current_model_state"].keys() == plain["state_dict"].keys()
+    for name, value in plain["state_dict"].items():
+        assert torch.equal(ema["current_model_state"][name], value), name
+    name = "backbone.layer1.0.conv1.weight"
+    assert not torch.equal(ema["state_dict"][name], ema["current_model_state"][name])
+
+
+@pytest.mark.slow
 def test_ema_callback_config_runs(tiny_overrides, tmp_path, synthetic_npz):
     cfg = compose_train(
         tiny_overrides + ["callbacks=ema", "callbacks.ema.update_starting_at_step=1"]
@@ -346,6 +375,13 @@ def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
         ("data.batch_size=0", "data.batch_size=0 must be a positive whole number"),
         ("model.stem=vit", "model.stem='vit' is unknown"),
         ("trainer.max_epochs=-1", "Give them in epochs, e.g. model.scheduler.milestones=[50,75]"),
+        ("trainer.max_epochs=null", "trainer.max_epochs=None must be a whole number"),
+        ("trainer.max_epochs=true", "trainer.max_epochs=True must be a whole number"),
+        ("model.optimizer.lr=true", "model.optimizer.lr=True must be a number above 0"),
+        (
+            "callbacks.nonfinite_loss.check_every_n_steps=0",
+            "callbacks.nonfinite_loss.check_every_n_steps=0 must be a whole number of at least 1",
+        ),
     ],
 )
 def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, override, message):
