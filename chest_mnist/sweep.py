@@ -7,7 +7,9 @@
 it reads the job directories of the sweep (their `.hydra/overrides.yaml` and
 `report/metrics.json`) and writes `sweep_summary.csv` and `sweep_summary.png` in the sweep
 directory. Reading the directories, not memory, makes it work with any launcher, and a job
-that failed is listed as failed instead of being lost.
+that failed is listed as failed instead of being lost: each job's end writes Hydra's verdict
+(COMPLETED or FAILED) into its `.hydra/job_status`, so a job with `test=false` (no report) is
+completed, and one still running is not finished.
 
 For tables over seeds (`-m seed=1,2,3`, alone or with other swept keys), `python -m
 chest_mnist.compare <sweep dir>` gives each setting's mean ± sd; the end of a sweep says so.
@@ -22,6 +24,7 @@ import copy
 import csv
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,15 +54,26 @@ COLUMNS = (
 )
 
 
+# in each job's directory, Hydra's verdict on the job (COMPLETED or FAILED), written when it ends
+JOB_STATUS = Path(".hydra") / "job_status"
+
+
 def _job_row(job_dir: Path) -> dict:
+    """A job's row: its status as Hydra gave it when the job ended (none yet: running, or
+    stopped before Hydra could say; a job of a sweep from before the status file: completed
+    when it wrote a report), and its report's numbers when it wrote one (not with test=false)."""
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    row = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "failed"}
+    try:
+        status = (job_dir / JOB_STATUS).read_text().strip().lower()
+    except OSError:
+        status = None
+    row = {"job": job_dir.name, "overrides": " ".join(overrides), "status": status}
     try:
         metrics = run_files.read_metrics(job_dir)
-    except (OSError, ValueError):  # no report: the job failed before it was written
-        return row
+    except (OSError, ValueError):  # no report: the job failed, runs, or has test=false
+        return row | {"status": status or "not finished"}
     return row | {
-        "status": "completed",
+        "status": status or "completed",
         "best_val_auroc": metrics.get(run_files.best_score_key("val/auroc")),
         "test_auroc": metrics.get("test/auroc"),
         "test_acc": metrics.get("test/acc"),
@@ -86,14 +100,17 @@ def write_sweep_summary(sweep_dir: Path, key: str = "model.optimizer.lr") -> lis
         key=lambda d: int(d.name) if d.name.isdigit() else math.inf,
     )
     rows = [_job_row(d) for d in jobs]
-    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
+    # whole or not at all: jobs of a parallel launcher may end, and write it, at once
+    partial = sweep_dir / f".sweep_summary.csv.{os.getpid()}.tmp"
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, sweep_dir / "sweep_summary.csv")
     points = sorted(
         (_swept_value(r["overrides"], key), r["best_val_auroc"])
         for r in rows
-        if r["status"] == "completed" and _swept_value(r["overrides"], key) is not None
+        if r.get("best_val_auroc") is not None and _swept_value(r["overrides"], key) is not None
     )
     if points:
         from chest_mnist.plots import plt
@@ -104,7 +121,7 @@ def write_sweep_summary(sweep_dir: Path, key: str = "model.optimizer.lr") -> lis
         ax.set_xlabel(key)
         ax.set_ylabel("best val AUROC")
         ax.grid(alpha=0.3)
-        failed = [r["job"] for r in rows if r["status"] != "completed"]
+        failed = [r["job"] for r in rows if r["status"] == "failed"]
         ax.set_title(
             f"{len(points)} jobs" + (f"; failed: job {', '.join(failed)}" if failed else "")
         )
@@ -129,6 +146,11 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
+            try:
+                status = Path(hydra_cfg.runtime.output_dir) / JOB_STATUS
+                status.write_text(f"{job_return.status.name}\n")
+            except Exception as e:  # as the summary: never fail the sweep for it
+                log.warning("Could not write the job's status: %s", e)
             self._write(hydra_cfg.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -164,3 +164,63 @@ def test_slurm_launcher_config_composes():
         launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     )
     assert (launcher.partition, launcher.gpus_per_task, launcher.timeout_min) == ("gpu", 4, 120)
+
+
+def _job(sweep, name, overrides, status=None, metrics=None):
+    from chest_mnist import run_files
+    from chest_mnist.sweep import JOB_STATUS
+
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if status:
+        (job / JOB_STATUS).write_text(status + "\n")
+    if metrics:
+        (job / run_files.REPORT).mkdir()
+        run_files.write_metrics(job / run_files.REPORT, metrics)
+
+
+def test_the_summary_takes_each_jobs_status_from_hydra_not_from_its_report(tmp_path):
+    """A job with test=false writes no report and is completed; one that has not ended yet (a
+    parallel launcher) is not called failed; one Hydra says failed is failed."""
+    from chest_mnist.sweep import write_sweep_summary
+
+    auroc = {"best_val/auroc": 0.8, "test/auroc": 0.7}
+    _job(tmp_path, "0", ["model.optimizer.lr=0.001"], "COMPLETED", auroc)
+    _job(tmp_path, "1", ["model.optimizer.lr=0.01", "test=false"], "COMPLETED")
+    _job(tmp_path, "2", ["model.optimizer.lr=0.1"], "FAILED")
+    _job(tmp_path, "3", ["model.optimizer.lr=1.0"])  # running
+    _job(tmp_path, "4", ["model.optimizer.lr=2.0"], None, auroc)  # a sweep from before the file
+    rows = write_sweep_summary(tmp_path)
+    assert [r["status"] for r in rows] == [
+        "completed",
+        "completed",
+        "failed",
+        "not finished",
+        "completed",
+    ]
+    assert rows[0]["best_val_auroc"] == 0.8 and rows[1].get("best_val_auroc") is None
+    with open(tmp_path / "sweep_summary.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == [r["status"] for r in rows]
+    assert not list(tmp_path.glob(".sweep_summary*"))  # written beside, then renamed
+
+
+def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+    from hydra.types import RunMode
+
+    from chest_mnist import sweep
+
+    _job(tmp_path, "0", ["seed=1", "test=false"])
+    hydra = SimpleNamespace(
+        mode=RunMode.MULTIRUN,
+        sweep=SimpleNamespace(dir=str(tmp_path)),
+        runtime=SimpleNamespace(output_dir=str(tmp_path / "0")),
+    )
+    monkeypatch.setattr(sweep.HydraConfig, "get", staticmethod(lambda: hydra))
+    sweep.SweepSummary().on_job_end(None, SimpleNamespace(status=JobStatus.COMPLETED))
+    assert (tmp_path / "0" / sweep.JOB_STATUS).read_text() == "COMPLETED\n"
+    (row,) = sweep.write_sweep_summary(tmp_path)
+    assert row["status"] == "completed"
