@@ -7,6 +7,7 @@ before composing a config."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -49,9 +50,13 @@ def run_dir(task_name: str, ckpt_path: str | None, fresh: str) -> str:
     return resumed_run(task_name, ckpt_path) or fresh
 
 
-def config_subdir(task_name: str, ckpt_path: str | None, now: str) -> str:
-    """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed, so the
-    config the run was started with is kept."""
+def config_subdir(task_name: str, ckpt_path: str | None, now: str, mode: Any = None) -> str:
+    """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed in its own
+    directory, so the config the run was started with is kept. A multirun's jobs (`mode`, Hydra's
+    RunMode) each have a directory of their own, resumed from a checkpoint or not: `.hydra`,
+    where the sweep's summary and compare read them."""
+    if str(mode).endswith("MULTIRUN"):
+        return ".hydra"
     return f".hydra/resumed_{now}" if resumed_run(task_name, ckpt_path) else ".hydra"
 
 

@@ -390,3 +390,18 @@ def test_last_checkpoint_refuses_a_negative_interval(tmp_path):
 
     with pytest.raises(UserError, match=r"callbacks.last_checkpoint.min_interval_s=-1 must be 0"):
         LastCheckpoint(dirpath=str(tmp_path), min_interval_s=-1)
+
+
+def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp_path):
+    """hydra.output_subdir: a run resumed in its own directory writes its config beside the
+    first one (.hydra/resumed_<time>); a multirun job resumed from a checkpoint has a directory
+    of its own, whose .hydra the sweep's summary and compare read."""
+    from hydra.types import RunMode
+
+    from chest_mnist.config import config_subdir
+
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert config_subdir("train", last, "T", RunMode.RUN) == ".hydra/resumed_T"
+    assert config_subdir("train", last, "T", RunMode.MULTIRUN) == ".hydra"
+    assert config_subdir("train", None, "T", RunMode.RUN) == ".hydra"
+    assert config_subdir("evaluate", last, "T", RunMode.RUN) == ".hydra"
