@@ -144,13 +144,15 @@ class LastCheckpoint(ModelCheckpoint):
 
 def _last_epoch(trainer: L.Trainer) -> bool:
     """Whether the fit ends after this epoch, asked in on_train_epoch_end (Lightning's fit loop
-    has counted the epoch as processed then): its max_epochs or max_steps reached, or a stop asked
-    for (early stopping, max_time, a non-finite loss; with trainer.min_epochs a save too many)."""
-    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    has counted the epoch as processed then, and stops as its `done` says): max_epochs or
+    max_steps reached, or a stop asked for (early stopping, max_time) that trainer.min_epochs
+    and min_steps no longer hold back."""
+    epochs, steps = trainer.current_epoch + 1, trainer.global_step
+    can_stop = epochs >= (trainer.min_epochs or 0) and steps >= (trainer.min_steps or 0)
     return (
-        trainer.should_stop
-        or (max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs)
-        or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
+        (trainer.should_stop and can_stop)
+        or (trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs)
+        or (trainer.max_steps not in (None, -1) and steps >= trainer.max_steps)
     )
 
 

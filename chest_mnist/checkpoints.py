@@ -9,6 +9,7 @@ thresholds.json carries it, and predict uses those thresholds only for the same 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import pickle
 from pathlib import Path
 
@@ -99,18 +100,23 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "") -> MedMNISTCl
     pass of evaluation or prediction (and the weights' names are the same either way). Built
     without ImageNet's weights (model.pretrained), which the checkpoint's replace: no download.
     `path`, the checkpoint's file, names it in the error of one that does not fit the model."""
+    hparams = checkpoint["hyper_parameters"] | {"compile": False, "pretrained": False}
+    unknown = sorted(set(hparams) - set(inspect.signature(MedMNISTClassifier).parameters))
+    if unknown:
+        _not_this_model(path, f"settings this model does not have: {', '.join(unknown)}")
+    model = MedMNISTClassifier(**hparams)
     try:
-        model = MedMNISTClassifier(
-            **(checkpoint["hyper_parameters"] | {"compile": False, "pretrained": False})
-        )
         model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as e:  # other arguments, other weights
-        raise UserError(
-            f"ckpt_path={path or '?'} is not a checkpoint of this version of chest_mnist's model "
-            f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); use one written by python -m "
-            f"chest_mnist.train."
-        ) from e
+    except RuntimeError as e:  # missing, unexpected or differently shaped weights
+        _not_this_model(path, " ".join(str(e).split())[:300])
     return model
+
+
+def _not_this_model(path: str | Path, why: str) -> None:
+    raise UserError(
+        f"ckpt_path={path or '?'} is not a checkpoint of this version of chest_mnist's model "
+        f"({why}); use one written by python -m chest_mnist.train."
+    )
 
 
 def load_model(ckpt_path: str | Path) -> tuple[Path, MedMNISTClassifier, dict]:

@@ -242,10 +242,7 @@ def read_split(
             f"damaged. Replace it with the MedMNIST file or regenerate it."
         ) from e
     if len(images) == 0:
-        raise UserError(
-            f"{path}: {split}_images holds no images; training, validation and test each need "
-            f"some (a MedMNIST npz has all three splits filled)."
-        )
+        raise UserError(f"{path}: {split}_images holds no images (a MedMNIST npz fills all three).")
     if images.dtype != np.uint8 or images.shape[1:] != image_shape:
         raise UserError(
             f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "

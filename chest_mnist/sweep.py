@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,11 @@ COLUMNS = (
 JOB_STATUS = Path(".hydra") / "job_status"
 
 
-def _job_row(job_dir: Path) -> dict:
-    """A job's row: its status as Hydra gave it when the job ended (none yet: running, or
-    stopped before Hydra could say; a job of a sweep from before the status file: completed
-    when it wrote a report), and its report's numbers when it wrote one (not with test=false)."""
+def _job_row(job_dir: Path, final: bool = False) -> dict:
+    """A job's row: its status as Hydra gave it when the job ended, and its report's numbers
+    when it wrote one (not with test=false). Without a status, a job with a report completed;
+    one without is still running, or at the sweep's end (`final`) was stopped before Hydra could
+    say (killed): failed."""
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     try:
         status = (job_dir / JOB_STATUS).read_text().strip().lower()
@@ -71,7 +73,7 @@ def _job_row(job_dir: Path) -> dict:
     try:
         metrics = run_files.read_metrics(job_dir)
     except (OSError, ValueError):  # no report: the job failed, runs, or has test=false
-        return row | {"status": status or "not finished"}
+        return row | {"status": status or ("failed" if final else "not finished")}
     return row | {
         "status": status or "completed",
         "best_val_auroc": metrics.get(run_files.best_score_key("val/auroc")),
@@ -93,16 +95,19 @@ def _swept_value(overrides: str, key: str) -> float | None:
     return None
 
 
-def write_sweep_summary(sweep_dir: Path, key: str = "model.optimizer.lr") -> list[dict]:
-    """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the rows."""
+def write_sweep_summary(
+    sweep_dir: Path, key: str = "model.optimizer.lr", final: bool = False
+) -> list[dict]:
+    """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
+    rows. `final`: at the sweep's end, when no job runs any more."""
     jobs = sorted(
         (d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").exists()),
         key=lambda d: int(d.name) if d.name.isdigit() else math.inf,
     )
-    rows = [_job_row(d) for d in jobs]
+    rows = [_job_row(d, final) for d in jobs]
     # whole or not at all: jobs of a parallel launcher may end, and write it, at once
-    partial = sweep_dir / f".sweep_summary.csv.{os.getpid()}.tmp"
-    with open(partial, "w", newline="") as f:
+    handle, partial = tempfile.mkstemp(prefix=".sweep_summary.", suffix=".tmp", dir=sweep_dir)
+    with os.fdopen(handle, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -137,9 +142,9 @@ class SweepSummary(Callback):
     def __init__(self, key: str = "model.optimizer.lr"):
         self.key = key
 
-    def _write(self, sweep_dir: str) -> None:
+    def _write(self, sweep_dir: str, final: bool = False) -> None:
         try:
-            write_sweep_summary(Path(sweep_dir), self.key)
+            write_sweep_summary(Path(sweep_dir), self.key, final)
         except Exception as e:  # a summary must never fail the sweep it summarises
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, e)
 
@@ -154,7 +159,7 @@ class SweepSummary(Callback):
             self._write(hydra_cfg.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(config.hydra.sweep.dir)
+        self._write(config.hydra.sweep.dir, final=True)
         log.info(
             "Sweep summary: %s. Mean ± sd over the seeds of each setting: "
             "python -m chest_mnist.compare %s",

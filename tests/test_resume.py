@@ -405,3 +405,14 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
     assert config_subdir("train", last, "T", RunMode.MULTIRUN) == ".hydra"
     assert config_subdir("train", None, "T", RunMode.RUN) == ".hydra"
     assert config_subdir("evaluate", last, "T", RunMode.RUN) == ".hydra"
+    # and hydra/default.yaml gives it the mode Hydra sets when it runs the job
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"ckpt_path={last}"], return_hydra_config=True)
+    cfg.hydra.mode = RunMode.RUN
+    assert cfg.hydra.output_subdir.startswith(".hydra/resumed_")
+    cfg.hydra.mode = RunMode.MULTIRUN
+    assert cfg.hydra.output_subdir == ".hydra"

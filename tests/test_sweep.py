@@ -203,6 +203,8 @@ def test_the_summary_takes_each_jobs_status_from_hydra_not_from_its_report(tmp_p
     with open(tmp_path / "sweep_summary.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == [r["status"] for r in rows]
     assert not list(tmp_path.glob(".sweep_summary*"))  # written beside, then renamed
+    # at the sweep's end no job runs: one that never said how it ended was stopped (killed)
+    assert write_sweep_summary(tmp_path, final=True)[3]["status"] == "failed"
 
 
 def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch):

@@ -254,11 +254,17 @@ def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
 
 
 @pytest.mark.slow
-def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_npz):
+@pytest.mark.parametrize(
+    ("stop", "steps"),
+    [(["trainer.max_epochs=2"], 6), (["trainer.max_epochs=3", "+trainer.max_steps=4"], 4)],
+    ids=["max_epochs", "max_steps"],
+)
+def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_npz, stop, steps):
     """The end's last.ckpt of callbacks=ema holds the training (raw) weights to resume from, as
     the same run without EMA ends with them, and the average apart. Saved at on_train_end it
     would hold the average twice: Lightning runs checkpoint callbacks after EMA's, which copies
-    the average into the model there. No epoch-end save here (min_interval_s 3600)."""
+    the average into the model there. No epoch-end save here (min_interval_s 3600); 3 steps an
+    epoch, 2 epochs, or a stop by max_steps inside the second of 3."""
     import torch
 
     from chest_mnist.checkpoints import load_checkpoint
@@ -268,13 +274,13 @@ def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_np
             "callbacks.last_checkpoint.min_interval_s=3600" if "min_interval_s" in o else o
             for o in tiny_training_overrides(synthetic_npz, tmp_path / name)
         ]
-        common = ["trainer.max_epochs=2", "trainer.deterministic=true", "test=false"]
+        common = ["trainer.deterministic=true", "test=false", *stop]
         train(compose_train(overrides + common + list(extra)))
         return load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
 
     plain = run("plain")
     ema = run("ema", "callbacks=ema", "callbacks.ema.update_starting_at_step=1")
-    assert ema["global_step"] == plain["global_step"] == 6
+    assert ema["global_step"] == plain["global_step"] == steps
     assert ema["current_model_state"].keys() == plain["state_dict"].keys()
     for name, value in plain["state_dict"].items():
         assert torch.equal(ema["current_model_state"][name], value), name
