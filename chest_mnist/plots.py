@@ -13,14 +13,17 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> Path:
-    """One line per curve name (e.g. "train/loss", "val/loss"), loss against epoch."""
+def plot_loss_curves(
+    curves: dict[str, tuple[list[int], list[float]]], path: Path, loss: str = "BCE loss"
+) -> Path:
+    """One line per curve name (e.g. "train/loss", "val/loss"), `loss` (its axis's name: the
+    task's, task.Words.loss) against epoch."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, (epochs, values) in curves.items():
         ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("BCE loss")
+    ax.set_ylabel(loss)
     ax.set_title("Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -108,7 +108,7 @@ def write_figures(
     write_reliability(report, out_dir / "reliability.png")
     figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png", "reliability.png"]
     if loss_curves is not None:
-        plot_loss_curves(loss_curves, out_dir / "loss_curves.png")
+        plot_loss_curves(loss_curves, out_dir / "loss_curves.png", report.task.words.loss)
         figures.insert(0, "loss_curves.png")
     return figures
 

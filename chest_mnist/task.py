@@ -38,6 +38,7 @@ class Words(NamedTuple):
     macro_over: str  # what the macro AUC is a mean over
     constant_answer: str  # what the constant baseline answers
     untuned_rule: str  # the decisions before any tuning: the summary's first column
+    loss: str  # the training loss, as the loss curves' axis names it
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class SigmoidTask(Task):
         macro_over="labels",
         constant_answer="each label's more frequent value in training",
         untuned_rule=f"at threshold {THRESHOLD}",
+        loss="BCE loss",
     )
 
     def outputs(self, names: list[str]) -> list[str]:
@@ -189,6 +191,7 @@ class SoftmaxTask(Task):
         macro_over="classes, one against the rest",
         constant_answer="the class most frequent in training",
         untuned_rule="arg-max class",
+        loss="cross-entropy loss",
     )
 
     def check_pos_weight(self, pos_weight) -> None:

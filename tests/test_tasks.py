@@ -123,3 +123,32 @@ def test_real_xrays_are_learned(tmp_path):
     metrics = train(cfg)
     assert metrics["test/auroc"] > 0.93
     assert metrics["val/auroc"] > 0.95
+
+
+def test_the_loss_curves_name_the_tasks_loss(tmp_path, monkeypatch):
+    """BCE for sigmoid outputs, cross-entropy for a multi-class model: the axis says which."""
+    import torch
+
+    from chest_mnist import plots
+    from chest_mnist.report_content import build_report
+    from chest_mnist.report_figures import write_figures
+    from chest_mnist.task import MULTI_CLASS_TASK, MULTI_LABEL_TASK
+
+    drawn, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
+    g = torch.Generator().manual_seed(0)
+    curves = {"train/loss": ([0, 1], [0.9, 0.7]), "val/loss": ([0, 1], [1.0, 0.8])}
+    scores = torch.rand(60, 3, generator=g)
+    for task, truth, loss in (
+        (MULTI_LABEL_TASK, (scores > 0.7).int(), "BCE loss"),
+        (MULTI_CLASS_TASK, torch.randint(0, 3, (60, 1), generator=g), "cross-entropy loss"),
+    ):
+        probabilities = scores if task is MULTI_LABEL_TASK else scores.softmax(1)
+        split = (probabilities, truth)
+        report = build_report(split, split, ["a", "b", "c"], torch.full((3,), 0.3), task=task)
+        drawn.clear()
+        write_figures(report, tmp_path, curves)
+        (axes,) = [fig.axes[0] for fig in drawn if fig.axes[0].get_title() == "Loss per epoch"]
+        assert axes.get_ylabel() == loss
+        for fig in drawn:
+            close(fig)
