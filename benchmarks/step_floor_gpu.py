@@ -296,13 +296,17 @@ def eval_1024() -> float:
     return timed(forward, 50)
 
 
+def compiled_measures(name: str, **options) -> dict[str, Callable[[], float]]:
+    """`name`, a compiled whole step with fused Adam (its ms a step, its cold setup under
+    `name`_setup_s), and `name`_kernels (its kernel time); `options`: whole_step's others."""
+    step = functools.partial(whole_step, fused=True, compile_it=True, setup=name, **options)
+    return {name: step, f"{name}_kernels": functools.partial(step, profile=f"{name}_kernels")}
+
+
 MEASURES = {  # what each name measures: the module's docstring
     "whole_fused": lambda: whole_step(fused=True),
     "whole_fused_kernels": lambda: whole_step(fused=True, profile="whole_fused_kernels"),
-    "whole_compiled": lambda: whole_step(fused=True, compile_it=True, setup="whole_compiled"),
-    "whole_compiled_kernels": lambda: whole_step(
-        fused=True, compile_it=True, profile="whole_compiled_kernels", setup="whole_compiled"
-    ),
+    **compiled_measures("whole_compiled"),
     "whole_step": whole_step,
     "graphed_fb": graphed_fb,
     "eager": eager,
@@ -313,27 +317,9 @@ MEASURES = {  # what each name measures: the module's docstring
     "compiled_kernels": lambda: compiled(profile=True),
     "whole_compiled_pair": whole_compiled_pair,
     "whole_streams": lambda: whole_step(fused=True, streams=True),
-    "whole_compiled_streams": lambda: whole_step(
-        fused=True, compile_it=True, streams=True, setup="whole_compiled_streams"
-    ),
-    "whole_compiled_streams_kernels": lambda: whole_step(
-        fused=True,
-        compile_it=True,
-        streams=True,
-        profile="whole_compiled_streams_kernels",
-        setup="whole_compiled_streams",
-    ),
+    **compiled_measures("whole_compiled_streams", streams=True),
     "streams_max_grad_diff": streams_max_grad_diff,
-    "whole_compiled_combo": lambda: whole_step(
-        fused=True, compile_it=True, compile_options=COMBO, setup="whole_compiled_combo"
-    ),
-    "whole_compiled_combo_kernels": lambda: whole_step(
-        fused=True,
-        compile_it=True,
-        compile_options=COMBO,
-        profile="whole_compiled_combo_kernels",
-        setup="whole_compiled_combo",
-    ),
+    **compiled_measures("whole_compiled_combo", compile_options=COMBO),
 }
 
 

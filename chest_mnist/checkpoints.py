@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import pickle
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -112,7 +113,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "") -> MedMNISTCl
     return model
 
 
-def _not_this_model(path: str | Path, why: str) -> None:
+def _not_this_model(path: str | Path, why: str) -> NoReturn:
     raise UserError(
         f"ckpt_path={path or '?'} is not a checkpoint of this version of chest_mnist's model "
         f"({why}); use one written by python -m chest_mnist.train."

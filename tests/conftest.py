@@ -55,7 +55,9 @@ def compose_train(overrides: list[str], config_name: str = "train") -> DictConfi
         return compose(config_name=config_name, overrides=overrides)
 
 
-def tiny_training_overrides(npz: Path, out: Path) -> list[str]:
+def tiny_training_overrides(npz: Path, out: Path, min_interval_s: float = 0) -> list[str]:
+    """The real config on synthetic data with a budget of seconds; last.ckpt at every epoch's
+    end unless `min_interval_s` says otherwise."""
     return [
         "data=synthetic",
         f"data.path={npz}",
@@ -68,7 +70,7 @@ def tiny_training_overrides(npz: Path, out: Path) -> list[str]:
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
-        "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt at every epoch's end
+        f"callbacks.last_checkpoint.min_interval_s={min_interval_s}",
         f"paths.output_dir={out}",
         f"paths.data_dir={out}/data",
     ]

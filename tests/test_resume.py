@@ -19,10 +19,8 @@ from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
 from tests.conftest import ROOT, compose_train, run_module
 
-MIN_INTERVAL = "callbacks.last_checkpoint.min_interval_s="
 
-
-def command(npz: Path, log_dir: Path, *extra: str) -> list[str]:
+def command(npz: Path, log_dir: Path, *extra: str, min_interval_s: float = 0) -> list[str]:
     return [
         "data=synthetic",
         f"data.path={npz}",
@@ -33,7 +31,7 @@ def command(npz: Path, log_dir: Path, *extra: str) -> list[str]:
         "trainer.benchmark=false",
         "trainer.max_epochs=3",
         "callbacks.progress_bar.refresh_rate=0",
-        f"{MIN_INTERVAL}0",  # last.ckpt at every epoch's end
+        f"callbacks.last_checkpoint.min_interval_s={min_interval_s}",  # 0: at every epoch's end
         f"paths.log_dir={log_dir}",
         *extra,
     ]
@@ -132,11 +130,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
 def test_a_stop_signal_saves_last_checkpoint_first(tmp_path, synthetic_npz, sig, name, code):
     """No last.ckpt at epoch ends here (a save at most every hour), so the file that holds the
     state at the signal can only be the signal's own save."""
-    args = [
-        f"{MIN_INTERVAL}3600" if arg.startswith(MIN_INTERVAL) else arg
-        for arg in command(synthetic_npz, tmp_path, "trainer.max_epochs=50")
-    ]
-    process = start(args)
+    process = start(command(synthetic_npz, tmp_path, "trainer.max_epochs=50", min_interval_s=3600))
     checkpoints = wait_for_run(tmp_path, process) / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("epoch*.ckpt")):  # the best: the first epoch is over

@@ -255,16 +255,26 @@ def test_training_from_memory_mapped_data(tmp_path, synthetic_npz):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stop", "steps"),
+    ("stop", "groups", "steps"),
     [
-        (["trainer.max_epochs=2"], 6),
-        (["trainer.max_epochs=3", "+trainer.max_steps=4"], 4),
+        (["trainer.max_epochs=2"], [], 6),
+        (["trainer.max_epochs=3", "+trainer.max_steps=4"], [], 4),
         # no improvement can beat 1.0: the second epoch stops the run (should_stop)
-        (["trainer.max_epochs=5", "patience=0", "min_delta=1.0"], 6),
+        (
+            [
+                "trainer.max_epochs=5",
+                "callbacks.early_stopping.patience=0",
+                "callbacks.early_stopping.min_delta=1.0",
+            ],
+            ["early_stopping"],
+            6,
+        ),
     ],
     ids=["max_epochs", "max_steps", "early_stopping"],
 )
-def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_npz, stop, steps):
+def test_ema_last_checkpoint_resumes_from_the_raw_weights(
+    tmp_path, synthetic_npz, stop, groups, steps
+):
     """The end's last.ckpt of callbacks=ema holds the training (raw) weights to resume from, as
     the same run without EMA ends with them, and the average apart. Saved at on_train_end it
     would hold the average twice: Lightning runs checkpoint callbacks after EMA's, which copies
@@ -274,17 +284,10 @@ def test_ema_last_checkpoint_resumes_from_the_raw_weights(tmp_path, synthetic_np
 
     from chest_mnist.checkpoints import load_checkpoint
 
-    early = [f"callbacks.early_stopping.{o}" for o in stop if not o.startswith(("+", "trainer"))]
-    stop = [o for o in stop if o.startswith(("+", "trainer"))]
-
     def run(name: str, callbacks: str, *extra: str) -> dict:
-        overrides = [
-            "callbacks.last_checkpoint.min_interval_s=3600" if "min_interval_s" in o else o
-            for o in tiny_training_overrides(synthetic_npz, tmp_path / name)
-        ]
-        chosen = [f"callbacks=[{callbacks},early_stopping]", *early] if early else []
-        chosen = chosen or ([f"callbacks={callbacks}"] if callbacks != "default" else [])
-        common = ["trainer.deterministic=true", "test=false", *stop, *chosen]
+        overrides = tiny_training_overrides(synthetic_npz, tmp_path / name, min_interval_s=3600)
+        chosen = f"callbacks=[{','.join([callbacks, *groups])}]"
+        common = ["trainer.deterministic=true", "test=false", chosen, *stop]
         train(compose_train(overrides + common + list(extra)))
         return load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
 
