@@ -8,10 +8,14 @@ once for evaluation.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 class SplitDataset(Dataset):
@@ -41,6 +45,11 @@ class DeviceBatches:
     with DistributedSampler(drop_last=True)); evaluation slices cover every image exactly
     once, so no test image is counted twice or dropped. `drop_last` (for training) leaves out
     the epoch's last, partial batch, so that every step has the same shape.
+
+    A shuffled one is resumable inside an epoch: Lightning keeps its `state_dict` (the epoch's
+    permutation and `batches_done()`, the batches training is through) in each checkpoint and
+    gives it back to `load_state_dict` on resume, so the resumed epoch goes on through the same
+    permutation rather than a new one, each image once.
     """
 
     def __init__(
@@ -52,19 +61,15 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        batches_done: Callable[[], int] | None = None,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
-
-    def _indices(self) -> torch.Tensor:
-        n, device = len(self.images), self.images.device
-        if not self.shuffle:
-            return torch.arange(*shard_bounds(n, self.rank, self.world_size), device=device)
-        # the same permutation on every rank: the global seed is the same everywhere
-        order = torch.randperm(n, device=device)
-        return order[: n - n % self.world_size].view(-1, self.world_size)[:, self.rank]
+        self.batches_done = batches_done
+        self.order: torch.Tensor | None = None  # the permutation being iterated (shuffled only)
+        self._resume: dict | None = None  # an interrupted epoch to go on with (load_state_dict)
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -75,10 +80,46 @@ class DeviceBatches:
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self):
-        indices = self._indices()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        n, device, first = len(self.images), self.images.device, 0
+        if not self.shuffle:
+            indices = torch.arange(*shard_bounds(n, self.rank, self.world_size), device=device)
+        else:
+            if self._resume:  # the interrupted epoch's permutation, from its next batch
+                self.order, first = self._resume["order"].to(device), self._resume["batches_done"]
+                self._resume = None
+            else:  # the same permutation on every rank: the global seed is the same everywhere
+                self.order = torch.randperm(n, device=device)
+            indices = self.order[: n - n % self.world_size].view(-1, self.world_size)[:, self.rank]
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = indices[start : start + self.batch_size]
             yield self.images[index], self.labels[index]
+
+    def state_dict(self) -> dict:
+        """Inside a shuffled epoch: its permutation and how many of its batches training is
+        through; at an epoch's start or end nothing (the next epoch shuffles afresh)."""
+        done = self.batches_done() if self.batches_done else 0
+        if self.order is None or not 0 < done < len(self):
+            return {}
+        return {"order": self.order.cpu(), "batches_done": done, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration goes on with the epoch `state` describes. A state saved with
+        other data or another number of processes cannot be: that epoch's rest is shuffled
+        afresh, and a warning says so."""
+        if not state:
+            return
+        if len(state["order"]) != len(self.images) or state["world_size"] != self.world_size:
+            log.warning(
+                "The checkpoint was saved inside an epoch of %d training images in %d "
+                "process(es); this run has %d in %d: the rest of that epoch is shuffled afresh, "
+                "not the interrupted run's order.",
+                len(state["order"]),
+                state["world_size"],
+                len(self.images),
+                self.world_size,
+            )
+            return
+        self._resume = state
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

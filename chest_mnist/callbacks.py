@@ -9,7 +9,8 @@
   epoch and step, before a checkpoint of the broken weights can be written.
 - `RestoreRNG`: puts every process's random generator states in every checkpoint and each
   process restores its own on resume, so a resumed run shuffles (and augments) as the
-  uninterrupted run would have, under DDP too.
+  uninterrupted run would have, under DDP too (the order of an epoch stopped midway is the
+  training batches' own state: chest_mnist.batches.DeviceBatches).
 - `ProgressBar`: Lightning's RichProgressBar, reading the training loss from the GPU about
   once a second instead of after every step.
 

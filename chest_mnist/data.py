@@ -194,6 +194,7 @@ class MedMNISTDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
                 drop_last=drop_last,
+                batches_done=self._batches_done if shuffle and trainer is not None else None,
             )
         # training under DDP: Lightning's DistributedSampler; evaluation: our exact shards
         sampler = (
@@ -210,6 +211,15 @@ class MedMNISTDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _batches_done(self) -> int:
+        """The training batches of this epoch that a resume from a checkpoint saved now counts
+        as done, as Lightning counts them: those whose update ran, but not one stopped before
+        its update (Ctrl-C inside a step: Lightning trains it again). 0 at an epoch's end, when
+        the next epoch shuffles afresh."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        done = progress.processed if progress.processed == progress.ready else progress.completed
+        return done if done < self.trainer.num_training_batches else 0
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -96,6 +96,42 @@ def test_device_batches_shard_exactly_across_ranks():
     assert len(set(torch.cat(training).tolist())) == 100  # disjoint slices of one permutation
 
 
+def test_device_batches_resume_an_epoch_where_it_stopped_on_every_rank(caplog):
+    """An epoch stopped after 2 of its batches on each of 2 ranks: the state of rank 0 (the one
+    a checkpoint holds) resumes each rank with the rest of its own slice of the same
+    permutation. At an epoch's end there is no state; a state of other data or another number
+    of ranks is not used (the rest is shuffled afresh), and a warning says why."""
+    images, labels, world = torch.zeros(103, 1, 1, dtype=torch.uint8), torch.arange(103), 2
+
+    def ranks(done: int) -> list[DeviceBatches]:
+        return [
+            DeviceBatches(images, labels, 10, True, r, world, batches_done=lambda: done)
+            for r in range(world)
+        ]
+
+    first, whole = ranks(2), []
+    for rank in first:  # the epoch each rank would have seen
+        torch.manual_seed(7)  # every rank holds the same seed
+        whole.append([b[1] for b in rank])
+    state = first[0].state_dict()
+    assert state["batches_done"] == 2 and state["world_size"] == world
+    assert torch.equal(state["order"], first[1].order)  # the one permutation all ranks share
+    resumed = ranks(0)
+    for rank, seen in zip(resumed, whole, strict=True):
+        rank.load_state_dict(state)
+        rest = [b[1] for b in rank]
+        assert len(rest) == len(seen) - 2
+        assert all(torch.equal(a, b) for a, b in zip(rest, seen[2:], strict=True))
+    assert ranks(len(whole[0]))[0].state_dict() == {}  # at the epoch's end: nothing to resume
+    for images_then, world_then in ((104, world), (103, 1)):
+        other = ranks(0)[0]
+        other.load_state_dict(
+            state | {"order": torch.randperm(images_then), "world_size": world_then}
+        )
+        assert len(list(other)) == len(whole[0])  # a whole epoch, freshly shuffled
+        assert f"{images_then} training images in {world_then} process(es)" in caplog.text
+
+
 @pytest.mark.parametrize("on_device", ["auto", False])
 def test_drop_last_gives_equal_training_batches_and_keeps_evaluation_whole(
     synthetic_npz, on_device

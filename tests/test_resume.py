@@ -3,14 +3,17 @@ run ends; SIGTERM saves last.ckpt first; a non-finite loss stops the run and kee
 checkpoints; checkpoints keep loading with weights_only=True."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import load_checkpoint
@@ -410,3 +413,82 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
     assert cfg.hydra.output_subdir.startswith(".hydra/resumed_")
     cfg.hydra.mode = RunMode.MULTIRUN
     assert cfg.hydra.output_subdir == ".hydra"
+
+
+class StopInsideAnEpoch(L.Callback):
+    """Stops the run inside an epoch as a user or a scheduler would: `how="sigterm"` sends this
+    process SIGTERM after step `step` (Lightning stops at that batch's end), `how="ctrl_c"`
+    raises KeyboardInterrupt in the middle of step `step`, before its update."""
+
+    def __init__(self, how: str, step: int):
+        self.how, self.step = how, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.how == "sigterm" and trainer.global_step - 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.how == "ctrl_c" and trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+# 80 images in batches of 32: 3 steps an epoch (the last of 16 images), 6 in the run
+INSIDE_AN_EPOCH_RUN = [
+    "data.subset=80",
+    "trainer.max_epochs=2",
+    "model.scheduler.milestones=[1]",
+    "test=false",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+]
+BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "step"), [("sigterm", 4), ("ctrl_c", 1)])
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_runs_weights(
+    tmp_path, synthetic_npz, how, step
+):
+    """SIGTERM after step 4 (the second batch of epoch 1), with random shifts (drawn from the
+    generator that also shuffles): resumed from the last.ckpt the stop saved, the run sees the
+    rest of that epoch's permutation, each image once, and ends with the uninterrupted run's
+    weights, batch-norm statistics and Adam moments. Ctrl-C in the middle of step 1 (epoch 0):
+    its update never happened, so the resumed run trains that batch again, to the same weights
+    and moments; its forward had updated the batch-norm statistics, which count it twice (the
+    README says so)."""
+    run = command(synthetic_npz, tmp_path) + INSIDE_AN_EPOCH_RUN
+    run.append(f"data.augment={how == 'sigterm'}")
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/whole"]))
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+
+    stopped = tmp_path / "stopped"
+    stop = [f"+callbacks.stop._target_={__name__}.StopInsideAnEpoch", f"+callbacks.stop.how={how}"]
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first
+    try:
+        with pytest.raises((SIGTERMException, SystemExit)):
+            train(
+                compose_train(
+                    [*run, *stop, f"+callbacks.stop.step={step}", f"paths.output_dir={stopped}"]
+                )
+            )
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    last = stopped / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(last)
+    assert saved["global_step"] == (step + 1 if how == "sigterm" else step)
+    assert saved["global_step"] % 3 != 0  # inside an epoch
+
+    train(compose_train([*run, f"ckpt_path={last}", f"paths.output_dir={stopped}"]))
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == whole["global_step"] == 6
+    for name, value in whole["state_dict"].items():
+        if how == "sigterm" or not name.endswith(BATCH_NORM_STATISTICS):
+            torch.testing.assert_close(resumed["state_dict"][name], value, atol=0, rtol=0)
+    moments = zip(
+        whole["optimizer_states"][0]["state"].values(),
+        resumed["optimizer_states"][0]["state"].values(),
+        strict=True,
+    )
+    for a, b in moments:
+        torch.testing.assert_close(b["exp_avg"], a["exp_avg"], atol=0, rtol=0)
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], atol=0, rtol=0)
