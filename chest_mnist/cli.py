@@ -59,9 +59,21 @@ def report_user_errors(run: Callable[[], object]) -> object:
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
+        _to_log_files(f"error: {user_error}")
         if _in_multirun():
             raise user_error from None
         raise SystemExit(2) from None
+
+
+def _to_log_files(line: str) -> None:
+    """`line` into the log files (Hydra's <task>.log in the run's folder), not the console,
+    which has it already: the log of a run that stopped says why."""
+    record = logging.makeLogRecord(
+        {"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR", "msg": line}
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _in_multirun() -> bool:

@@ -224,6 +224,8 @@ def test_cli_without_network_fails_fast_with_the_message(tmp_path):
     assert "error: Could not download chestmnist.npz" in result.stderr
     assert INFO["chestmnist"]["MD5"] in result.stderr and "data=synthetic" in result.stderr
     assert "Traceback" not in result.stderr
+    (log,) = (tmp_path / "train" / "runs").glob("*/train.log")  # the run's log says why it stopped
+    assert "[ERROR] - error: Could not download chestmnist.npz (" in log.read_text()
 
 
 @pytest.mark.slow
