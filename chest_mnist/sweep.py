@@ -34,6 +34,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -142,11 +143,12 @@ class SweepSummary(Callback):
     def __init__(self, key: str = "model.optimizer.lr"):
         self.key = key
 
-    def _write(self, sweep_dir: str, final: bool = False) -> None:
+    def _write(self, sweep_dir: str, final: bool = False) -> list[dict]:
         try:
-            write_sweep_summary(Path(sweep_dir), self.key, final)
+            return write_sweep_summary(Path(sweep_dir), self.key, final)
         except Exception as e:  # a summary must never fail the sweep it summarises
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, e)
+            return []
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         hydra_cfg = HydraConfig.get()
@@ -157,15 +159,42 @@ class SweepSummary(Callback):
             except Exception as e:  # as the summary: never fail the sweep for it
                 log.warning("Could not write the job's status: %s", e)
             self._write(hydra_cfg.sweep.dir)
+            if _said_why(job_return) and hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER:
+                # its `error:` line said why; Hydra's sweeper would end the sweep at this job
+                # with a traceback of that error, before the summary: it ends below instead
+                job_return.status = JobStatus.COMPLETED
+                job_return.return_value = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(config.hydra.sweep.dir, final=True)
+        rows = self._write(config.hydra.sweep.dir, final=True)
+        summary = Path(config.hydra.sweep.dir) / "sweep_summary.csv"
         log.info(
             "Sweep summary: %s. Mean ± sd over the seeds of each setting: "
             "python -m chest_mnist.compare %s",
-            Path(config.hydra.sweep.dir) / "sweep_summary.csv",
+            summary,
             config.hydra.sweep.dir,
         )
+        failed = [row["job"] for row in rows if row["status"] == "failed"]
+        if failed:
+            print(
+                f"error: {len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}: "
+                f"their error lines are above and in their train.log; {summary})",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+
+# Hydra's default sweeper; others (Optuna's) read every job's return value themselves
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _said_why(job_return: Any) -> bool:
+    """Whether the job failed with a UserError, which its `error:` line reported already."""
+    from chest_mnist.cli import find_user_error
+
+    if job_return.status != JobStatus.FAILED:
+        return False
+    return find_user_error(job_return._return_value) is not None  # what Hydra would re-raise
 
 
 def swept_configs(config: DictConfig) -> list[tuple[str, DictConfig]]:

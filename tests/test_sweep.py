@@ -34,8 +34,9 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
         f"data.path={synthetic_npz},{missing}",
         "data.synthetic=null",
     )
-    assert result.returncode != 0  # Hydra reports the failed job at the end...
+    assert result.returncode == 2  # the failed jobs are reported at the end...
     assert f"error: data.path={missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr  # each said why in its own error: line
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     for job in ("0", "2"):  # ...after running the others to completion
         assert (sweep / job / "report" / "metrics.json").exists()
@@ -53,6 +54,11 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
         and 0 <= float(rows[2]["best_val_auroc"]) <= 1
     )
     assert imread(sweep / "sweep_summary.png").shape[0] > 300
+    assert f"Sweep summary: {sweep / 'sweep_summary.csv'}." in result.stdout
+    assert result.stderr.rstrip().endswith(
+        f"error: 2 of 4 jobs failed (job 1, 3: their error lines are above and in their "
+        f"train.log; {sweep / 'sweep_summary.csv'})"
+    )
 
 
 @pytest.mark.slow
@@ -226,3 +232,49 @@ def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch)
     assert (tmp_path / "0" / sweep.JOB_STATUS).read_text() == "COMPLETED\n"
     (row,) = sweep.write_sweep_summary(tmp_path)
     assert row["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("error", "sweeper", "ends_at_the_summary"),
+    [
+        ("user", "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", True),
+        ("bug", "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", False),
+        ("user", "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", False),
+    ],
+)
+def test_a_job_that_said_why_it_failed_lets_the_sweep_reach_its_summary(
+    tmp_path, monkeypatch, error, sweeper, ends_at_the_summary
+):
+    """A job failed with a UserError (its error: line said why): Hydra's basic sweeper is not
+    left to end the sweep with a traceback of it; the job's status file still says FAILED, and
+    the sweep's end reports it with exit code 2. A bug keeps Hydra's traceback, and Optuna's
+    sweeper, which reads every job's value, Hydra's verdict."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+
+    from chest_mnist import UserError, sweep
+
+    _job(tmp_path, "0", ["seed=1"])
+    hydra = SimpleNamespace(
+        mode=RunMode.MULTIRUN,
+        sweep=SimpleNamespace(dir=str(tmp_path)),
+        runtime=SimpleNamespace(output_dir=str(tmp_path / "0")),
+        sweeper={"_target_": sweeper},
+    )
+    monkeypatch.setattr(sweep.HydraConfig, "get", staticmethod(lambda: hydra))
+    failure = UserError("data.path=x does not exist") if error == "user" else KeyError("bug")
+    job = JobReturn(status=JobStatus.FAILED, _return_value=failure)
+    summary = sweep.SweepSummary()
+    summary.on_job_end(None, job)
+    assert (tmp_path / "0" / sweep.JOB_STATUS).read_text() == "FAILED\n"
+    if not ends_at_the_summary:
+        with pytest.raises(type(failure)):
+            job.return_value  # noqa: B018 (what Hydra's sweeper does with each job)
+        return
+    assert job.return_value is None
+    config = SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path))))
+    with pytest.raises(SystemExit) as ended:
+        summary.on_multirun_end(config)
+    assert ended.value.code == 2
