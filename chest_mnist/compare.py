@@ -320,11 +320,14 @@ def compare(folders: list[Path], out: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run or sweep folders")
-    parser.add_argument("--out", type=Path, help="where compare.md and compare.csv go")
+    parser.add_argument(
+        "--out", type=Path, help=f"where compare.md, compare.csv and {DIFFERENCE} go"
+    )
     args = parser.parse_args(argv)
     out = args.out or (args.folders[0] if len(args.folders) == 1 else Path.cwd())
     print(report_user_errors(lambda: compare(args.folders, out)))
-    print(f"\nwritten: {out / 'compare.md'}, {out / 'compare.csv'}", file=sys.stderr)
+    written = [out / name for name in ("compare.md", "compare.csv", DIFFERENCE)]
+    print(f"\nwritten: {', '.join(str(p) for p in written if p.exists())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import yaml
 from scipy import stats
 
 from chest_mnist import UserError
-from chest_mnist.compare import METRICS, compare
+from chest_mnist.compare import METRICS, compare, main
 from tests.conftest import run_module
 from tests.test_sweep import tiny
 
@@ -83,13 +83,17 @@ def test_a_multi_class_dataset_has_no_tuned_columns(tmp_path):
         compare([tmp_path / "chest"], tmp_path / "out_chest")
 
 
-def test_two_groups_paired_by_seed(tmp_path):
+def test_two_groups_paired_by_seed(tmp_path, capsys):
     first = {1: 0.90, 2: 0.93, 3: 0.91}
     second = {1: 0.92, 2: 0.94, 3: 0.95}
     for seed in (1, 2, 3):
         fake_run(tmp_path / "a" / str(seed), seed, metric_values(first[seed]))
         fake_run(tmp_path / "b" / str(seed), seed, metric_values(second[seed]), lr=1e-2)
-    markdown = compare([tmp_path / "a", tmp_path / "b"], tmp_path)
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
+    printed = capsys.readouterr()
+    markdown = printed.out
+    written = [tmp_path / name for name in ("compare.md", "compare.csv", "compare_difference.csv")]
+    assert f"written: {', '.join(map(str, written))}" in printed.err  # all three files
     rows = read_csv(tmp_path / "compare_difference.csv")
     auc = next(r for r in rows if r["metric"] == "test/auroc")
     d = [second[s] - first[s] for s in (1, 2, 3)]
