@@ -481,6 +481,28 @@ def test_cli_without_ckpt_path(tmp_path):
     assert result.returncode == 2 and "error: ckpt_path is missing" in result.stderr
 
 
+@pytest.mark.parametrize("start", [".", "notebooks"])
+def test_the_notebook_finds_the_repository_wherever_jupyter_started(start, monkeypatch):
+    """The notebook's ROOT line (where it writes data and looks for runs), run in the
+    repository and in notebooks/ (Jupyter's default when the notebook is opened there)."""
+    import nbformat
+
+    from tests.conftest import ROOT
+
+    notebook = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    (line,) = [
+        line
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if line.startswith("ROOT =")
+    ]
+    monkeypatch.chdir(ROOT / start)
+    found = {"Path": Path}
+    exec(line, found)
+    assert found["ROOT"] == ROOT
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", ["chestmnist", "pneumoniamnist"])
 def test_notebook_runs_top_to_bottom(trained_run, synthetic_npz, flag, monkeypatch):
