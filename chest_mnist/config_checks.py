@@ -139,6 +139,14 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
             f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
         )
+    if cfg is not None and (changed := changed_since(checkpoint, cfg)):
+        log.warning(
+            "Resuming %s with other settings than the run it continues: %s. The data and the "
+            "loss take the new values, the optimizer keeps its saved ones (Lightning restores "
+            "it); the run is no longer the one it started as.",
+            ckpt_path,
+            "; ".join(changed),
+        )
     scheduler = cfg.model.get("scheduler") if cfg is not None else None
     saved = saved_milestones(checkpoint)
     if not scheduler or "milestones" not in scheduler or saved is None:
@@ -153,3 +161,53 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             configured,
             cfg.trainer.get("max_epochs"),
         )
+
+
+# what a resumed run would learn differently with: the keys of the checkpoint's data module and
+# model (Lightning saves their hyperparameters), and of its optimizer's saved state
+RECIPE_KEYS = {
+    "datamodule_hyper_parameters": (
+        "data",
+        (
+            "flag",
+            "size",
+            "subset",
+            "batch_size",
+            "augment",
+            "max_shift",
+            "drop_last",
+            "mean",
+            "std",
+        ),
+    ),
+    "hyper_parameters": ("model", ("stem", "pretrained", "pos_weight", "label_smoothing")),
+}
+OPTIMIZER_KEYS = {
+    "initial_lr": "model.optimizer.lr",
+    "weight_decay": "model.optimizer.weight_decay",
+}
+
+
+def changed_since(checkpoint: dict, cfg: DictConfig) -> list[str]:
+    """`key: saved -> now` for each setting of the recipe that `cfg` gives another value than
+    the run saved in `checkpoint` had (none from a checkpoint without them)."""
+    from omegaconf import OmegaConf
+
+    pairs = [
+        (f"{group}.{key}", checkpoint[saved][key], OmegaConf.select(cfg, f"{group}.{key}"))
+        for saved, (group, keys) in RECIPE_KEYS.items()
+        if saved in checkpoint
+        for key in keys
+        if key in checkpoint[saved]
+    ]
+    groups = checkpoint.get("optimizer_states", [{}])[0].get("param_groups", [])
+    pairs += [
+        (key, groups[0][saved], OmegaConf.select(cfg, key))
+        for saved, key in OPTIMIZER_KEYS.items()
+        if groups and saved in groups[0]
+    ]
+    return [f"{key} {then!r} -> {now!r}" for key, then, now in pairs if _differ(then, now)]
+
+
+def _differ(then, now) -> bool:
+    return then != (list(now) if isinstance(now, ListConfig) else now)

@@ -20,7 +20,7 @@ from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.cli import find_user_error
 from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
-from tests.conftest import ROOT, compose_train, run_module
+from tests.conftest import ROOT, compose_train, run_module, tiny_training_overrides
 
 
 def command(npz: Path, log_dir: Path, *extra: str, min_interval_s: float = 0) -> list[str]:
@@ -367,19 +367,40 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, cfg_tiny):
     )
 
 
-def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, caplog):
+def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, synthetic_npz, caplog):
     """A run resumed with another max_epochs keeps the learning-rate steps it was saved with
     (Lightning restores the scheduler); the log says so, with both."""
     from chest_mnist.config_checks import check_resumable
 
     last = trained_run / "checkpoints" / "last.ckpt"  # 2 epochs: steps at [1, 1]
+    run = tiny_training_overrides(synthetic_npz, trained_run)  # the run's own command
     with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
-        check_resumable(str(last), compose_train(["trainer.max_epochs=2"]))
+        check_resumable(str(last), compose_train([*run, "trainer.max_epochs=2"]))
         assert not caplog.records
-        check_resumable(str(last), compose_train(["trainer.max_epochs=10"]))
+        check_resumable(str(last), compose_train([*run, "trainer.max_epochs=10"]))
     (record,) = caplog.records
     assert "lr steps at epochs [1, 1], not at [5, 7]" in record.getMessage()
     assert "trainer.max_epochs=10" in record.getMessage()
+
+
+def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_npz, caplog):
+    """Resumed with other data, loss or optimizer settings than the run was saved with (its
+    checkpoint holds them), the log names each, saved and new; where the data lives, how it
+    reaches the model, or how fast the step runs is not the recipe and says nothing."""
+    from chest_mnist.config_checks import check_resumable
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
+    same = ["data.on_device=false", "data.eval_batch_size=64", "model.cuda_graph=false"]
+    other = ["data.subset=64", "model.pos_weight=auto", "model.optimizer.lr=3e-4"]
+    with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
+        check_resumable(str(last), compose_train(run + same))
+        assert not caplog.records
+        check_resumable(str(last), compose_train(run + other))
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "with other settings than the run it continues: data.subset None -> 64; " in message
+    assert "model.pos_weight None -> 'auto'; model.optimizer.lr 0.001 -> 0.0003." in message
 
 
 def test_last_checkpoint_refuses_a_negative_interval(tmp_path):
