@@ -118,7 +118,7 @@ class LastCheckpoint(ModelCheckpoint):
         multiple of every_n_epochs or they ended within min_interval_s, or a stop inside an
         epoch (trainer.max_steps, max_time). Every rank calls it (a save is collective)."""
         if trainer.global_step != self._last_global_step_saved:
-            trainer.save_checkpoint(self.format_checkpoint_name({}))
+            trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
             self._last_global_step_saved = trainer.global_step
             self._saved_at = time.monotonic()
 
