@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.run_files import CHECKPOINTS, run_of
@@ -64,7 +64,9 @@ RESOLVERS = {
     "precision_for": precision_for,
     "run_dir": run_dir,
     "config_subdir": config_subdir,
-    "epochs_at": epochs_at,
+    # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) cannot put a plain
+    # list where the interpolation's string was
+    "epochs_at": lambda total, *fractions: ListConfig(epochs_at(total, *fractions)),
 }
 
 

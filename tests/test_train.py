@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from matplotlib.image import imread
 from medmnist import INFO
+from omegaconf import OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.train import train
@@ -430,6 +431,9 @@ def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, 
 def test_learning_rate_steps_follow_max_epochs_and_never_come_first(epochs, milestones, lrs):
     cfg = compose_train([f"trainer.max_epochs={epochs}"])
     assert cfg.model.scheduler.milestones == milestones
+    resolved = cfg.copy()
+    OmegaConf.resolve(resolved.model)  # what --cfg job --resolve does (it failed on the list)
+    assert OmegaConf.to_container(resolved.model.scheduler.milestones) == milestones
     model = instantiate(cfg.model, labels=LABELS, task=INFO["chestmnist"]["task"], _convert_="all")
     optimizer = model.optimizer_factory(params=model.parameters())
     scheduler = model.scheduler_factory(optimizer=optimizer)
