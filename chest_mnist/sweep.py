@@ -96,16 +96,22 @@ def _swept_value(overrides: str, key: str) -> float | None:
     return None
 
 
-def write_sweep_summary(
-    sweep_dir: Path, key: str = "model.optimizer.lr", final: bool = False
-) -> list[dict]:
-    """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
-    rows. `final`: at the sweep's end, when no job runs any more."""
+def sweep_rows(sweep_dir: Path, final: bool = False) -> list[dict]:
+    """One row per job folder of `sweep_dir`, in job order. `final`: at the sweep's end, when
+    no job runs any more."""
     jobs = sorted(
         (d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").exists()),
         key=lambda d: int(d.name) if d.name.isdigit() else math.inf,
     )
-    rows = [_job_row(d, final) for d in jobs]
+    return [_job_row(d, final) for d in jobs]
+
+
+def write_sweep_summary(
+    sweep_dir: Path, key: str = "model.optimizer.lr", final: bool = False
+) -> list[dict]:
+    """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
+    rows (`sweep_rows`)."""
+    rows = sweep_rows(sweep_dir, final)
     # whole or not at all: jobs of a parallel launcher may end, and write it, at once
     handle, partial = tempfile.mkstemp(prefix=".sweep_summary.", suffix=".tmp", dir=sweep_dir)
     with os.fdopen(handle, "w", newline="") as f:
@@ -143,12 +149,11 @@ class SweepSummary(Callback):
     def __init__(self, key: str = "model.optimizer.lr"):
         self.key = key
 
-    def _write(self, sweep_dir: str, final: bool = False) -> list[dict]:
+    def _write(self, sweep_dir: str, final: bool = False) -> None:
         try:
-            return write_sweep_summary(Path(sweep_dir), self.key, final)
+            write_sweep_summary(Path(sweep_dir), self.key, final)
         except Exception as e:  # a summary must never fail the sweep it summarises
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, e)
-            return []
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         hydra_cfg = HydraConfig.get()
@@ -166,7 +171,7 @@ class SweepSummary(Callback):
                 job_return.return_value = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = self._write(config.hydra.sweep.dir, final=True)
+        self._write(config.hydra.sweep.dir, final=True)
         summary = Path(config.hydra.sweep.dir) / "sweep_summary.csv"
         log.info(
             "Sweep summary: %s. Mean ± sd over the seeds of each setting: "
@@ -174,6 +179,13 @@ class SweepSummary(Callback):
             summary,
             config.hydra.sweep.dir,
         )
+        # read again, apart from the summary's files: a sweep with a failed job must not exit
+        # 0 because those could not be written (its jobs' ends let Hydra's sweeper go on)
+        try:
+            rows = sweep_rows(Path(config.hydra.sweep.dir), final=True)
+        except Exception as e:
+            print(f"error: could not read the sweep's job folders ({e})", file=sys.stderr)
+            raise SystemExit(2) from None
         failed = [row["job"] for row in rows if row["status"] == "failed"]
         if failed:
             print(

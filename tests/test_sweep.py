@@ -278,3 +278,11 @@ def test_a_job_that_said_why_it_failed_lets_the_sweep_reach_its_summary(
     with pytest.raises(SystemExit) as ended:
         summary.on_multirun_end(config)
     assert ended.value.code == 2
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep, "write_sweep_summary", no_space)  # the summary's files fail
+    with pytest.raises(SystemExit) as ended:
+        summary.on_multirun_end(config)
+    assert ended.value.code == 2  # the failed job still decides the exit code
