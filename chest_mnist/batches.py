@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +95,64 @@ class DeviceBatches:
             yield self.images[index], self.labels[index]
 
     def state_dict(self) -> dict:
-        """Inside a shuffled epoch: its permutation and how many of its batches training is
-        through; at an epoch's start or end nothing (the next epoch shuffles afresh)."""
+        """Inside a shuffled epoch: its permutation, how many of its batches training is
+        through, and what they were cut with; at an epoch's end nothing (the next epoch
+        shuffles afresh)."""
         done = self.batches_done() if self.batches_done else 0
-        if self.order is None or not 0 < done < len(self):
+        if self.order is None or not done:
             return {}
-        return {"order": self.order.cpu(), "batches_done": done, "world_size": self.world_size}
+        return {
+            "order": self.order.cpu(),
+            "batches_done": done,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """The next iteration goes on with the epoch `state` describes. A state saved with
-        other data or another number of processes cannot be: that epoch's rest is shuffled
-        afresh, and a warning says so."""
+        """The next iteration goes on with the epoch `state` describes. One saved by the
+        DataLoader, or with other data, batches or number of processes, cannot be: that
+        epoch's rest is shuffled afresh, and a warning says so."""
         if not state:
             return
-        if len(state["order"]) != len(self.images) or state["world_size"] != self.world_size:
-            log.warning(
-                "The checkpoint was saved inside an epoch of %d training images in %d "
-                "process(es); this run has %d in %d: the rest of that epoch is shuffled afresh, "
-                "not the interrupted run's order.",
-                len(state["order"]),
-                state["world_size"],
-                len(self.images),
-                self.world_size,
+        if "order" not in state:
+            _shuffled_afresh("by the DataLoader (data.on_device=false), which keeps no order")
+            return
+        n, size, world = len(state["order"]), state["batch_size"], state["world_size"]
+        if (n, size, world) != (len(self.images), self.batch_size, self.world_size):
+            _shuffled_afresh(
+                f"of {n} training images in batches of {size} in {world} process(es); this run "
+                f"has {len(self.images)} in batches of {self.batch_size} in {self.world_size}"
             )
             return
         self._resume = state
+
+
+class TrainingDataLoader(DataLoader):
+    """The training DataLoader (data.on_device=false): it cannot go on with an interrupted
+    epoch's order, so resumed inside one it shuffles the rest afresh and says so. Stateful for
+    Lightning all the same, as DeviceBatches is: Lightning refuses a checkpoint that holds
+    another number of loader states than the run has stateful loaders, and either kind of
+    checkpoint must resume with either loader. `batches_done`: as DeviceBatches'."""
+
+    def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        done = self.batches_done() if self.batches_done else 0
+        return {"batches_done": done} if done else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            _shuffled_afresh("and data.on_device=false (a DataLoader) keeps no order")
+
+
+def _shuffled_afresh(why: str) -> None:
+    log.warning(
+        "The checkpoint was saved inside an epoch %s: the rest of that epoch is shuffled "
+        "afresh, not in the interrupted run's order.",
+        why,
+    )
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

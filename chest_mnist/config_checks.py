@@ -139,13 +139,27 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
             f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
         )
-    if cfg is not None and (changed := changed_since(checkpoint, cfg)):
+    changed = changed_since(checkpoint, cfg) if cfg is not None else {}
+    fixed = [key for key in FIXED_KEYS if key in changed]
+    if "model.pos_weight" in changed and None in changed["model.pos_weight"]:
+        fixed.append("model.pos_weight")  # the buffer is in the weights, or is not
+    if fixed:
+        raise UserError(
+            f"ckpt_path={ckpt_path} was trained with "
+            f"{', '.join(f'{key}={changed[key][0]!r}' for key in fixed)}; its weights cannot "
+            f"go on with {', '.join(f'{key}={changed[key][1]!r}' for key in fixed)}. Resume "
+            f"with the run's own values, or train a new run (without ckpt_path)."
+        )
+    if changed:
         log.warning(
-            "Resuming %s with other settings than the run it continues: %s. The data and the "
-            "loss take the new values, the optimizer keeps its saved ones (Lightning restores "
-            "it); the run is no longer the one it started as.",
+            "Resuming %s with other settings than the run it continues: %s. The run is no "
+            "longer the one it started as.",
             ckpt_path,
-            "; ".join(changed),
+            "; ".join(
+                f"{key} {then!r} -> {now!r} "
+                + ("(the saved value is kept)" if key in SAVED_KEPT else "(takes effect)")
+                for key, (then, now) in changed.items()
+            ),
         )
     scheduler = cfg.model.get("scheduler") if cfg is not None else None
     saved = saved_milestones(checkpoint)
@@ -180,16 +194,21 @@ RECIPE_KEYS = {
             "std",
         ),
     ),
-    "hyper_parameters": ("model", ("stem", "pretrained", "pos_weight", "label_smoothing")),
+    "hyper_parameters": ("model", ("stem", "pos_weight", "label_smoothing")),
 }
 OPTIMIZER_KEYS = {
     "initial_lr": "model.optimizer.lr",
     "weight_decay": "model.optimizer.weight_decay",
 }
+# what the checkpoint restores whatever the config says: the optimizer's state, and pos_weight,
+# a buffer of the model's
+SAVED_KEPT = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.pos_weight")
+# what the saved weights cannot go on without: the labels (the head), the first convolution
+FIXED_KEYS = ("data.flag", "model.stem")
 
 
-def changed_since(checkpoint: dict, cfg: DictConfig) -> list[str]:
-    """`key: saved -> now` for each setting of the recipe that `cfg` gives another value than
+def changed_since(checkpoint: dict, cfg: DictConfig) -> dict[str, tuple]:
+    """{key: (saved, now)} for each setting of the recipe that `cfg` gives another value than
     the run saved in `checkpoint` had (none from a checkpoint without them)."""
     from omegaconf import OmegaConf
 
@@ -206,8 +225,10 @@ def changed_since(checkpoint: dict, cfg: DictConfig) -> list[str]:
         for saved, key in OPTIMIZER_KEYS.items()
         if groups and saved in groups[0]
     ]
-    return [f"{key} {then!r} -> {now!r}" for key, then, now in pairs if _differ(then, now)]
-
-
-def _differ(then, now) -> bool:
-    return then != (list(now) if isinstance(now, ListConfig) else now)
+    changed = {}
+    for key, then, now in pairs:
+        if OmegaConf.is_config(now):  # a ListConfig (pos_weight) as the list the checkpoint holds
+            now = OmegaConf.to_object(now)
+        if then != now:
+            changed[key] = (then, now)
+    return changed

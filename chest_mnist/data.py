@@ -25,6 +25,7 @@ from chest_mnist.batches import (
     DeviceBatches,
     ShardSampler,
     SplitDataset,
+    TrainingDataLoader,
     keep_batch,
     random_shift,
     to_model_input,
@@ -200,8 +201,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         sampler = (
             ShardSampler(self.splits[split], rank, world) if world > 1 and not shuffle else None
         )
-        return DataLoader(
-            self.splits[split],
+        loader = dict(
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
@@ -211,14 +211,16 @@ class MedMNISTDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
         )
+        if shuffle and trainer is not None:  # training: stateful, as DeviceBatches
+            return TrainingDataLoader(self.splits[split], batches_done=self._batches_done, **loader)
+        return DataLoader(self.splits[split], **loader)
 
     def _batches_done(self) -> int:
         """The training batches of this epoch that a resume from a checkpoint saved now counts
-        as done, as Lightning counts them: those whose update ran, but not one stopped before
-        its update (Ctrl-C inside a step: Lightning trains it again). 0 at an epoch's end, when
-        the next epoch shuffles afresh."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        done = progress.processed if progress.processed == progress.ready else progress.completed
+        as done, as Lightning counts them: those whose step ran (`processed`, which Lightning
+        counts after the update, before on_train_batch_end; a batch stopped inside its step,
+        by Ctrl-C, is trained again). 0 at an epoch's end, when the next epoch shuffles afresh."""
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return done if done < self.trainer.num_training_batches else 0
 
     @override

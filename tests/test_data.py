@@ -16,7 +16,13 @@ from medmnist import INFO
 
 from chest_mnist import UserError
 from chest_mnist import npz as npz_module
-from chest_mnist.batches import DeviceBatches, random_shift, to_model_input
+from chest_mnist.batches import (
+    DeviceBatches,
+    SplitDataset,
+    TrainingDataLoader,
+    random_shift,
+    to_model_input,
+)
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.npz import fetch_official, read_npz
 from chest_mnist.synthetic import LABELS, PREVALENCE, make_synthetic, write_synthetic
@@ -99,8 +105,9 @@ def test_device_batches_shard_exactly_across_ranks():
 def test_device_batches_resume_an_epoch_where_it_stopped_on_every_rank(caplog):
     """An epoch stopped after 2 of its batches on each of 2 ranks: the state of rank 0 (the one
     a checkpoint holds) resumes each rank with the rest of its own slice of the same
-    permutation. At an epoch's end there is no state; a state of other data or another number
-    of ranks is not used (the rest is shuffled afresh), and a warning says why."""
+    permutation. With no batch done (an epoch's end) there is no state; a state of other data,
+    batches or number of ranks, or the DataLoader's, is not used (the rest is shuffled afresh),
+    and a warning says why."""
     images, labels, world = torch.zeros(103, 1, 1, dtype=torch.uint8), torch.arange(103), 2
 
     def ranks(done: int) -> list[DeviceBatches]:
@@ -114,7 +121,7 @@ def test_device_batches_resume_an_epoch_where_it_stopped_on_every_rank(caplog):
         torch.manual_seed(7)  # every rank holds the same seed
         whole.append([b[1] for b in rank])
     state = first[0].state_dict()
-    assert state["batches_done"] == 2 and state["world_size"] == world
+    assert (state["batches_done"], state["batch_size"], state["world_size"]) == (2, 10, world)
     assert torch.equal(state["order"], first[1].order)  # the one permutation all ranks share
     resumed = ranks(0)
     for rank, seen in zip(resumed, whole, strict=True):
@@ -122,14 +129,37 @@ def test_device_batches_resume_an_epoch_where_it_stopped_on_every_rank(caplog):
         rest = [b[1] for b in rank]
         assert len(rest) == len(seen) - 2
         assert all(torch.equal(a, b) for a, b in zip(rest, seen[2:], strict=True))
-    assert ranks(len(whole[0]))[0].state_dict() == {}  # at the epoch's end: nothing to resume
-    for images_then, world_then in ((104, world), (103, 1)):
+    assert resumed[0].order is not None and resumed[0].state_dict() == {}  # none done: no state
+    others = {
+        "of 104 training images in batches of 10 in 2": {"order": torch.randperm(104)},
+        "of 103 training images in batches of 20 in 2": {"batch_size": 20},
+        "of 103 training images in batches of 10 in 1": {"world_size": 1},
+        "by the DataLoader": "the DataLoader's",
+    }
+    for why, change in others.items():
         other = ranks(0)[0]
         other.load_state_dict(
-            state | {"order": torch.randperm(images_then), "world_size": world_then}
+            {"batches_done": 2} if change == "the DataLoader's" else state | change
         )
         assert len(list(other)) == len(whole[0])  # a whole epoch, freshly shuffled
-        assert f"{images_then} training images in {world_then} process(es)" in caplog.text
+        assert f"saved inside an epoch {why}" in caplog.text
+
+
+def test_the_training_dataloader_says_it_shuffles_an_interrupted_epoch_afresh(caplog):
+    """data.on_device=false: a state only inside an epoch, and one given back (its own, or
+    DeviceBatches') is said to be of no use, so that either kind of checkpoint resumes."""
+    dataset = SplitDataset(torch.zeros(30, 1, 1, dtype=torch.uint8), torch.arange(30))
+    done = [0]
+    loader = TrainingDataLoader(dataset, batch_size=10, shuffle=True, batches_done=lambda: done[0])
+    assert loader.state_dict() == {}
+    done[0] = 2
+    assert loader.state_dict() == {"batches_done": 2}
+    loader.load_state_dict({})
+    assert not caplog.text
+    loader.load_state_dict({"batches_done": 2, "order": torch.arange(30)})
+    assert "saved inside an epoch and data.on_device=false (a DataLoader) keeps no order" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize("on_device", ["auto", False])

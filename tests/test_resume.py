@@ -385,22 +385,50 @@ def test_resume_says_when_its_schedule_is_not_the_configs(trained_run, synthetic
 
 def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_npz, caplog):
     """Resumed with other data, loss or optimizer settings than the run was saved with (its
-    checkpoint holds them), the log names each, saved and new; where the data lives, how it
+    checkpoint holds them), the log names each, saved and new, and whether it takes effect (the
+    optimizer's state is restored whatever the config says); where the data lives, how it
     reaches the model, or how fast the step runs is not the recipe and says nothing."""
     from chest_mnist.config_checks import check_resumable
 
     last = trained_run / "checkpoints" / "last.ckpt"
     run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
     same = ["data.on_device=false", "data.eval_batch_size=64", "model.cuda_graph=false"]
-    other = ["data.subset=64", "model.pos_weight=auto", "model.optimizer.lr=3e-4"]
+    other = ["data.subset=64", "model.label_smoothing=0.1", "model.optimizer.lr=3e-4"]
     with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
         check_resumable(str(last), compose_train(run + same))
         assert not caplog.records
         check_resumable(str(last), compose_train(run + other))
     (record,) = caplog.records
-    message = record.getMessage()
-    assert "with other settings than the run it continues: data.subset None -> 64; " in message
-    assert "model.pos_weight None -> 'auto'; model.optimizer.lr 0.001 -> 0.0003." in message
+    assert "with other settings than the run it continues: data.subset None -> 64 (takes " in (
+        record.getMessage()
+    )
+    assert "model.label_smoothing 0.0 -> 0.1 (takes effect); model.optimizer.lr 0.001 -> " in (
+        record.getMessage()
+    )
+    assert "0.0003 (the saved value is kept)." in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("override", "saved", "given"),
+    [
+        ("data.flag=pneumoniamnist", "data.flag='chestmnist'", "data.flag='pneumoniamnist'"),
+        ("model.stem=cifar", "model.stem='imagenet'", "model.stem='cifar'"),
+        ("model.pos_weight=auto", "model.pos_weight=None", "model.pos_weight='auto'"),
+    ],
+)
+def test_resume_refuses_settings_its_weights_cannot_go_on_with(
+    trained_run, synthetic_npz, override, saved, given
+):
+    """Other labels (the head), another stem (the first convolution), or pos_weight where there
+    was none (a buffer of the weights): refused before any data, naming both values, instead of
+    load_state_dict's error after the data."""
+    from chest_mnist.config_checks import check_resumable
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
+    with pytest.raises(UserError) as refused:
+        check_resumable(str(last), compose_train([*run, override]))
+    assert f"was trained with {saved}; its weights cannot go on with {given}." in str(refused.value)
 
 
 def test_last_checkpoint_refuses_a_negative_interval(tmp_path):
@@ -437,19 +465,24 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
 
 
 class StopInsideAnEpoch(L.Callback):
-    """Stops the run inside an epoch as a user or a scheduler would: `how="sigterm"` sends this
-    process SIGTERM after step `step` (Lightning stops at that batch's end), `how="ctrl_c"`
-    raises KeyboardInterrupt in the middle of step `step`, before its update."""
+    """Stops the run inside an epoch as a user or a scheduler would, at step `step`:
+    "sigterm" sends this process SIGTERM after the step (Lightning stops at that batch's end),
+    "ctrl_c_in_step" raises KeyboardInterrupt inside the step, before its update,
+    "ctrl_c_after_step" after the update, in on_train_batch_end (where the progress bar reads
+    the loss)."""
 
     def __init__(self, how: str, step: int):
         self.how, self.step = how, step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.how == "sigterm" and trainer.global_step - 1 == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if trainer.global_step - 1 == self.step:
+            if self.how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif self.how == "ctrl_c_after_step":
+                raise KeyboardInterrupt
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if self.how == "ctrl_c" and trainer.global_step == self.step:
+        if self.how == "ctrl_c_in_step" and trainer.global_step == self.step:
             raise KeyboardInterrupt
 
 
@@ -465,45 +498,51 @@ INSIDE_AN_EPOCH_RUN = [
 BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("how", "step"), [("sigterm", 4), ("ctrl_c", 1)])
-def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_runs_weights(
-    tmp_path, synthetic_npz, how, step
-):
-    """SIGTERM after step 4 (the second batch of epoch 1), with random shifts (drawn from the
-    generator that also shuffles): resumed from the last.ckpt the stop saved, the run sees the
-    rest of that epoch's permutation, each image once, and ends with the uninterrupted run's
-    weights, batch-norm statistics and Adam moments. Ctrl-C in the middle of step 1 (epoch 0):
-    its update never happened, so the resumed run trains that batch again, to the same weights
-    and moments; its forward had updated the batch-norm statistics, which count it twice (the
-    README says so)."""
-    run = command(synthetic_npz, tmp_path) + INSIDE_AN_EPOCH_RUN
-    run.append(f"data.augment={how == 'sigterm'}")
-    train(compose_train([*run, f"paths.output_dir={tmp_path}/whole"]))
-    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
-
-    stopped = tmp_path / "stopped"
+def stop_inside_an_epoch(run: list[str], out: Path, how: str, step: int) -> Path:
+    """Train `run` into `out`, stopped at `step` by `how` (StopInsideAnEpoch); its last.ckpt."""
     stop = [f"+callbacks.stop._target_={__name__}.StopInsideAnEpoch", f"+callbacks.stop.how={how}"]
     sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first
     try:
         with pytest.raises((SIGTERMException, SystemExit)):
             train(
                 compose_train(
-                    [*run, *stop, f"+callbacks.stop.step={step}", f"paths.output_dir={stopped}"]
+                    [*run, *stop, f"+callbacks.stop.step={step}", f"paths.output_dir={out}"]
                 )
             )
     finally:
         signal.signal(signal.SIGINT, sigint)
-    last = stopped / "checkpoints" / "last.ckpt"
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "step"), [("sigterm", 4), ("ctrl_c_after_step", 1), ("ctrl_c_in_step", 1)]
+)
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_runs_weights(
+    tmp_path, synthetic_npz, how, step
+):
+    """SIGTERM after step 4 (the second batch of epoch 1), with random shifts (drawn from the
+    generator that also shuffles), and Ctrl-C after the update of step 1 (epoch 0): resumed
+    from the last.ckpt the stop saved, the run sees the rest of that epoch's permutation, each
+    image once, and ends with the uninterrupted run's weights, batch-norm statistics and Adam
+    moments. Ctrl-C in the middle of step 1: its update never happened, so the resumed run
+    trains that batch again, to the same weights and moments; its forward had updated the
+    batch-norm statistics, which count it twice (the README says so)."""
+    run = command(synthetic_npz, tmp_path) + INSIDE_AN_EPOCH_RUN
+    run.append(f"data.augment={how == 'sigterm'}")
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/whole"]))
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+
+    last = stop_inside_an_epoch(run, tmp_path / "stopped", how, step)
     saved = load_checkpoint(last)
-    assert saved["global_step"] == (step + 1 if how == "sigterm" else step)
+    assert saved["global_step"] == (step if how == "ctrl_c_in_step" else step + 1)
     assert saved["global_step"] % 3 != 0  # inside an epoch
 
-    train(compose_train([*run, f"ckpt_path={last}", f"paths.output_dir={stopped}"]))
+    train(compose_train([*run, f"ckpt_path={last}", f"paths.output_dir={tmp_path}/stopped"]))
     resumed = load_checkpoint(last)
     assert resumed["global_step"] == whole["global_step"] == 6
     for name, value in whole["state_dict"].items():
-        if how == "sigterm" or not name.endswith(BATCH_NORM_STATISTICS):
+        if how != "ctrl_c_in_step" or not name.endswith(BATCH_NORM_STATISTICS):
             torch.testing.assert_close(resumed["state_dict"][name], value, atol=0, rtol=0)
     moments = zip(
         whole["optimizer_states"][0]["state"].values(),
@@ -513,3 +552,30 @@ def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_runs_weights
     for a, b in moments:
         torch.testing.assert_close(b["exp_avg"], a["exp_avg"], atol=0, rtol=0)
         torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then, now", [("auto", "false"), ("false", "auto")])
+def test_a_stop_inside_an_epoch_resumes_with_the_other_kind_of_training_batches(
+    tmp_path, synthetic_npz, caplog, then, now
+):
+    """data.on_device decides between DeviceBatches and a DataLoader (auto: by the GPU's free
+    memory, so it can change between the stop and the resume): either checkpoint resumes with
+    either, and where the order cannot go on, the rest of the epoch is shuffled afresh and the
+    log says so."""
+    run = command(synthetic_npz, tmp_path) + INSIDE_AN_EPOCH_RUN
+    last = stop_inside_an_epoch([*run, f"data.on_device={then}"], tmp_path / "run", "sigterm", 1)
+    with caplog.at_level("WARNING", logger="chest_mnist.batches"):
+        train(
+            compose_train(
+                [
+                    *run,
+                    f"data.on_device={now}",
+                    f"ckpt_path={last}",
+                    f"paths.output_dir={tmp_path}/run",
+                ]
+            )
+        )
+    assert load_checkpoint(last)["global_step"] == 6
+    assert "The checkpoint was saved inside an epoch" in caplog.text
+    assert "the rest of that epoch is shuffled afresh" in caplog.text
