@@ -98,7 +98,7 @@ class DeviceBatches:
         """Inside a shuffled epoch: its permutation, how many of its batches training is
         through, and what they were cut with; at an epoch's end nothing (the next epoch
         shuffles afresh)."""
-        done = self.batches_done() if self.batches_done else 0
+        done = _done(self.batches_done)
         if self.order is None or not done:
             return {}
         return {
@@ -139,12 +139,17 @@ class TrainingDataLoader(DataLoader):
         self.batches_done = batches_done
 
     def state_dict(self) -> dict:
-        done = self.batches_done() if self.batches_done else 0
+        done = _done(self.batches_done)
         return {"batches_done": done} if done else {}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             _shuffled_afresh("and data.on_device=false (a DataLoader) keeps no order")
+
+
+def _done(batches_done: Callable[[], int] | None) -> int:
+    """The training batches of this epoch done, per the loader's `batches_done` (none without)."""
+    return batches_done() if batches_done else 0
 
 
 def _shuffled_afresh(why: str) -> None:

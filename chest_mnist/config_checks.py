@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
@@ -210,8 +210,6 @@ FIXED_KEYS = ("data.flag", "model.stem")
 def changed_since(checkpoint: dict, cfg: DictConfig) -> dict[str, tuple]:
     """{key: (saved, now)} for each setting of the recipe that `cfg` gives another value than
     the run saved in `checkpoint` had (none from a checkpoint without them)."""
-    from omegaconf import OmegaConf
-
     pairs = [
         (f"{group}.{key}", checkpoint[saved][key], OmegaConf.select(cfg, f"{group}.{key}"))
         for saved, (group, keys) in RECIPE_KEYS.items()

@@ -184,6 +184,8 @@ class MedMNISTDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         drop_last = self.hparams.drop_last and shuffle  # training only: evaluation sees every image
+        # training's progress, which its loader keeps in checkpoints (resumable inside an epoch)
+        batches_done = self._batches_done if shuffle and trainer is not None else None
         if self._keep_on_device(device):
             if split not in self._on_device:
                 data = self.splits[split]
@@ -195,7 +197,7 @@ class MedMNISTDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
                 drop_last=drop_last,
-                batches_done=self._batches_done if shuffle and trainer is not None else None,
+                batches_done=batches_done,
             )
         # training under DDP: Lightning's DistributedSampler; evaluation: our exact shards
         sampler = (
@@ -211,8 +213,8 @@ class MedMNISTDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
         )
-        if shuffle and trainer is not None:  # training: stateful, as DeviceBatches
-            return TrainingDataLoader(self.splits[split], batches_done=self._batches_done, **loader)
+        if batches_done:  # training: stateful, as DeviceBatches
+            return TrainingDataLoader(self.splits[split], batches_done=batches_done, **loader)
         return DataLoader(self.splits[split], **loader)
 
     def _batches_done(self) -> int:
