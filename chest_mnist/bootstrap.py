@@ -10,10 +10,11 @@ negatives) has no value in that resample, as in the evaluation: it is left out o
 resample's macro mean and of its own interval, never counted as 0.
 
 Vectorised: a resample is a row of counts (how often each image was drawn), and each metric is
-a weighted sum over the images sorted once per label, so a chunk of resamples is a few
-(chunk, N) tensor operations, on the device given (the run's GPU where it has one). At
-ChestMNIST's test size (22,433 x 14) and 1,000 resamples this takes seconds on a laptop CPU
-(BENCHMARKS.md has the numbers; `benchmarks/bootstrap_time.py --device cuda` times a GPU).
+a weighted sum over the images sorted once per label, read only where positives are, so a
+chunk of resamples is one (chunk, N) running sum per label and a few smaller tensor operations,
+on the device given (the run's GPU where it has one). At ChestMNIST's test size (22,433 x 14)
+and 1,000 resamples this takes about 5 s on one core of the 2-core CPU (BENCHMARKS.md has the
+numbers; `benchmarks/bootstrap_time.py --device cuda` times a GPU).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 
 from chest_mnist.task import Task
 
-CHUNK = 50  # resamples at a time: (CHUNK, N) float64 arrays, 9 MB each at N = 22,433
+# resamples at a time: on the CPU few, so that a chunk's (chunk, N) arrays stay in the caches
+# (10: 1.8 MB of int64 at N = 22,433; 50 took 1.4 times as long on the 2-core machine); on a GPU
+# many, for fewer launches. The draws are the same whatever the chunk.
+CHUNK_CPU, CHUNK_GPU = 10, 200
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,14 @@ class Bootstrap:
         )
 
 
-def resample_indices(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+def resample_indices(
+    n: int, resamples: int, seed: int, chunk: int = CHUNK_CPU
+) -> Iterator[np.ndarray]:
     """The images of each resample, (chunk, n) int64 indices, chunk by chunk: the draws behind
     every interval of one `Bootstrap`, for a reference computation to repeat."""
     rng = np.random.default_rng(seed)
-    for start in range(0, resamples, CHUNK):
-        yield rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
+    for start in range(0, resamples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, resamples - start), n))
 
 
 def _counts(indices: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
@@ -62,43 +68,66 @@ def _counts(indices: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
 
 
 class _Column:
-    """One output's scores and 0/1 truth, sorted once (ascending) for every resample. Per
-    resample, everything is read from two running sums over the sorted images, both counts
-    weighted by how often each image was drawn: all images and the positives, at the last
-    image of each group of equal scores. Integers, so exact."""
+    """One output's scores and 0/1 truth, sorted once (ascending) for every resample. A group is
+    a run of equal scores; only the groups holding a positive image count (AUROC and AP add up
+    over positives), so per resample two running sums are read at them, both weighted by how
+    often each image was drawn: over all images (the one pass over every image) and over the
+    positives alone. Integers, so exact."""
 
     def __init__(self, scores: np.ndarray, truth: np.ndarray, device: torch.device):
         order = np.argsort(scores, kind="stable")
         ordered = scores[order]
-        last_of_group = np.r_[ordered[1:] != ordered[:-1], True]
+        ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])  # each group's last
+        group = np.searchsorted(ends, np.arange(len(order)))  # each sorted image's group
+        positive_at = np.flatnonzero(truth[order])  # sorted positions of the positives
+        groups = np.unique(group[positive_at])  # the groups holding a positive
+        # +1: into running sums that start with a 0 (no image yet)
+        self.end = ends[groups] + 1  # all images up to a group's end
+        self.end_before = np.where(groups > 0, ends[groups - 1] + 1, 0)  # up to the one below
+        of_positive = group[positive_at]  # the positives' running sum, at the same places
+        self.positive_end = np.searchsorted(of_positive, groups, side="right")
+        self.positive_before = np.searchsorted(of_positive, groups, side="left")
         self.order = torch.from_numpy(order).to(device)
-        self.ends = torch.from_numpy(np.flatnonzero(last_of_group)).to(device)
-        self.positive = torch.from_numpy(truth[order].astype(np.int64)).to(device)
+        self.positives = torch.from_numpy(order[positive_at]).to(device)
+        for name in ("end", "end_before", "positive_end", "positive_before"):
+            setattr(self, name, torch.from_numpy(getattr(self, name)).to(device))
 
     def ranking(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(AUROC, AP) per resample, float64, NaN where undefined. AUROC: P(score of a positive
         > score of a negative) + half the ties, from each group's positives times the negatives
         below it and half those beside it. AP: sklearn's, the sum over thresholds (each group's
         score, from the top) of the recall gained there times the precision at it (score >= it)."""
-        w = counts[:, self.order]
-        images = w.cumsum(1)[:, self.ends]
-        positives = (w * self.positive).cumsum(1)[:, self.ends]
-        in_group = positives.diff(dim=1, prepend=positives.new_zeros(len(w), 1))
-        below = images - positives  # negatives at or below each group's score
-        total_negatives, total_positives = below[:, -1].double(), positives[:, -1].double()
-        ties_and_below = below.clone()
-        ties_and_below[:, 1:] += below[:, :-1]  # twice: below the group, and half of those in it
-        twice_pairs = (in_group * ties_and_below).sum(1).double()  # int64: exact
-        # from the top: images and positives at or above each group's score
-        above = images[:, -1:] - F.pad(images[:, :-1], (1, 0))
-        found = positives[:, -1:] - F.pad(positives[:, :-1], (1, 0))
-        precision = torch.where(above > 0, found.double() / above.clamp(min=1), 0.0)
+        images = _running_sum(counts, self.order)
+        positives = _running_sum(counts, self.positives)
+        total_images, total_positives = images[:, -1:], positives[:, -1:]
+        # at and below each group holding positives, and up to the group below it
+        images_end, images_before = images[:, self.end], images[:, self.end_before]
+        positives_end = positives[:, self.positive_end]
+        positives_before = positives[:, self.positive_before]
+        in_group = positives_end - positives_before
+        # negatives below the group, twice, and those in it once: twice the pairs it wins
+        beside_and_below = (images_end - positives_end) + (images_before - positives_before)
+        twice_pairs = (in_group * beside_and_below).sum(1).double()  # int64: exact
+        above = total_images - images_before  # images at or above the group's score
+        found = total_positives - positives_before  # positives among them
+        precision = found.double() / above.clamp(min=1)  # 0 only where no positive is drawn
         gained = (in_group.double() * precision).sum(1)
+        total_positives = total_positives[:, 0].double()
+        total_negatives = total_images[:, 0].double() - total_positives
         auroc = twice_pairs / (2.0 * total_positives * total_negatives)
         ap = gained / total_positives
         auroc[(total_positives == 0) | (total_negatives == 0)] = torch.nan
         ap[total_positives == 0] = torch.nan
         return auroc, ap
+
+
+def _running_sum(counts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(chunk, len(images) + 1) int64: how many of `images` each resample drew, cumulatively in
+    their order, after a leading 0."""
+    drawn = counts.index_select(1, images)
+    running = counts.new_zeros(len(counts), len(images) + 1)
+    torch.cumsum(drawn, 1, out=running[:, 1:])
+    return running
 
 
 def _percentiles(values: np.ndarray, level: float) -> np.ndarray:
@@ -169,7 +198,8 @@ def _intervals(
     correct = {name: share.double().to(device) for name, share in correct.items()}
     per = {"auroc": [], "ap": []}
     accuracy = {name: [] for name in correct}
-    for indices in resample_indices(n, settings.resamples, settings.seed):
+    chunk = CHUNK_CPU if torch.device(device).type == "cpu" else CHUNK_GPU
+    for indices in resample_indices(n, settings.resamples, settings.seed, chunk):
         counts = _counts(indices, n, device)
         aurocs, aps = zip(*(column.ranking(counts) for column in columns), strict=True)
         per["auroc"].append(torch.stack(aurocs, dim=1))
