@@ -5,6 +5,8 @@
   the run is stopped with Ctrl-C or SIGTERM. It is
   Lightning's ModelCheckpoint with `save_on_exception`, except that it saves nothing after
   any other error (a non-finite loss, say), so the last good checkpoint stays as it was.
+- `SigtermTogether`: under DDP, a SIGTERM stops every process after the same training batch
+  (Lightning 2.6 stops each where it sees the signal, and the run can hang).
 - `StopOnNonFiniteLoss`: stops training at the first NaN or infinite training loss, with the
   epoch and step, before a checkpoint of the broken weights can be written.
 - `RestoreRNG`: puts every process's random generator states in every checkpoint and each
@@ -26,6 +28,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +159,52 @@ def _last_epoch(trainer: L.Trainer) -> bool:
         or (trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs)
         or (trainer.max_steps not in (None, -1) and steps >= trainer.max_steps)
     )
+
+
+class SigtermTogether(Callback):
+    """Under DDP, a SIGTERM stops every process after the same training batch, where
+    `LastCheckpoint` saves last.ckpt; one process alone keeps Lightning's own handling.
+
+    Lightning 2.6 stops each process after the batch in which that process sees the signal,
+    and its handler broadcasts from wherever the signal interrupts (Lightning issue #20806):
+    a process that sees the signal a batch later, or not at all, waits for the others forever.
+    Here the handler only notes the signal; after each training batch the processes agree on
+    whether any of them saw one (an all-reduce, as StopOnNonFiniteLoss's checks), and all stop
+    there together. A signal during validation takes effect after the next training batch
+    (none after the last: the run then finishes)."""
+
+    def __init__(self) -> None:
+        self._seen = False
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._seen = False
+
+    @override
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over(trainer)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over(trainer)
+
+    def _take_over(self, trainer: L.Trainer) -> None:
+        """Replace Lightning's handler, which it puts in place after on_fit_start, and which
+        it swaps back for the one from before at the fit's end (in every process)."""
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)  # (only the main thread may, as Lightning)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._seen = True
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+            self._seen, all=False
+        ):
+            # Lightning raises SIGTERMException after this batch (training_epoch_loop), on
+            # every process, and LastCheckpoint saves
+            trainer._signal_connector.received_sigterm = True
 
 
 class StopOnNonFiniteLoss(Callback):

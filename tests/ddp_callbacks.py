@@ -42,3 +42,17 @@ class KillAtEpochStart(Callback):
         if trainer.current_epoch == self.epoch:
             trainer.strategy.barrier("kill")  # no rank still waits in a collective for another
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SigtermAfterStep(Callback):
+    """Rank r sends itself SIGTERM at the end of the training batch after which the run has made
+    `steps[r]` steps (global_step); a rank without an entry (None) is never signalled: as SLURM
+    or `kill` may reach the processes at different batches, or reach only one."""
+
+    def __init__(self, steps: list[int | None]):
+        self.steps = list(steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        rank = trainer.global_rank
+        if rank < len(self.steps) and trainer.global_step == self.steps[rank]:
+            os.kill(os.getpid(), signal.SIGTERM)

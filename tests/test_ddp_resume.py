@@ -23,9 +23,11 @@ KILL_AT_EPOCH_1 = [
 ]
 
 
-def command(npz: Path, log_dir: Path, *extra: str, processes: int = 2) -> list[str]:
+def command(
+    npz: Path, log_dir: Path, *extra: str, processes: int = 2, noise: bool = True
+) -> list[str]:
     """Two CPU processes (gloo), 2 epochs of 4 steps (128 images: 64 per process, batch 16);
-    or one process (8 steps an epoch)."""
+    or one process (8 steps an epoch). `noise`: RankNoise, the ranks' generators apart."""
     trainer = ["trainer=cpu"]
     if processes > 1:
         trainer = [
@@ -49,7 +51,7 @@ def command(npz: Path, log_dir: Path, *extra: str, processes: int = 2) -> list[s
         "logger=csv",
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt at every epoch's end
-        NOISE,
+        *([NOISE] if noise else []),
         f"paths.log_dir={log_dir}",
         *extra,
     ]
@@ -101,6 +103,56 @@ def test_two_process_run_killed_and_resumed_ends_like_one_never_stopped(tmp_path
     # each process's own states were saved, and they differ (so the test tests something)
     assert saved["world_size"] == 2
     assert not torch.equal(saved["ranks"][0]["torch"], saved["ranks"][1]["torch"])
+
+
+@pytest.fixture(scope="module")
+def never_stopped_alike(tmp_path_factory, synthetic_npz) -> dict[str, torch.Tensor]:
+    """The final weights of the two-process run, never stopped, without RankNoise."""
+    log_dir = tmp_path_factory.mktemp("never_stopped")
+    whole = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, noise=False))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return weights(only_run(log_dir) / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "steps, stop_at",
+    [
+        ("[null,5]", 6),  # the second process alone: the first, its parent, never sees a signal
+        ("[5,6]", 6),  # each at another batch: together after the first one's next batch
+    ],
+)
+def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exactly(
+    tmp_path, synthetic_npz, never_stopped_alike, steps, stop_at
+):
+    """Lightning 2.6 alone stops each process where it sees the signal, and a run like this
+    hangs (issue #20806); SigtermTogether stops both after the same batch, inside epoch 1 (4
+    steps an epoch), and the resumed run ends as one never stopped. Without RankNoise: every
+    process shuffles with the same permutation only while their generators agree (the same
+    seed, the same draws), and the checkpoint keeps the first process's."""
+    signal_them = [
+        "+callbacks.sigterm._target_=tests.ddp_callbacks.SigtermAfterStep",
+        f"+callbacks.sigterm.steps={steps}",
+    ]
+    stopped = run_module(
+        "chest_mnist.train",
+        *command(synthetic_npz, tmp_path / "stopped", *signal_them, noise=False),
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    last = only_run(tmp_path / "stopped") / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, stop_at)
+    resumed = run_module(
+        "chest_mnist.train",
+        *command(synthetic_npz, tmp_path / "stopped", f"ckpt_path={last}", noise=False),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(last)["global_step"] == 8
+    got = weights(last)
+    for name, value in never_stopped_alike.items():
+        torch.testing.assert_close(
+            got[name], value, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.slow
