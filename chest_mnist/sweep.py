@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +113,14 @@ def write_sweep_summary(
     """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
     rows (`sweep_rows`)."""
     rows = sweep_rows(sweep_dir, final)
-    # whole or not at all: jobs of a parallel launcher may end, and write it, at once
-    handle, partial = tempfile.mkstemp(prefix=".sweep_summary.", suffix=".tmp", dir=sweep_dir)
-    with os.fdopen(handle, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, sweep_dir / "sweep_summary.csv")
+
+    def write_csv(partial: Path) -> None:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _write_whole(sweep_dir / "sweep_summary.csv", write_csv)
     points = sorted(
         (_swept_value(r["overrides"], key), r["best_val_auroc"])
         for r in rows
@@ -138,9 +140,26 @@ def write_sweep_summary(
             f"{len(points)} jobs" + (f"; failed: job {', '.join(failed)}" if failed else "")
         )
         fig.tight_layout()
-        fig.savefig(sweep_dir / "sweep_summary.png")
-        plt.close(fig)
+        try:
+            _write_whole(sweep_dir / "sweep_summary.png", lambda partial: fig.savefig(partial))
+        finally:
+            plt.close(fig)
     return rows
+
+
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a file beside `path`, then rename it over `path`: whole or not at all, as jobs
+    of a parallel launcher may end, and write the summary, at once. A failed write leaves
+    `path` as it was, and no file beside it."""
+    handle, partial = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(handle)
+    try:
+        write(Path(partial))
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
 
 
 class SweepSummary(Callback):

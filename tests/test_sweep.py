@@ -1,6 +1,7 @@
 """Hydra multirun: one directory per job, a summary, and a failing job that loses nothing."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -211,6 +212,37 @@ def test_the_summary_takes_each_jobs_status_from_hydra_not_from_its_report(tmp_p
     assert not list(tmp_path.glob(".sweep_summary*"))  # written beside, then renamed
     # at the sweep's end no job runs: one that never said how it ended was stopped (killed)
     assert write_sweep_summary(tmp_path, final=True)[3]["status"] == "failed"
+
+
+def test_a_summary_write_that_fails_leaves_the_last_summary_whole(tmp_path, monkeypatch):
+    """Jobs of a parallel launcher write the summary at once: each file is written beside and
+    renamed over, so a write cut short (here: a figure that fails halfway) leaves the last one."""
+    from matplotlib.figure import Figure
+
+    from chest_mnist.sweep import write_sweep_summary
+
+    _job(tmp_path, "0", ["model.optimizer.lr=0.001"], "COMPLETED", {"best_val/auroc": 0.8})
+    write_sweep_summary(tmp_path)
+    before = {
+        name: (tmp_path / name).read_bytes() for name in ("sweep_summary.csv", "sweep_summary.png")
+    }
+    _job(tmp_path, "1", ["model.optimizer.lr=0.01"], "COMPLETED", {"best_val/auroc": 0.7})
+
+    def cut_short(fig, fname, **kwargs):
+        Path(fname).write_bytes(b"half a PNG")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        write_sweep_summary(tmp_path)
+    assert (tmp_path / "sweep_summary.png").read_bytes() == before["sweep_summary.png"]
+    assert (tmp_path / "sweep_summary.csv").read_bytes() != before["sweep_summary.csv"]  # 2 rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "0",
+        "1",
+        "sweep_summary.csv",
+        "sweep_summary.png",
+    ]
 
 
 def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch):
