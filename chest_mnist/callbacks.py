@@ -5,8 +5,9 @@
   the run is stopped with Ctrl-C or SIGTERM. It is
   Lightning's ModelCheckpoint with `save_on_exception`, except that it saves nothing after
   any other error (a non-finite loss, say), so the last good checkpoint stays as it was.
-- `SigtermTogether`: under DDP, a SIGTERM stops every process after the same training batch
-  (Lightning 2.6 stops each where it sees the signal, and the run can hang).
+- `StopOnSigterm`: a SIGTERM stops training after an update or a validation, the same one in
+  every process under DDP (Lightning 2.6 alone stops each process where it sees the signal:
+  a DDP run can hang, a validation can be cut short, accumulated gradients lost).
 - `StopOnNonFiniteLoss`: stops training at the first NaN or infinite training loss, with the
   epoch and step, before a checkpoint of the broken weights can be written.
 - `RestoreRNG`: puts every process's random generator states in every checkpoint and each
@@ -28,8 +29,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -161,50 +160,61 @@ def _last_epoch(trainer: L.Trainer) -> bool:
     )
 
 
-class SigtermTogether(Callback):
-    """Under DDP, a SIGTERM stops every process after the same training batch, where
-    `LastCheckpoint` saves last.ckpt; one process alone keeps Lightning's own handling.
+class StopOnSigterm(Callback):
+    """A SIGTERM stops training after an update or after a validation, at the same one in every
+    process under DDP, so that `LastCheckpoint` saves a state from which the resumed run goes
+    on as if never stopped.
 
-    Lightning 2.6 stops each process after the batch in which that process sees the signal,
-    and its handler broadcasts from wherever the signal interrupts (Lightning issue #20806):
-    a process that sees the signal a batch later, or not at all, waits for the others forever.
-    Here the handler only notes the signal; after each training batch the processes agree on
-    whether any of them saw one (an all-reduce, as StopOnNonFiniteLoss's checks), and all stop
-    there together. A signal during validation takes effect after the next training batch
-    (none after the last: the run then finishes)."""
+    Lightning 2.6's own handler sets the stop at once, and each loop acts on it where it is:
+    - under DDP each process stops after the batch in which it sees the signal, and the
+      handler broadcasts from wherever the signal interrupts (Lightning issue #20806), so a
+      process that sees it a batch later, or not at all, waits for the others forever;
+    - a stop during a validation (or set by an epoch's last batch, just before it) ends the
+      validation after its batch under way, and the resumed run never validates that epoch;
+    - with gradient accumulation, the gradients gathered since the last update are lost.
+    Here the handler only notes the signal. After each training batch that ends an update, and
+    after each validation of the fit, the processes agree on whether any of them saw one (one
+    all-reduce, as StopOnNonFiniteLoss's checks), and Lightning then stops them all there; a
+    validation that starts with the stop decided runs to its end first."""
 
     def __init__(self) -> None:
-        self._seen = False
+        self._seen = self._stop = False
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._seen = False
+        self._seen = self._stop = False
+        if stage == "fit":  # Lightning puts its handler in place after this hook
+            trainer._signal_connector._sigterm_notifier_fn = self._note
 
     @override
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._take_over(trainer)
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._take_over(trainer)
-
-    def _take_over(self, trainer: L.Trainer) -> None:
-        """Replace Lightning's handler, which it puts in place after on_fit_start, and which
-        it swaps back for the one from before at the fit's end (in every process)."""
-        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._note)  # (only the main thread may, as Lightning)
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # predict and test keep Lightning's own
+            trainer._signal_connector.__dict__.pop("_sigterm_notifier_fn", None)
 
     def _note(self, signum: int, frame: Any) -> None:
+        log.info("Received SIGTERM: training stops after the update or validation under way.")
         self._seen = True
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
-            self._seen, all=False
-        ):
-            # Lightning raises SIGTERMException after this batch (training_epoch_loop), on
-            # every process, and LastCheckpoint saves
-            trainer._signal_connector.received_sigterm = True
+        if not trainer.fit_loop.epoch_loop._should_accumulate():  # alike in every process
+            self._agree(trainer)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop:  # the evaluation loop would stop after its first batch
+            trainer._signal_connector.received_sigterm = False
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._agree(trainer)
+
+    def _agree(self, trainer: L.Trainer) -> None:
+        """Stop when any process saw the signal; Lightning raises SIGTERMException next, in
+        every process, after the validation it may run first, and LastCheckpoint saves."""
+        if self._stop or trainer.strategy.reduce_boolean_decision(self._seen, all=False):
+            self._stop = trainer._signal_connector.received_sigterm = True
 
 
 class StopOnNonFiniteLoss(Callback):

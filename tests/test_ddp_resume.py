@@ -126,7 +126,7 @@ def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exa
     tmp_path, synthetic_npz, never_stopped_alike, steps, stop_at
 ):
     """Lightning 2.6 alone stops each process where it sees the signal, and a run like this
-    hangs (issue #20806); SigtermTogether stops both after the same batch, inside epoch 1 (4
+    hangs (issue #20806); StopOnSigterm stops both after the same batch, inside epoch 1 (4
     steps an epoch), and the resumed run ends as one never stopped. Without RankNoise: every
     process shuffles with the same permutation only while their generators agree (the same
     seed, the same draws), and the checkpoint keeps the first process's."""

@@ -466,20 +466,20 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
 
 class StopInsideAnEpoch(L.Callback):
     """Stops the run inside an epoch as a user or a scheduler would, at step `step`:
-    "sigterm" sends this process SIGTERM after the step (Lightning stops at that batch's end),
-    "ctrl_c_in_step" raises KeyboardInterrupt inside the step, before its update,
-    "ctrl_c_after_step" after the update, in on_train_batch_end (where the progress bar reads
-    the loss)."""
+    "sigterm" sends this process SIGTERM during the step, before its update (training stops
+    after it), "ctrl_c_in_step" raises KeyboardInterrupt there, "ctrl_c_after_step" after the
+    update, in on_train_batch_end (where the progress bar reads the loss)."""
 
     def __init__(self, how: str, step: int):
         self.how, self.step = how, step
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.how == "sigterm" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step - 1 == self.step:
-            if self.how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            elif self.how == "ctrl_c_after_step":
-                raise KeyboardInterrupt
+        if self.how == "ctrl_c_after_step" and trainer.global_step - 1 == self.step:
+            raise KeyboardInterrupt
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.how == "ctrl_c_in_step" and trainer.global_step == self.step:
@@ -552,6 +552,67 @@ def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_runs_weights
     for a, b in moments:
         torch.testing.assert_close(b["exp_avg"], a["exp_avg"], atol=0, rtol=0)
         torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_an_epochs_last_batch_lets_its_validation_finish(tmp_path, synthetic_npz):
+    """The signal comes with the last batch of epoch 0, just before its validation (3 batches
+    here): the validation runs to its end before training stops (Lightning alone stopped it
+    after its first batch, and the resumed run never validated epoch 0), and the resumed run
+    ends with the uninterrupted run's weights and best checkpoint."""
+    run = [*command(synthetic_npz, tmp_path), *INSIDE_AN_EPOCH_RUN, "data.eval_batch_size=32"]
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/whole"]))
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+
+    last = stop_inside_an_epoch(run, tmp_path / "stopped", "sigterm", 2)
+    assert load_checkpoint(last)["global_step"] == 3  # epoch 0, whole
+    assert list(last.parent.glob("epoch000-*.ckpt"))  # its validation chose a best checkpoint
+    train(compose_train([*run, f"ckpt_path={last}", f"paths.output_dir={tmp_path}/stopped"]))
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == 6
+    for name, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, atol=0, rtol=0)
+    best = [
+        sorted(p.name for p in (tmp_path / d / "checkpoints").glob("epoch*"))
+        for d in ("whole", "stopped")
+    ]
+    assert best[0] == best[1]
+
+
+class SigtermAtBatch(L.Callback):
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_gradients_accumulate_stops_at_the_update(tmp_path, synthetic_npz):
+    """Batches of 32 accumulated in twos: the signal after the first batch of epoch 1 stops
+    training after the second, whose update uses both (stopped at the first, its gradients
+    would be lost, as no checkpoint holds them), and the resumed run ends as the uninterrupted."""
+    run = [*command(synthetic_npz, tmp_path), *INSIDE_AN_EPOCH_RUN]
+    run.append("+trainer.accumulate_grad_batches=2")
+    train(compose_train([*run, f"paths.output_dir={tmp_path}/whole"]))
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    assert whole["global_step"] == 4  # two updates an epoch: batches 0 and 1, then 2
+
+    signal_at = [
+        f"+callbacks.stop._target_={__name__}.SigtermAtBatch",
+        "+callbacks.stop.epoch=1",
+        "+callbacks.stop.batch=0",
+    ]
+    with pytest.raises(SIGTERMException):
+        train(compose_train([*run, *signal_at, f"paths.output_dir={tmp_path}/stopped"]))
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 3
+    train(compose_train([*run, f"ckpt_path={last}", f"paths.output_dir={tmp_path}/stopped"]))
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == 4
+    for name, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, atol=0, rtol=0)
 
 
 @pytest.mark.slow
