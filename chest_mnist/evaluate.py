@@ -180,12 +180,15 @@ def log_summary(scalars: dict, checkpoint: Path | None, out_dir: Path) -> None:
 def datamodule_for(data: DictConfig, saved: dict) -> MedMNISTDataModule:
     """The data to evaluate on. `data=<group>` (synthetic, chestmnist): that data. Otherwise
     (`data=from_checkpoint`, the default) the checkpoint's own data config, with each key given
-    on the command line (`data.root=DIR`) in place of its saved value."""
+    on the command line (`data.root=DIR`) in place of its saved value; but its file is never
+    generated anew: a synthetic run's `data.synthetic` says how its config would have made a
+    missing file, not which file it trained on, so a moved or mistyped `data.path` is an error
+    rather than the report of other, new data."""
     if "_target_" in data:
         return hydra.utils.instantiate(data, _convert_="all")
     values = OmegaConf.to_container(data, resolve=True)
     given = {key: value for key, value in values.items() if not OmegaConf.is_missing(data, key)}
-    return MedMNISTDataModule(**(saved | given))
+    return MedMNISTDataModule(**(saved | {"synthetic": None} | given))
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -235,6 +235,28 @@ def test_from_checkpoint_lists_every_key_of_the_data_module():
     assert list(keys) == parameters and set(keys.values()) == {"???"}
 
 
+def test_evaluate_never_makes_up_the_checkpoints_synthetic_data(tmp_path):
+    """A run on synthetic data saved how its config generates a missing file; evaluated with a
+    data.path that is not there (mistyped, moved), evaluate refuses, naming it, and writes no
+    new data to report on. Asked for (data.synthetic given), it generates."""
+    from chest_mnist.data import MedMNISTDataModule
+    from chest_mnist.evaluate import datamodule_for
+
+    recipe = {"n_train": 64, "n_val": 32, "n_test": 32, "seed": 0}
+    saved = dict(MedMNISTDataModule(path="trained_on.npz", synthetic=recipe).hparams)
+    gone = tmp_path / "typo.npz"
+    data = compose_train(["ckpt_path=x", f"data.path={gone}"], config_name="evaluate").data
+    with pytest.raises(UserError, match=f"data.path={gone} does not exist"):
+        datamodule_for(data, saved).prepare_data()
+    assert not gone.exists()
+    data = compose_train(
+        ["ckpt_path=x", f"data.path={gone}", f"data.synthetic={recipe}".replace("'", "")],
+        config_name="evaluate",
+    ).data
+    datamodule_for(data, saved).prepare_data()
+    assert gone.exists()
+
+
 @pytest.mark.slow
 def test_evaluate_replaces_single_keys_of_the_checkpoints_data(
     trained_run, tmp_path, synthetic_npz
