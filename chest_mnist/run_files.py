@@ -99,6 +99,9 @@ def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
     try:
         data = json.loads(Path(path).read_text())
         table, temperatures = data["labels"], data.get("temperatures")
+        for named in (table, temperatures):  # another model's file may hold these labels too
+            if named is not None and set(named) != set(labels):
+                raise ValueError(f"its labels are {', '.join(named)}")
         if temperatures is not None:
             temperatures = {label: float(temperatures[label]) for label in labels}
             if not all(0 < t < math.inf for t in temperatures.values()):
@@ -119,6 +122,11 @@ def read_thresholds(path: Path, labels: list[str]) -> Thresholds:
         )
     except FileNotFoundError:
         raise UserError(f"thresholds={path} does not exist.") from None
+    except OSError as e:  # a folder, no permission
+        raise UserError(
+            f"thresholds={path} cannot be read ({e.strerror}). Give the thresholds.json in the "
+            f"checkpoint run's report/, or thresholds=null for 0.5."
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(
             f"thresholds={path} is not a thresholds.json for this model's labels "

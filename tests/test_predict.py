@@ -280,17 +280,36 @@ def test_thresholds_that_name_no_weights_are_not_used_silently(tmp_path, capsys)
             "a temperature is not a finite number above 0",
         ),
         ('{"labels": null}', "is a multi-class model's"),  # for a multi-label model
+        # another model's: labels a and b among others (ChestMNIST's hold PneumoniaMNIST's one)
+        ('{"labels": {"a": 0.3, "b": 0.7, "c": 0.5}}', "its labels are a, b, c"),
+        (
+            '{"labels": {"a": 0.3, "b": 0.7}, "temperatures": {"a": 1.0, "b": 1.0, "c": 2.0}}',
+            "its labels are a, b, c",
+        ),
+        (None, "cannot be read (Is a directory)"),
     ],
-    ids=["nan", "infinite", "infinite_temperature", "multi_class_file"],
+    ids=[
+        "nan",
+        "infinite",
+        "infinite_temperature",
+        "multi_class_file",
+        "more_labels",
+        "more_temperatures",
+        "a_folder",
+    ],
 )
 def test_a_thresholds_file_that_cannot_be_used_is_named(tmp_path, content, said):
-    """JSON allows NaN and Infinity, and a multi-class report's file has no thresholds: each
-    is refused with the file's name rather than used (NaN would never predict its label)."""
+    """JSON allows NaN and Infinity, a multi-class report's file has no thresholds, and another
+    model's file may hold this model's labels among its own: each is refused with the file's
+    name rather than used (NaN would never predict its label)."""
     from chest_mnist.task import MULTI_LABEL_TASK
     from chest_mnist.tuned import choose_tuned
 
     path = tmp_path / "thresholds.json"
-    path.write_text(content)
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
     with pytest.raises(UserError, match=f"thresholds={path} ") as error:
         choose_tuned(str(path), tmp_path / "x.ckpt", "0" * 64, ["a", "b"], MULTI_LABEL_TASK)
     assert said in str(error.value)
