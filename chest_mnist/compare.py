@@ -11,7 +11,7 @@ mean ± sample standard deviation and the min to max. For two groups a second ta
 difference of their means (second minus first) with a 95% Student-t interval: paired by seed
 when the groups ran the same seeds, else Welch's. The tables are printed as markdown and
 written as `compare.md` and `compare.csv` (and `compare_difference.csv`) into `--out`: by
-default the folder given, or the current folder when several are.
+default the folder given, or the current folder when several are and it has no such files.
 """
 
 from __future__ import annotations
@@ -281,10 +281,38 @@ def difference_table(first: Group, second: Group) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+WRITTEN = ("compare.md", "compare.csv", DIFFERENCE)
+
+
+def output_folder(folders: list[Path], out: Path | None) -> Path:
+    """Where the tables go: `--out`, else the one folder given (its tables of an earlier
+    comparison are replaced), else the current folder, but only if it holds no files of those
+    names: they may be the user's own, not an earlier comparison's."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file: give a folder (it is made if missing).")
+        return out
+    if len(folders) == 1:
+        return folders[0]
+    taken = [name for name in WRITTEN if (Path.cwd() / name).exists()]
+    if taken:
+        raise UserError(
+            f"the current folder ({Path.cwd()}) already has {', '.join(taken)}: give --out DIR "
+            f"for this comparison's tables (they are written into the current folder only when "
+            f"several folders are given and it has none of {', '.join(WRITTEN)})."
+        )
+    return Path.cwd()
+
+
 def write_all(out: Path, files: dict[str, str]) -> None:
     """Every file whole, or none: each written beside its target first, then all renamed; a
     difference table of an earlier comparison that this one has not is removed."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out {out} cannot be made ({e.strerror}): give another folder."
+        ) from None
     for name, text in files.items():
         (out / f".{name}.tmp").write_text(text)
     for name in files:
@@ -324,9 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, help=f"where compare.md, compare.csv and {DIFFERENCE} go"
     )
     args = parser.parse_args(argv)
-    out = args.out or (args.folders[0] if len(args.folders) == 1 else Path.cwd())
+    out = report_user_errors(lambda: output_folder(args.folders, args.out))
     print(report_user_errors(lambda: compare(args.folders, out)))
-    written = [out / name for name in ("compare.md", "compare.csv", DIFFERENCE)]
+    written = [out / name for name in WRITTEN]
     print(f"\nwritten: {', '.join(str(p) for p in written if p.exists())}", file=sys.stderr)
 
 

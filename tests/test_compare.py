@@ -227,3 +227,40 @@ def test_a_group_of_one_run_and_no_stale_difference_table(tmp_path):
     compare([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "out")
     assert not (tmp_path / "out" / "compare_difference.csv").exists()
     assert len(read_csv(tmp_path / "out" / "compare.csv")) == 3
+
+
+def test_the_users_own_files_are_never_replaced(tmp_path, monkeypatch, capsys):
+    """Several folders write into the current folder by default, but not over files of the
+    tables' names there (they may be the user's notes): an error asks for --out. An --out that
+    is a file, or cannot be made, is an error line too; the one folder given gets its tables
+    replaced, as a comparison run again."""
+    for seed in (1, 2):
+        fake_run(tmp_path / "a" / str(seed), seed, metric_values(0.9 + seed / 100))
+        fake_run(tmp_path / "b" / str(seed), seed, metric_values(0.9), lr=1e-2)
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    (here / "compare.md").write_text("my own notes")
+    with pytest.raises(SystemExit) as stopped:
+        main(folders)
+    assert stopped.value.code == 2
+    assert "already has compare.md: give --out DIR" in capsys.readouterr().err
+    assert (here / "compare.md").read_text() == "my own notes"
+    assert sorted(p.name for p in here.iterdir()) == ["compare.md"]
+
+    (here / "compare.md").unlink()
+    main(folders)  # none there: written into the current folder
+    assert sorted(p.name for p in here.iterdir()) == sorted(
+        ["compare.md", "compare.csv", "compare_difference.csv"]
+    )
+    for out, said in [
+        (here / "compare.md", "is a file: give a folder"),
+        (Path("/proc/x"), "cannot be made"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*folders, "--out", str(out)])
+        assert said in capsys.readouterr().err
+    main([folders[0]])
+    main([folders[0]])  # its own tables, replaced
+    assert (tmp_path / "a" / "compare.md").exists()
