@@ -229,8 +229,11 @@ def heatmap_view(analyser: Analyser, analysis: Analysis) -> None:
 
 
 def serve(cfg: DictConfig) -> None:
-    if not cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") in (None, ""):  # not `not`: ckpt_path=0 is a sweep's job folder
         raise UserError("ckpt_path is missing: python -m chest_mnist.app ckpt_path=<run>")
+    port = cfg.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UserError(f"port={port!r} must be a whole number from 1 to 65535, e.g. port=7860.")
     analyser = Analyser(cfg.ckpt_path, cfg.get("thresholds"), cfg.device)
     try:
         page(analyser).launch(server_name=cfg.host, server_port=cfg.port, ssr_mode=False)

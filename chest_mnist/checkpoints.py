@@ -31,7 +31,7 @@ def _first_error_line(error: Exception) -> str:
 def resolve_checkpoint(path: str | Path) -> Path:
     """`ckpt_path` as given when it is a file; for a run directory (or its checkpoints/) the
     run's best checkpoint: the one its report names, else its only epochNNN-*.ckpt."""
-    path = Path(path).expanduser()
+    path = Path(str(path)).expanduser()  # a number too: a sweep's job folders are 0, 1, ...
     if not path.is_dir():
         return path
     run = run_of(path)

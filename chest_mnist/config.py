@@ -39,9 +39,9 @@ def epochs_at(total: int, *fractions: float) -> list[int]:
 def resumed_run(task_name: str, ckpt_path: str | None) -> str | None:
     """The run directory that `train ckpt_path=<run>/checkpoints/<file>.ckpt` continues, or
     None (a new run). Evaluate and predict always write into a directory of their own."""
-    if task_name != "train" or not ckpt_path:
+    if task_name != "train" or ckpt_path in (None, ""):  # 0: a sweep's job folder
         return None
-    path = Path(ckpt_path).expanduser()
+    path = Path(str(ckpt_path)).expanduser()
     return str(run_of(path)) if path.parent.name == CHECKPOINTS else None
 
 

@@ -24,8 +24,8 @@ def check_before_training(cfg: DictConfig) -> None:
     """`check_config`, and for a resumed run (`ckpt_path`) `check_resumable`: a missing,
     damaged or unsafe checkpoint is refused up front."""
     check_config(cfg)
-    if cfg.get("ckpt_path"):
-        check_resumable(cfg.ckpt_path, cfg)
+    if cfg.get("ckpt_path") not in (None, ""):  # ckpt_path=0 is a path too, not "no resume"
+        check_resumable(str(cfg.ckpt_path), cfg)
 
 
 def check_report_options(cfg: DictConfig) -> None:

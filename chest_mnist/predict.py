@@ -41,6 +41,7 @@ import csv
 import json
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,7 +282,7 @@ def predict(cfg: DictConfig) -> dict:
 def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
     """(inputs, output file) of a valid request; a UserError for the first option that is
     wrong, before the checkpoint is loaded."""
-    if not cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") in (None, ""):  # not `not`: ckpt_path=0 is a sweep's job folder
         raise UserError(
             "ckpt_path is missing: python -m chest_mnist.predict "
             "ckpt_path=<run>/checkpoints/<file>.ckpt inputs=[image.png,folder/]"
@@ -298,11 +299,16 @@ def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
         raise UserError(f"split={cfg.split!r} must be one of {', '.join(SPLITS)} (for npz inputs).")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size!r} must be a positive whole number.")
-    output = Path(cfg.output or Path(cfg.paths.output_dir) / f"predictions.{fmt}").expanduser()
+    given = cfg.get("output")
+    output = Path(
+        str(given) if given not in (None, "") else Path(cfg.paths.output_dir) / f"predictions.{fmt}"
+    ).expanduser()
     if output.exists():
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."
         )
+    if not isinstance(cfg.get("cam"), bool):
+        raise UserError(f"cam={cfg.get('cam')!r} must be true or false.")
     top_k = cfg.get("cam_top_k")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise UserError(f"cam_top_k={top_k!r} must be a positive whole number or null.")
@@ -313,7 +319,21 @@ def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
             f"The heatmap folder {cam_folder(output)} already exists; it was left as it is. "
             f"Choose another output, or move that folder."
         )
+    _check_writable(output)
     return inputs, output
+
+
+def _check_writable(output: Path) -> None:
+    """A UserError, before any image is read, when `output` cannot be written: its folder is
+    made (as the writing would) and a file tried in it."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output.parent).close()
+    except OSError as e:
+        raise UserError(
+            f"output={output} cannot be written ({e.strerror}: {e.filename or output.parent}). "
+            f"Choose another output."
+        ) from None
 
 
 def score_items(

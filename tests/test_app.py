@@ -120,6 +120,14 @@ def test_no_checkpoint_is_a_usage_error():
         serve(cfg)
 
 
+@pytest.mark.parametrize("port", ["abc", "99999", "-1", "1.5"])
+def test_a_bad_port_is_a_usage_error(port):
+    """Checked before the checkpoint loads: Gradio's TypeError or OverflowError otherwise."""
+    cfg = compose_train(["ckpt_path=/no/such.ckpt", f"port={port}"], config_name="app")
+    with pytest.raises(UserError, match=f"port={cfg.port!r} must be a whole number from 1 to"):
+        serve(cfg)
+
+
 # --- the page in a browser, and the API: one server for the module ---------------------------
 
 

@@ -324,6 +324,8 @@ def test_a_thresholds_file_that_cannot_be_used_is_named(tmp_path, content, said)
         (["ckpt_path=CKPT", "inputs=[x.png]", "thresholds=/no/such.json"], "does not exist"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "output=EXISTING"], "already exists; it was left"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "device=gpu0"], "is not a device"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "cam=no"], "cam='no' must be true or false"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "output=EXISTING/x.csv"], "cannot be written"),
     ],
 )
 def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
@@ -358,3 +360,15 @@ def test_read_image_crops_to_the_centre_and_keeps_the_right_size(tmp_path):
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8 and (pixels == 200).all()
     rgb, _ = read_image(tmp_path / "wide.png", size=64, channels=3)
     assert rgb.shape == (64, 64, 3)
+
+
+def test_a_numbered_folder_is_a_checkpoint_path_too(
+    trained_run, synthetic_npz, tmp_path, monkeypatch
+):
+    """A sweep's job folders are 0, 1, ...: ckpt_path=0 there (a number to Hydra) is that run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "0").symlink_to(trained_run)
+    summary = predict(
+        predict_cfg(["ckpt_path=0", f"inputs=[{synthetic_npz}]", "output=0.csv"], tmp_path)
+    )
+    assert summary["output"].exists()

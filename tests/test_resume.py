@@ -205,8 +205,9 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(
         (b"", "is not a readable PyTorch checkpoint"),
         ("pickled_code", "refused so that a checkpoint cannot run code"),
         ("run_folder", "/run is a folder; give a checkpoint file, e.g. ckpt_path="),
+        ("number", "ckpt_path=0 does not exist"),  # a number to Hydra, not "no checkpoint"
     ],
-    ids=["missing", "empty", "pickled_code", "run_folder"],
+    ids=["missing", "empty", "pickled_code", "run_folder", "number"],
 )
 def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_npz, make, message):
     from tests.test_evaluate import Payload
@@ -218,6 +219,8 @@ def test_resume_refuses_a_bad_checkpoint_before_data_loads(tmp_path, synthetic_n
     elif make == "run_folder":  # the run, not its file: pointed at <run>/checkpoints/last.ckpt
         message += str(ckpt)
         ckpt = ckpt.parent.parent
+    elif make == "number":
+        ckpt = 0
     elif make is not None:
         ckpt.write_bytes(make)
     cfg = compose_train(
