@@ -155,11 +155,15 @@ def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
         prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
     )
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # as a file written in place (mkstemp makes it 0600)
     try:
         write(Path(partial))
         os.replace(partial, path)
-    finally:
+    except BaseException:
         Path(partial).unlink(missing_ok=True)
+        raise
 
 
 class SweepSummary(Callback):

@@ -1,6 +1,7 @@
 """Hydra multirun: one directory per job, a summary, and a failing job that loses nothing."""
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,10 @@ def test_a_summary_write_that_fails_leaves_the_last_summary_whole(tmp_path, monk
 
     _job(tmp_path, "0", ["model.optimizer.lr=0.001"], "COMPLETED", {"best_val/auroc": 0.8})
     write_sweep_summary(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("sweep_summary.csv", "sweep_summary.png"):  # as written in place: readable
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
     before = {
         name: (tmp_path / name).read_bytes() for name in ("sweep_summary.csv", "sweep_summary.png")
     }
