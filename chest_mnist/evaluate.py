@@ -200,6 +200,15 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpt_path, model, saved_data = load_model(cfg.ckpt_path)
     log.info("Evaluating %s", ckpt_path)
     datamodule = datamodule_for(cfg.data, saved_data)
+    trained_at, now = saved_data.get("size"), datamodule.hparams.size
+    if trained_at is not None and now != trained_at:
+        log.warning(
+            "The model was trained on %dpx images and is evaluated on %dpx (data.size=%d): its "
+            "numbers here are not those of the resolution it learned at.",
+            trained_at,
+            now,
+            now,
+        )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False
     )

@@ -258,6 +258,21 @@ def test_evaluate_never_makes_up_the_checkpoints_synthetic_data(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluating_at_another_size_than_trained_says_so(trained_run, tmp_path, caplog):
+    from chest_mnist.synthetic import write_synthetic
+
+    larger = write_synthetic(tmp_path / "s64.npz", n_train=32, n_val=32, n_test=32, size=64, seed=0)
+    overrides = [f"data.path={larger}", "data.size=64", "data.subset=null", "trainer=cpu"]
+    with caplog.at_level("WARNING", logger="chest_mnist.evaluate"):
+        evaluate(
+            compose_evaluate(
+                [f"ckpt_path={trained_run}", *overrides, f"paths.output_dir={tmp_path}/out"]
+            )
+        )
+    assert "trained on 28px images and is evaluated on 64px (data.size=64)" in caplog.text
+
+
+@pytest.mark.slow
 def test_evaluate_replaces_single_keys_of_the_checkpoints_data(
     trained_run, tmp_path, synthetic_npz
 ):
