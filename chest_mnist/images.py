@@ -27,6 +27,7 @@ raises ValueError with the reason.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,21 @@ def _has_dicom_preamble(path: Path) -> bool:
 def _read_with_pillow(path: Path) -> tuple[Image.Image, str]:
     try:
         with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:  # an animated GIF, a multi-page TIFF: as a multi-frame DICOM
+                raise ValueError(
+                    f"an image of {frames} frames: predict reads single images; save the frame "
+                    "you mean as a file of its own"
+                )
             image.load()  # decode now: a truncated file fails here, not later
             return _eight_bits(image)
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise ValueError(f"too large to open safely ({e})") from None
+        raise ValueError(
+            f"too large to open safely ({e}); MedMNIST's images are 28 to 224 px: give a "
+            "downscaled copy"
+        ) from None
     except (OSError, SyntaxError) as e:  # Pillow's truncated / damaged file errors
         raise ValueError(f"damaged or truncated image ({e})") from None
 
@@ -160,10 +170,15 @@ def _read_dicom(path: Path) -> tuple[Image.Image, str]:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         _check_decoder(syntax)
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)  # it logs a traceback of what we say in a line
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom's many errors of a damaged or odd file: one file's problem
         raise ValueError(f"cannot decode its DICOM pixel data ({type(e).__name__}: {e})") from None
+    finally:
+        pydicom_log.setLevel(level)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         return _dicom_gray(ds, pixels, photometric)

@@ -205,9 +205,11 @@ def open_npz(path: Path, mmap: bool = False) -> np.lib.npyio.NpzFile | NpyFolder
     try:
         npz = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy reads what is no zip as a pickle, and would suggest allow_pickle=True
+        why = e if zipfile.is_zipfile(path) else "it is no zip archive, which an .npz is"
         raise UserError(
-            f"{path} is not a readable .npz archive ({e}). It was left as it is: replace it with "
-            f"the MedMNIST file or regenerate it (python -m chest_mnist.synthetic)."
+            f"{path} is not a readable .npz archive ({why}). It was left as it is: replace it "
+            f"with the MedMNIST file or regenerate it (python -m chest_mnist.synthetic)."
         ) from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise UserError(

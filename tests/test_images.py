@@ -4,6 +4,7 @@ probabilities; what cannot be used is refused with the reason; the note reaches 
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,37 @@ def test_what_a_dicom_cannot_give_is_refused_with_the_reason(picture, tmp_path):
     )
     with pytest.raises(ValueError, match="compressed as JPEG Lossless.*pip install pylibjpeg"):
         read_image(compressed, 28, 1)
+
+
+def test_a_damaged_compressed_dicom_is_one_line_without_pydicoms_traceback(
+    picture, tmp_path, caplog
+):
+    if not get_decoder(uid.JPEGBaseline8Bit).is_available:
+        pytest.skip("no JPEG Baseline decoder here: the file is refused before decoding")
+    damaged = write_dicom(
+        tmp_path / "jpeg.dcm",
+        picture.astype(np.uint16),
+        syntax=uid.JPEGBaseline8Bit,
+        PixelData=encapsulate([b"\xff\xd8 not a JPEG \xff\xd9"]),
+    )
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(ValueError, match="cannot decode its DICOM pixel data"),
+    ):
+        read_image(damaged, 28, 1)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") and r.levelno >= 40]
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif"])
+def test_an_image_of_several_frames_is_refused_as_a_dicom_of_several_is(picture, tmp_path, suffix):
+    """An animated GIF or a multi-page TIFF: which frame is the X-ray is not predict's guess."""
+    frames = [Image.fromarray(picture), Image.fromarray(255 - picture)]
+    path = tmp_path / f"two{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match="an image of 2 frames: predict reads single images"):
+        read_image(path, 28, 1)
+    frames[0].save(tmp_path / f"one{suffix}")
+    np.testing.assert_array_equal(read_image(tmp_path / f"one{suffix}", 28, 1)[0], picture)
 
 
 def test_alpha_is_dropped_only_when_nothing_is_transparent(picture, tmp_path):
