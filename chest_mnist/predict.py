@@ -300,12 +300,21 @@ def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size!r} must be a positive whole number.")
     given = cfg.get("output")
+    if given not in (None, "") and str(given).endswith(("/", "\\")):
+        raise UserError(
+            f"output={given} names a folder: give a file, e.g. output={given}predictions.{fmt}"
+        )
     output = Path(
         str(given) if given not in (None, "") else Path(cfg.paths.output_dir) / f"predictions.{fmt}"
     ).expanduser()
     if output.exists():
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."
+        )
+    if output.suffix.lower() in (".csv", ".json") and output.suffix.lower() != f".{fmt}":
+        raise UserError(
+            f"output={output} ends in {output.suffix} but format={fmt}: give "
+            f"format={output.suffix.lower()[1:]}, or an output ending in .{fmt}."
         )
     if not isinstance(cfg.get("cam"), bool):
         raise UserError(f"cam={cfg.get('cam')!r} must be true or false.")

@@ -326,6 +326,8 @@ def test_a_thresholds_file_that_cannot_be_used_is_named(tmp_path, content, said)
         (["ckpt_path=CKPT", "inputs=[x.png]", "device=gpu0"], "is not a device"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "cam=no"], "cam='no' must be true or false"),
         (["ckpt_path=CKPT", "inputs=[x.png]", "output=EXISTING/x.csv"], "cannot be written"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "output=out/"], "names a folder: give a file"),
+        (["ckpt_path=CKPT", "inputs=[x.png]", "output=p.json"], "ends in .json but format=csv"),
     ],
 )
 def test_usage_errors_name_the_key(trained_run, tmp_path, overrides, message):
