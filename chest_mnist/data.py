@@ -35,6 +35,8 @@ from chest_mnist.task import Task
 
 log = logging.getLogger(__name__)
 
+FLAGS = [flag for flag in INFO if not flag.endswith("3d")]  # MedMNIST's 2D datasets
+
 
 class MedMNISTDataModule(L.LightningDataModule):
     """The official train/val/test splits of a MedMNIST 2D dataset (ChestMNIST by default).
@@ -84,10 +86,13 @@ class MedMNISTDataModule(L.LightningDataModule):
         mmap: bool = False,
     ):
         super().__init__()
-        if flag not in INFO:
-            raise UserError(
-                f"data.flag={flag!r} is not a MedMNIST dataset; choose one of {', '.join(INFO)}."
+        if flag not in FLAGS:
+            what = (
+                "a 3D MedMNIST dataset, which this pipeline of 2D images does not read"
+                if flag in INFO
+                else "not a MedMNIST dataset"
             )
+            raise UserError(f"data.flag={flag!r} is {what}; choose one of {', '.join(FLAGS)}.")
         if size not in SIZES:
             raise UserError(
                 f"data.size={size} is not a MedMNIST size; choose one of {', '.join(map(str, SIZES))}."

@@ -436,6 +436,19 @@ def test_labels_stored_as_whole_floats_are_read(tmp_path):
     np.testing.assert_array_equal(splits["val"][1], arrays["val_labels"].astype(np.uint8))
 
 
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("nosuchmnist", "is not a MedMNIST dataset; choose one of pathmnist, chestmnist"),
+        ("organmnist3d", "is a 3D MedMNIST dataset, which this pipeline of 2D images does not"),
+    ],
+)
+def test_a_flag_this_pipeline_cannot_read_is_refused_with_those_it_can(flag, said):
+    with pytest.raises(UserError, match=f"data.flag='{flag}' {said}") as error:
+        MedMNISTDataModule(flag=flag)
+    assert "3d" not in str(error.value).split("choose one of")[1]
+
+
 @pytest.mark.parametrize("size", [0, 32, 100, 256])
 def test_size_not_a_medmnist_size(size):
     with pytest.raises(
