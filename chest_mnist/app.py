@@ -31,6 +31,7 @@ from chest_mnist import UserError, cam
 from chest_mnist.checkpoints import load_model, weights_digest
 from chest_mnist.cli import report_user_errors, resolve_device
 from chest_mnist.predict import predict_scores, predicted_labels, read_item
+from chest_mnist.run_files import ckpt_path_given
 from chest_mnist.tuned import choose_tuned
 
 NOT_CLINICAL = (
@@ -229,7 +230,7 @@ def heatmap_view(analyser: Analyser, analysis: Analysis) -> None:
 
 
 def serve(cfg: DictConfig) -> None:
-    if cfg.get("ckpt_path") in (None, ""):  # not `not`: ckpt_path=0 is a sweep's job folder
+    if not ckpt_path_given(cfg.get("ckpt_path")):
         raise UserError("ckpt_path is missing: python -m chest_mnist.app ckpt_path=<run>")
     port = cfg.port
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

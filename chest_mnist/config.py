@@ -13,7 +13,7 @@ import torch
 from omegaconf import ListConfig, OmegaConf
 
 from chest_mnist import UserError
-from chest_mnist.run_files import CHECKPOINTS, run_of
+from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, run_of
 from chest_mnist.schema import register_schemas
 
 
@@ -39,7 +39,7 @@ def epochs_at(total: int, *fractions: float) -> list[int]:
 def resumed_run(task_name: str, ckpt_path: str | None) -> str | None:
     """The run directory that `train ckpt_path=<run>/checkpoints/<file>.ckpt` continues, or
     None (a new run). Evaluate and predict always write into a directory of their own."""
-    if task_name != "train" or ckpt_path in (None, ""):  # 0: a sweep's job folder
+    if task_name != "train" or not ckpt_path_given(ckpt_path):
         return None
     path = Path(str(ckpt_path)).expanduser()
     return str(run_of(path)) if path.parent.name == CHECKPOINTS else None

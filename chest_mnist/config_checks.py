@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
+from chest_mnist.run_files import ckpt_path_given
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def check_before_training(cfg: DictConfig) -> None:
     """`check_config`, and for a resumed run (`ckpt_path`) `check_resumable`: a missing,
     damaged or unsafe checkpoint is refused up front."""
     check_config(cfg)
-    if cfg.get("ckpt_path") not in (None, ""):  # ckpt_path=0 is a path too, not "no resume"
+    if ckpt_path_given(cfg.get("ckpt_path")):
         check_resumable(str(cfg.ckpt_path), cfg)
 
 

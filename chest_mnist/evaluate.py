@@ -192,7 +192,7 @@ def datamodule_for(data: DictConfig, saved: dict) -> MedMNISTDataModule:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    if cfg.get("ckpt_path") in (None, ""):  # not `not`: ckpt_path=0 is a sweep's job folder
+    if not run_files.ckpt_path_given(cfg.get("ckpt_path")):
         raise UserError(
             "ckpt_path is missing: python -m chest_mnist.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt "
             "(or ckpt_path=<run>: its best checkpoint)"

@@ -60,6 +60,7 @@ from chest_mnist.config import register
 from chest_mnist.images import IMAGE_SUFFIXES, is_image_file, read_image
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.npz import SPLITS, open_npz, read_split
+from chest_mnist.run_files import ckpt_path_given
 from chest_mnist.task import Task
 from chest_mnist.tuned import choose_tuned
 
@@ -282,7 +283,7 @@ def predict(cfg: DictConfig) -> dict:
 def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
     """(inputs, output file) of a valid request; a UserError for the first option that is
     wrong, before the checkpoint is loaded."""
-    if cfg.get("ckpt_path") in (None, ""):  # not `not`: ckpt_path=0 is a sweep's job folder
+    if not ckpt_path_given(cfg.get("ckpt_path")):
         raise UserError(
             "ckpt_path is missing: python -m chest_mnist.predict "
             "ckpt_path=<run>/checkpoints/<file>.ckpt inputs=[image.png,folder/]"
@@ -300,13 +301,12 @@ def check_request(cfg: DictConfig) -> tuple[list[str], Path]:
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size!r} must be a positive whole number.")
     given = cfg.get("output")
-    if given not in (None, "") and str(given).endswith(("/", "\\")):
+    given = None if given in (None, "") else str(given)  # output=1 is a name too
+    if given is not None and given.endswith(("/", "\\")):
         raise UserError(
             f"output={given} names a folder: give a file, e.g. output={given}predictions.{fmt}"
         )
-    output = Path(
-        str(given) if given not in (None, "") else Path(cfg.paths.output_dir) / f"predictions.{fmt}"
-    ).expanduser()
+    output = Path(given or Path(cfg.paths.output_dir) / f"predictions.{fmt}").expanduser()
     if output.exists():
         raise UserError(
             f"output={output} already exists; it was left as it is. Choose another output."

@@ -30,6 +30,13 @@ REPORT = "report"
 METRICS = "metrics.json"
 THRESHOLDS = "thresholds.json"
 
+
+def ckpt_path_given(value: object) -> bool:
+    """Whether a command's `ckpt_path` names a checkpoint: a number does too (a sweep's job
+    folders are 0, 1, ...; Hydra reads `ckpt_path=0` as one), only null and "" do not."""
+    return value not in (None, "")
+
+
 # metrics.json: the facts beside the test metrics
 BEST_CHECKPOINT = "best_checkpoint"  # train: the checkpoint validation chose (a path, or null)
 CHECKPOINT = "checkpoint"  # the checkpoint the numbers come from (null: weights in no file)

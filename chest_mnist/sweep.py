@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,21 +147,16 @@ def write_sweep_summary(
 
 
 def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a file beside `path`, then rename it over `path`: whole or not at all, as jobs
-    of a parallel launcher may end, and write the summary, at once. A failed write leaves
-    `path` as it was, and no file beside it."""
-    handle, partial = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)  # as a file written in place (mkstemp makes it 0600)
+    """`write` a hidden file beside `path` (this process's: jobs of a parallel launcher may end,
+    and write the summary, at once), then rename it over `path`: whole or not at all. A failed
+    write leaves `path` as it was, and no file beside it. The name ends as `path`'s, so that
+    matplotlib knows the format."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        write(Path(partial))
+        write(partial)
         os.replace(partial, path)
     except BaseException:
-        Path(partial).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
 
 
