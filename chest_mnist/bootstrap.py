@@ -13,7 +13,7 @@ Vectorised: a resample is a row of counts (how often each image was drawn), and 
 a weighted sum over the images sorted once per label, read only where positives are, so a
 chunk of resamples is one (chunk, N) running sum per label and a few smaller tensor operations,
 on the device given (the run's GPU where it has one). At ChestMNIST's test size (22,433 x 14)
-and 1,000 resamples this takes about 5 s on one core of the 2-core CPU (BENCHMARKS.md has the
+and 1,000 resamples this took 3.3 s on one core of a 2-core CPU (BENCHMARKS.md has the
 numbers; `benchmarks/bootstrap_time.py --device cuda` times a GPU).
 """
 
