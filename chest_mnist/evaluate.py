@@ -115,7 +115,7 @@ def evaluate_model(
             datamodule.hparams.size,
             run_dir=run_dir,
             extra=(extra or {}) | weights,
-            figures=draw_heatmaps(model, datamodule, report, out_dir),
+            figures=draw_heatmaps(model, datamodule, report, out_dir) if options.figures else None,
         )
         report_to_tensorboard(trainer, out_dir, report.test, datamodule)
     metrics = flat_metrics(report)

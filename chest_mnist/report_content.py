@@ -43,11 +43,12 @@ class ReportOptions:
     calibration: str = "none"  # calibration.method: none | temperature
     per_label_temperature: bool = False  # calibration.per_label
     bins: int = BINS  # calibration.bins
+    figures: bool = True  # figures: the PNGs, heatmaps.png included
 
     @staticmethod
     def from_config(cfg) -> ReportOptions:
-        """From `cfg.thresholds`, `cfg.bootstrap` and `cfg.calibration` (each optional); a
-        UserError names the first key whose value cannot be used."""
+        """From `cfg.thresholds`, `cfg.bootstrap`, `cfg.calibration` and `cfg.figures` (each
+        optional); a UserError names the first key whose value cannot be used."""
         rule = cfg.get("thresholds", {}).get("rule", "f1")
         if rule not in THRESHOLD_RULES:
             raise UserError(
@@ -77,12 +78,16 @@ class ReportOptions:
             raise UserError(f"calibration.per_label={per_label!r} must be true or false.")
         bins = calibration.get("bins", BINS)
         _check(bins, "calibration.bins", int, 1, "a whole number of 1 or more (15)")
+        figures = cfg.get("figures", True)
+        if not isinstance(figures, bool):
+            raise UserError(f"figures={figures!r} must be true or false.")
         return ReportOptions(
             rule=rule,
             bootstrap=Bootstrap(resamples, level, seed) if resamples else None,
             calibration=method,
             per_label_temperature=per_label,
             bins=bins,
+            figures=figures,
         )
 
 

@@ -222,13 +222,14 @@ def _weaknesses(report: Report) -> list[str]:
 def markdown(
     report: Report, figures: list[str], loss_note: str | None, flag: str, facts: dict
 ) -> str:
-    """report.md's text. `figures`: the files drawn; `loss_note`: why the loss curves were not;
-    `flag`: the data; `facts`: metrics.json's, whose checkpoint and digest name the weights."""
+    """report.md's text. `figures`: the files drawn (none: figures=false); `loss_note`: why
+    the loss curves were not; `flag`: the data; `facts`: metrics.json's, whose checkpoint and
+    digest name the weights."""
     lines = _title(report, flag, facts)
     lines += _summary_table(report) + _ranking_and_baseline(report) + _thresholds(report)
     lines += _per_label_table(report) + _calibration(report) + _weaknesses(report)
     lines += ["", "## Figures", ""]
-    lines += [f"- [{name}]({name})" for name in figures]
+    lines += [f"- [{name}]({name})" for name in figures] or ["- none drawn (figures=false)"]
     if loss_note:
         lines.append(f"- loss curves: not drawn ({loss_note})")
     return "\n".join(lines) + "\n"

@@ -55,10 +55,14 @@ def compose_train(overrides: list[str], config_name: str = "train") -> DictConfi
         return compose(config_name=config_name, overrides=overrides)
 
 
-def tiny_training_overrides(npz: Path, out: Path, min_interval_s: float = 0) -> list[str]:
+def tiny_training_overrides(
+    npz: Path, out: Path, min_interval_s: float = 0, figures: bool = False
+) -> list[str]:
     """The real config on synthetic data with a budget of seconds; last.ckpt at every epoch's
-    end unless `min_interval_s` says otherwise."""
+    end unless `min_interval_s` says otherwise. Without the report's figures unless `figures`:
+    they are most of a tiny run's time (matplotlib), and the tests that look at them ask."""
     return [
+        f"figures={str(figures).lower()}",
         "data=synthetic",
         f"data.path={npz}",
         "data.batch_size=32",
@@ -78,11 +82,13 @@ def tiny_training_overrides(npz: Path, out: Path, min_interval_s: float = 0) -> 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic_npz) -> Path:
-    """The directory of one tiny training run (2 epochs), shared by the tests that read it."""
+    """The directory of one tiny training run (2 epochs, with figures), shared by the tests
+    that read it."""
     from chest_mnist.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(compose_train(tiny_training_overrides(synthetic_npz, out) + ["trainer.max_epochs=2"]))
+    overrides = tiny_training_overrides(synthetic_npz, out, figures=True)
+    train(compose_train(overrides + ["trainer.max_epochs=2"]))
     return out
 
 

@@ -172,6 +172,7 @@ def test_the_report_gives_the_calibration_before_and_after():
         ("bootstrap.resamples=-5", "bootstrap.resamples=-5"),
         ("bootstrap.level=95", "bootstrap.level=95"),
         ("thresholds.rule=best", "thresholds.rule='best'"),
+        ("figures=maybe", "figures='maybe'"),
     ],
 )
 def test_report_options_refuse_a_bad_value_naming_the_key(override, key):
@@ -195,7 +196,9 @@ def test_report_options_from_the_defaults():
         OmegaConf.create({"bootstrap": {"resamples": 0}, "calibration": {"method": "temperature"}})
     )
     assert options.bootstrap is None and options.calibration == "temperature"
-    assert ReportOptions.from_config(OmegaConf.create({})).bootstrap.resamples == 1000
+    defaults = ReportOptions.from_config(OmegaConf.create({}))
+    assert defaults.bootstrap.resamples == 1000 and defaults.figures is True
+    assert ReportOptions.from_config(OmegaConf.create({"figures": False})).figures is False
 
 
 @pytest.mark.slow
@@ -227,7 +230,7 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
             )
         )
 
-    plain = evaluate_into(tmp_path / "plain")
+    plain = evaluate_into(tmp_path / "plain", "figures=false")  # the scaled one draws them
     scaled = evaluate_into(
         tmp_path / "scaled", "calibration=temperature", "calibration.per_label=true"
     )

@@ -29,6 +29,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(
         "data.eval_batch_size=64",
         "model.stem=imagenet",
         "trainer.max_epochs=1",
+        "figures=false",
         f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,6 +43,7 @@ def test_two_process_ddp_report_equals_single_process_evaluation(
             f"ckpt_path={distributed['best_checkpoint']}",
             "trainer=cpu",
             "+trainer.enable_progress_bar=false",
+            "figures=false",
             f"paths.output_dir={tmp_path}/single",
         ],
         config_name="evaluate",

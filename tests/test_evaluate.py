@@ -201,6 +201,7 @@ def test_evaluate_reads_each_split_once(trained_run, tmp_path, synthetic_npz, mo
                 f"ckpt_path={trained_run}/checkpoints/last.ckpt",
                 "trainer=cpu",
                 "+trainer.enable_progress_bar=false",
+                "figures=false",
                 f"paths.output_dir={tmp_path}",
             ]
         )
@@ -263,6 +264,7 @@ def test_evaluating_at_another_size_than_trained_says_so(trained_run, tmp_path, 
 
     larger = write_synthetic(tmp_path / "s64.npz", n_train=32, n_val=32, n_test=32, size=64, seed=0)
     overrides = [f"data.path={larger}", "data.size=64", "data.subset=null", "trainer=cpu"]
+    overrides.append("figures=false")
     with caplog.at_level("WARNING", logger="chest_mnist.evaluate"):
         evaluate(
             compose_evaluate(
@@ -295,6 +297,7 @@ def test_evaluate_replaces_single_keys_of_the_checkpoints_data(
             )
         )
     overrides = [f"data.root={root}", "data.verify_md5=false", "data.eval_batch_size=64"]
+    overrides.append("figures=false")
     metrics = evaluate(
         compose_evaluate(
             [f"ckpt_path={moved}", "trainer=cpu", f"paths.output_dir={tmp_path}/b", *overrides]
@@ -326,7 +329,9 @@ def test_lightning_trainer_test_gives_the_reports_numbers(trained_run, tmp_path)
 
     best = resolve_checkpoint(trained_run)
     metrics = evaluate(
-        compose_evaluate([f"ckpt_path={best}", "trainer=cpu", f"paths.output_dir={tmp_path}"])
+        compose_evaluate(
+            [f"ckpt_path={best}", "trainer=cpu", "figures=false", f"paths.output_dir={tmp_path}"]
+        )
     )
     checkpoint = load_checkpoint(best)
     from chest_mnist.data import MedMNISTDataModule

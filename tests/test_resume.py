@@ -33,6 +33,7 @@ def command(npz: Path, log_dir: Path, *extra: str, min_interval_s: float = 0) ->
         "trainer.deterministic=true",
         "trainer.benchmark=false",
         "trainer.max_epochs=3",
+        "figures=false",
         "callbacks.progress_bar.refresh_rate=0",
         f"callbacks.last_checkpoint.min_interval_s={min_interval_s}",  # 0: at every epoch's end
         f"paths.log_dir={log_dir}",

@@ -19,6 +19,7 @@ def tiny(npz, log_dir):
         "data.batch_size=64",
         "model.stem=imagenet",
         "trainer.max_epochs=1",
+        "figures=false",  # the jobs' numbers; the sweep's own summary PNG is still drawn
         f"paths.log_dir={log_dir}",
     ]
 

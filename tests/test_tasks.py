@@ -42,7 +42,8 @@ def check_task_report(report_dir, flag, npz, labels, n_test):
 
 @pytest.mark.slow
 def test_binary_task_on_real_xrays(tmp_path):
-    overrides = tiny_training_overrides(PNEUMONIA_NPZ, tmp_path) + ["data.flag=pneumoniamnist"]
+    overrides = tiny_training_overrides(PNEUMONIA_NPZ, tmp_path, figures=True)
+    overrides.append("data.flag=pneumoniamnist")
     train(compose_train(overrides))
     metrics = check_task_report(
         tmp_path / "report", "pneumoniamnist", PNEUMONIA_NPZ, ["pneumonia"], 624
@@ -61,7 +62,8 @@ def test_multiclass_rgb_task(tmp_path):
         arrays[f"{split}_labels"] = rng.integers(0, 8, (n, 1), dtype=np.uint8)
     npz = tmp_path / "blood.npz"
     np.savez(npz, **arrays)
-    train(compose_train(tiny_training_overrides(npz, tmp_path) + ["data.flag=bloodmnist"]))
+    overrides = tiny_training_overrides(npz, tmp_path, figures=True) + ["data.flag=bloodmnist"]
+    train(compose_train(overrides))
     labels = [INFO["bloodmnist"]["label"][str(k)] for k in range(8)]
     metrics = check_task_report(tmp_path / "report", "bloodmnist", npz, labels, 96)
     assert json.loads((tmp_path / "report" / "thresholds.json").read_text())["rule"] == "argmax"

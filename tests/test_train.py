@@ -109,8 +109,8 @@ def check_report(report_dir, n_test, loss_curves=True):
 
 
 @pytest.mark.slow
-def test_fit_test_and_report(cfg_tiny, tmp_path):
-    metrics = train(cfg_tiny)
+def test_fit_test_and_report(tiny_overrides, tmp_path):
+    metrics = train(compose_train(tiny_overrides + ["figures=true"]))
     assert {"train/loss", "val/loss", "val/auroc", "test/auroc"} <= set(metrics)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(
@@ -119,6 +119,20 @@ def test_fit_test_and_report(cfg_tiny, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     reported = check_report(tmp_path / "report", n_test=256)
     assert reported["test/auroc"] == pytest.approx(metrics["test/auroc"])
+
+
+def test_without_figures_the_report_keeps_its_numbers_and_says_so(cfg_tiny, tmp_path):
+    """figures=false (the tests' tiny runs): no PNG at all, heatmaps.png included, and
+    report.md says why; every number is still written."""
+    assert cfg_tiny.figures is False
+    metrics = train(cfg_tiny)
+    report = tmp_path / "report"
+    assert not list(report.glob("*.png"))
+    assert "## Figures\n\n- none drawn (figures=false)\n" in (report / "report.md").read_text()
+    written = json.loads((report / "metrics.json").read_text())
+    assert written["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    for name in REPORT_FILES:
+        assert name.endswith(".png") or (report / name).stat().st_size > 50, name
 
 
 @pytest.mark.slow
