@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -42,41 +43,79 @@ def _draw_counts(ax, matrix: np.ndarray, fontsize: int) -> None:
         ax.text(j, i, f"{count:,}", ha="center", va="center", color=color, fontsize=fontsize)
 
 
+def wrapped(title: str, width: float, fontsize: float = 12) -> list[str]:
+    """`title` in lines of at most about `width` inches at `fontsize` points (a character is
+    about half a point size wide; 10 to the inch at 12 points)."""
+    return textwrap.wrap(title, width=max(10, int(width * 120 / fontsize)))
+
+
+def _panels(
+    n: int,
+    side: float,
+    gaps: tuple[float, float],
+    margins: tuple[float, float, float, float],
+    title: str | None = None,
+):
+    """A figure of `n` square panels, 5 to a row, the cells left over hidden; a panel's axes
+    `side` inches, `gaps` (between columns, between rows) and `margins` (left, right, bottom,
+    top) in inches, room for the labels the panels and the figure carry; `title` above them
+    all, wrapped to the figure's width (one panel is narrower than a long title). Laid out by
+    these fixed sizes rather than by tight_layout, which measured every label of every panel
+    again and took most of a figure's time (DPI: 110)."""
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    (across, down), (left, right, bottom, top) = gaps, margins
+    width = left + cols * side + (cols - 1) * across + right
+    lines = wrapped(title, width) if title else []
+    top += 0.25 * len(lines)
+    height = bottom + rows * side + (rows - 1) * down + top
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(width, height),
+        dpi=110,
+        squeeze=False,
+        gridspec_kw={
+            "left": left / width,
+            "right": 1 - right / width,
+            "bottom": bottom / height,
+            "top": 1 - top / height,
+            "wspace": across / side,
+            "hspace": down / side,
+        },
+    )
+    if lines:
+        fig.suptitle("\n".join(lines), y=1 - 0.1 / height, va="top")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
 def plot_confusion_matrices(
     confusion: np.ndarray, labels: list[str], path: Path, title: str
 ) -> Path:
     """A grid of 2x2 matrices (rows: true 0/1, columns: predicted 0/1) with counts."""
-    n = len(labels)
-    cols = min(n, 5)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), dpi=110, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, matrix, label in zip(axes.flat, confusion, labels, strict=False):
+    fig, axes = _panels(
+        len(labels), 2.0, gaps=(0.7, 0.5), margins=(0.65, 0.15, 0.35, 0.4), title=title
+    )
+    for ax, matrix, label in zip(axes, confusion, labels, strict=False):
         _draw_counts(ax, matrix, fontsize=9)
         ax.set_title(label, fontsize=10)
         ax.set_xticks([0, 1], ["pred 0", "pred 1"], fontsize=8)
         ax.set_yticks([0, 1], ["true 0", "true 1"], fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
 def _curve_grid(n: int):
-    cols = min(n, 5)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), dpi=110, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, axes.flat
+    """Panels for one curve per label, in [0, 1] on both axes."""
+    return _panels(n, 2.1, gaps=(0.45, 0.75), margins=(0.75, 0.2, 0.6, 0.5))
 
 
 def _save_grid(fig, xlabel: str, ylabel: str, path: Path) -> Path:
     fig.supxlabel(xlabel)
     fig.supylabel(ylabel)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

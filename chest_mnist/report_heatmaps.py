@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from chest_mnist.cam import heatmaps, overlay  # noqa: E402
+from chest_mnist.plots import wrapped  # noqa: E402
 from chest_mnist.report_content import Report  # noqa: E402
 
 HEATMAPS = "heatmaps.png"
@@ -67,14 +68,31 @@ def write_heatmap_figure(
         np.array([[pick.output] for pick in picks]),
         device=next(model.parameters()).device,
     )
-    cols = len(picks) // len(report.labels)
+    rows, cols = len(report.labels), len(picks) // len(report.labels)
+    # a cell of 1.9 x 2.0 inches: the image and its title above; margins for the row labels
+    # (left) and the title (top, wrapped to the width), fixed: a layout engine measured every
+    # title again and took most of the figure's time
+    width, height = 1.9 * cols + 0.6, 2.0 * rows + 0.4
+    title = wrapped(
+        f"Grad-CAM: the {cols} highest test scores per {report.task.words.output}; "
+        "green: decided right, red: wrong",
+        width - 0.2,
+        fontsize=10,
+    )
     fig, axes = plt.subplots(
-        len(report.labels),
+        rows,
         cols,
-        figsize=(1.9 * cols + 0.6, 2.0 * len(report.labels) + 0.4),
+        figsize=(width, height),
         dpi=100,
         squeeze=False,
-        layout="constrained",  # room for the suptitle, which tight_layout does not make
+        gridspec_kw={
+            "left": 0.45 / width,
+            "right": 1 - 0.1 / width,
+            "bottom": 0.1 / height,
+            "top": 1 - (0.4 + 0.2 * len(title)) / height,
+            "wspace": 0.1,
+            "hspace": 0.2,
+        },
     )
     for cell, (ax, pick, heatmap) in enumerate(zip(axes.flat, picks, maps[:, 0], strict=True)):
         colour = RIGHT if pick.verdict.startswith("T") else WRONG
@@ -87,11 +105,7 @@ def write_heatmap_figure(
             spine.set_linewidth(3)
         if cell % cols == 0:
             ax.set_ylabel(report.labels[pick.output], fontsize=9)
-    fig.suptitle(
-        f"Grad-CAM: the {cols} highest test scores per {report.task.words.output}; "
-        "green: decided right, red: wrong",
-        fontsize=10,
-    )
+    fig.suptitle("\n".join(title), fontsize=10, y=1 - 0.1 / height, va="top")
     path = Path(out_dir) / HEATMAPS
     fig.savefig(path)
     plt.close(fig)

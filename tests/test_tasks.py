@@ -154,3 +154,34 @@ def test_the_loss_curves_name_the_tasks_loss(tmp_path, monkeypatch):
         assert axes.get_ylabel() == loss
         for fig in drawn:
             close(fig)
+
+
+def title_clear_of_the_panels(fig) -> bool:
+    """The figure's title lies inside the figure and above every panel and its title."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    panels = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible() and ax.axison]
+    inside = title.x0 >= 0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
+    return inside and title.y0 >= max(box.y1 for box in panels)
+
+
+@pytest.mark.parametrize(
+    "labels", [["pneumonia"], [INFO["chestmnist"]["label"][str(k)] for k in range(14)]]
+)
+def test_the_confusion_figures_title_is_whole_and_clear_of_the_panels(
+    tmp_path, monkeypatch, labels
+):
+    """One panel is narrower than the title: it is wrapped to the figure's width, not cut
+    at its edges (PneumoniaMNIST's was); the panels, laid out by fixed margins, stay below it."""
+    from chest_mnist import plots
+
+    drawn, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
+    title = "test confusion matrices at thresholds tuned on validation (f1); rows: truth"
+    counts = np.arange(4 * len(labels)).reshape(-1, 2, 2)
+    plots.plot_confusion_matrices(counts, labels, tmp_path / "confusion.png", title)
+    (fig,) = drawn
+    assert fig._suptitle.get_text().replace("\n", " ") == title
+    assert title_clear_of_the_panels(fig)
+    close(fig)
