@@ -33,8 +33,8 @@ from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import write_report
 from chest_mnist.report_content import Report, ReportOptions, build_report
-from chest_mnist.report_figures import log_to_tensorboard
-from chest_mnist.report_heatmaps import write_heatmap_figure
+from chest_mnist.report_figures import FIGURES, log_to_tensorboard, remove_figures
+from chest_mnist.report_heatmaps import HEATMAPS, write_heatmap_figure
 from chest_mnist.report_tables import flat_metrics
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def evaluate_model(
         device=device if device.type == "cuda" else "cpu",
     )
     if trainer.is_global_zero:
+        remove_figures(out_dir, (*FIGURES, HEATMAPS))
         weights = {
             run_files.CHECKPOINT: str(checkpoint) if checkpoint else None,
             run_files.WEIGHTS_SHA256: weights_digest(model.state_dict()),

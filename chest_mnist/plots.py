@@ -44,8 +44,8 @@ def _draw_counts(ax, matrix: np.ndarray, fontsize: int) -> None:
 
 
 def wrapped(title: str, width: float, fontsize: float = 12) -> list[str]:
-    """`title` in lines of at most about `width` inches at `fontsize` points (a character is
-    about half a point size wide; 10 to the inch at 12 points)."""
+    """`title` in lines of at most about `width` inches at `fontsize` points (10 characters
+    to the inch at 12 points: a character is a little over half its point size wide)."""
     return textwrap.wrap(title, width=max(10, int(width * 120 / fontsize)))
 
 
@@ -168,11 +168,15 @@ def plot_class_confusion(confusion: np.ndarray, labels: list[str], path: Path, t
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n), dpi=110)
     _draw_counts(ax, confusion, fontsize=8)
-    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
+    # a long class name (BloodMNIST's 67 characters) in lines on the left, cut short below
+    short = [label if len(label) <= 24 else label[:23] + "…" for label in labels]
+    ax.set_xticks(range(n), short, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), ["\n".join(wrapped(label, 2.0, fontsize=8)) for label in labels])
+    ax.tick_params(labelsize=8)
     ax.set_xlabel("prediction")
     ax.set_ylabel("truth")
-    ax.set_title(title, fontsize=9)
+    # over the figure, not the axes (long class names push them right), wrapped to its width
+    fig.suptitle("\n".join(wrapped(title, 1.2 + 0.7 * n, fontsize=9)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -35,6 +35,23 @@ from chest_mnist.report_content import Report
 from chest_mnist.task import Task
 
 Curve = tuple[np.ndarray, np.ndarray]  # (x, y) points of one label's curve
+# every figure write_figures can draw, in report.md's order
+FIGURES = (
+    "loss_curves.png",
+    "confusion_matrices.png",
+    "roc_curves.png",
+    "pr_curves.png",
+    "reliability.png",
+)
+
+
+def remove_figures(out_dir: Path, names: tuple[str, ...]) -> None:
+    """An earlier report's figures of these `names` in `out_dir` (a resumed run writes into
+    its report/ again): gone before this report draws its own, or none (figures=false), so
+    that none of them, nor their TensorBoard images, shows weights this report is not of.
+    Any other file there is left alone."""
+    for name in names:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def curves_on_test(report: Report) -> tuple[list[Curve], list[Curve]]:
@@ -106,11 +123,9 @@ def write_figures(
         out_dir / "pr_curves.png",
     )
     write_reliability(report, out_dir / "reliability.png")
-    figures = ["confusion_matrices.png", "roc_curves.png", "pr_curves.png", "reliability.png"]
     if loss_curves is not None:
         plot_loss_curves(loss_curves, out_dir / "loss_curves.png", report.task.words.loss)
-        figures.insert(0, "loss_curves.png")
-    return figures
+    return [name for name in FIGURES if loss_curves is not None or name != "loss_curves.png"]
 
 
 def log_to_tensorboard(

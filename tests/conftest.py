@@ -121,3 +121,13 @@ def trainer_for_setup(device: torch.device = ONE_GPU, **replaced) -> SimpleNames
             **replaced,
         }
     )
+
+
+def title_clear_of_the_panels(fig) -> bool:
+    """The figure's title lies inside the figure and above every panel and its title."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    panels = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible() and ax.axison]
+    inside = title.x0 >= 0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
+    return inside and title.y0 >= max(box.y1 for box in panels)

@@ -306,7 +306,7 @@ def test_the_figure_shows_the_top_scores_with_their_verdicts(tmp_path):
 
 def test_heatmap_figure_from_a_datamodule(tmp_path, monkeypatch):
     from chest_mnist import report_heatmaps
-    from tests.test_tasks import title_clear_of_the_panels
+    from tests.conftest import title_clear_of_the_panels
 
     class Data:  # what write_heatmap_figure reads of a MedMNISTDataModule
         hparams = type("H", (), {"mean": 0.5, "std": 0.5})

@@ -201,7 +201,6 @@ def test_evaluate_reads_each_split_once(trained_run, tmp_path, synthetic_npz, mo
                 f"ckpt_path={trained_run}/checkpoints/last.ckpt",
                 "trainer=cpu",
                 "+trainer.enable_progress_bar=false",
-                "figures=false",
                 f"paths.output_dir={tmp_path}",
             ]
         )

@@ -11,7 +11,12 @@ from medmnist import INFO
 from medmnist.evaluator import Evaluator
 
 from chest_mnist.train import train
-from tests.conftest import PNEUMONIA_NPZ, compose_train, tiny_training_overrides
+from tests.conftest import (
+    PNEUMONIA_NPZ,
+    compose_train,
+    tiny_training_overrides,
+    title_clear_of_the_panels,
+)
 
 
 def check_task_report(report_dir, flag, npz, labels, n_test):
@@ -156,16 +161,6 @@ def test_the_loss_curves_name_the_tasks_loss(tmp_path, monkeypatch):
             close(fig)
 
 
-def title_clear_of_the_panels(fig) -> bool:
-    """The figure's title lies inside the figure and above every panel and its title."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    title = fig._suptitle.get_window_extent(renderer)
-    panels = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible() and ax.axison]
-    inside = title.x0 >= 0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
-    return inside and title.y0 >= max(box.y1 for box in panels)
-
-
 @pytest.mark.parametrize(
     "labels", [["pneumonia"], [INFO["chestmnist"]["label"][str(k)] for k in range(14)]]
 )
@@ -181,6 +176,22 @@ def test_the_confusion_figures_title_is_whole_and_clear_of_the_panels(
     title = "test confusion matrices at thresholds tuned on validation (f1); rows: truth"
     counts = np.arange(4 * len(labels)).reshape(-1, 2, 2)
     plots.plot_confusion_matrices(counts, labels, tmp_path / "confusion.png", title)
+    (fig,) = drawn
+    assert fig._suptitle.get_text().replace("\n", " ") == title
+    assert title_clear_of_the_panels(fig)
+    close(fig)
+
+
+def test_the_class_confusion_figures_title_is_whole(tmp_path, monkeypatch):
+    """A multi-class task's one matrix: 4 classes (OCTMNIST) make a figure narrower than its
+    title, which is wrapped to the figure, not cut at its edges."""
+    from chest_mnist import plots
+
+    drawn, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
+    title = "test confusion matrix, arg-max class (rows: truth, columns: prediction)"
+    classes = [INFO["octmnist"]["label"][str(k)] for k in range(4)]
+    plots.plot_class_confusion(np.arange(16).reshape(4, 4), classes, tmp_path / "c.png", title)
     (fig,) = drawn
     assert fig._suptitle.get_text().replace("\n", " ") == title
     assert title_clear_of_the_panels(fig)

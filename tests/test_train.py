@@ -122,12 +122,20 @@ def test_fit_test_and_report(tiny_overrides, tmp_path):
 
 
 def test_without_figures_the_report_keeps_its_numbers_and_says_so(cfg_tiny, tmp_path):
-    """figures=false (the tests' tiny runs): no PNG at all, heatmaps.png included, and
-    report.md says why; every number is still written."""
+    """figures=false (the tests' tiny runs): no PNG at all, heatmaps.png included, none in
+    TensorBoard, and report.md says why; every number is still written. An earlier report's
+    figures in the same folder (a resumed run's) are removed, not left to show other weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     assert cfg_tiny.figures is False
-    metrics = train(cfg_tiny)
     report = tmp_path / "report"
+    report.mkdir()
+    for earlier in ("roc_curves.png", "heatmaps.png", "loss_curves.png"):
+        (report / earlier).write_bytes(b"an earlier report's figure")
+    metrics = train(cfg_tiny)
     assert not list(report.glob("*.png"))
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert events.Tags()["images"] == [] and "test/auroc" in events.Tags()["scalars"]
     assert "## Figures\n\n- none drawn (figures=false)\n" in (report / "report.md").read_text()
     written = json.loads((report / "metrics.json").read_text())
     assert written["test/auroc"] == pytest.approx(metrics["test/auroc"])
