@@ -49,6 +49,20 @@ def wrapped(title: str, width: float, fontsize: float = 12) -> list[str]:
     return textwrap.wrap(title, width=max(10, int(width * 120 / fontsize)))
 
 
+def inches(
+    width: float, height: float, left: float, right: float, bottom: float, top: float, **spaces
+) -> dict:
+    """gridspec_kw for a `width` x `height` inch figure with these margins in inches (and
+    `spaces`: wspace, hspace as matplotlib takes them, fractions of a panel)."""
+    return {
+        "left": left / width,
+        "right": 1 - right / width,
+        "bottom": bottom / height,
+        "top": 1 - top / height,
+        **spaces,
+    }
+
+
 def _panels(
     n: int,
     side: float,
@@ -75,14 +89,9 @@ def _panels(
         figsize=(width, height),
         dpi=110,
         squeeze=False,
-        gridspec_kw={
-            "left": left / width,
-            "right": 1 - right / width,
-            "bottom": bottom / height,
-            "top": 1 - top / height,
-            "wspace": across / side,
-            "hspace": down / side,
-        },
+        gridspec_kw=inches(
+            width, height, left, right, bottom, top, wspace=across / side, hspace=down / side
+        ),
     )
     if lines:
         fig.suptitle("\n".join(lines), y=1 - 0.1 / height, va="top")

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from chest_mnist.cam import heatmaps, overlay  # noqa: E402
-from chest_mnist.plots import wrapped  # noqa: E402
+from chest_mnist.plots import inches, wrapped  # noqa: E402
 from chest_mnist.report_content import Report  # noqa: E402
 
 HEATMAPS = "heatmaps.png"
@@ -85,14 +85,9 @@ def write_heatmap_figure(
         figsize=(width, height),
         dpi=100,
         squeeze=False,
-        gridspec_kw={
-            "left": 0.45 / width,
-            "right": 1 - 0.1 / width,
-            "bottom": 0.1 / height,
-            "top": 1 - (0.4 + 0.2 * len(title)) / height,
-            "wspace": 0.1,
-            "hspace": 0.2,
-        },
+        gridspec_kw=inches(
+            width, height, 0.45, 0.1, 0.1, 0.4 + 0.2 * len(title), wspace=0.1, hspace=0.2
+        ),
     )
     for cell, (ax, pick, heatmap) in enumerate(zip(axes.flat, picks, maps[:, 0], strict=True)):
         colour = RIGHT if pick.verdict.startswith("T") else WRONG

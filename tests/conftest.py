@@ -123,6 +123,19 @@ def trainer_for_setup(device: torch.device = ONE_GPU, **replaced) -> SimpleNames
     )
 
 
+@pytest.fixture
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the code under test closes, kept open to be looked at, in the
+    order drawn; closed at the test's end."""
+    import matplotlib.pyplot as plt
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", drawn.append)
+    yield drawn
+    for fig in drawn:
+        close(fig)
+
+
 def title_clear_of_the_panels(fig) -> bool:
     """The figure's title lies inside the figure and above every panel and its title."""
     fig.canvas.draw()

@@ -304,8 +304,7 @@ def test_the_figure_shows_the_top_scores_with_their_verdicts(tmp_path):
     }
 
 
-def test_heatmap_figure_from_a_datamodule(tmp_path, monkeypatch):
-    from chest_mnist import report_heatmaps
+def test_heatmap_figure_from_a_datamodule(tmp_path, drawn_figures):
     from tests.conftest import title_clear_of_the_panels
 
     class Data:  # what write_heatmap_figure reads of a MedMNISTDataModule
@@ -319,13 +318,10 @@ def test_heatmap_figure_from_a_datamodule(tmp_path, monkeypatch):
     report = build_report(
         (scores, truth), (scores, truth), ["bright", "dark", "not_bright"], torch.full((3,), 0.5)
     )
-    drawn, close = [], report_heatmaps.plt.close
-    monkeypatch.setattr(report_heatmaps.plt, "close", lambda fig: drawn.append(fig))
     path = write_heatmap_figure(model, Data(), report, tmp_path, per_label=2)
     assert path == tmp_path / "heatmaps.png"
-    (fig,) = drawn
+    (fig,) = drawn_figures
     assert title_clear_of_the_panels(fig)  # laid out by fixed margins, no layout engine
-    close(fig)
     # a row per label, a column per image: 1.9 in a column and 2.0 a row (plus margins), 100 dpi
     assert Image.open(path).size == (round(100 * (1.9 * 2 + 0.6)), round(100 * (2.0 * 3 + 0.4)))
 

@@ -132,17 +132,14 @@ def test_real_xrays_are_learned(tmp_path):
     assert metrics["val/auroc"] > 0.95
 
 
-def test_the_loss_curves_name_the_tasks_loss(tmp_path, monkeypatch):
+def test_the_loss_curves_name_the_tasks_loss(tmp_path, drawn_figures):
     """BCE for sigmoid outputs, cross-entropy for a multi-class model: the axis says which."""
     import torch
 
-    from chest_mnist import plots
     from chest_mnist.report_content import build_report
     from chest_mnist.report_figures import write_figures
     from chest_mnist.task import MULTI_CLASS_TASK, MULTI_LABEL_TASK
 
-    drawn, close = [], plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
     g = torch.Generator().manual_seed(0)
     curves = {"train/loss": ([0, 1], [0.9, 0.7]), "val/loss": ([0, 1], [1.0, 0.8])}
     scores = torch.rand(60, 3, generator=g)
@@ -153,46 +150,39 @@ def test_the_loss_curves_name_the_tasks_loss(tmp_path, monkeypatch):
         probabilities = scores if task is MULTI_LABEL_TASK else scores.softmax(1)
         split = (probabilities, truth)
         report = build_report(split, split, ["a", "b", "c"], torch.full((3,), 0.3), task=task)
-        drawn.clear()
+        before = len(drawn_figures)
         write_figures(report, tmp_path, curves)
+        drawn = drawn_figures[before:]
         (axes,) = [fig.axes[0] for fig in drawn if fig.axes[0].get_title() == "Loss per epoch"]
         assert axes.get_ylabel() == loss
-        for fig in drawn:
-            close(fig)
 
 
 @pytest.mark.parametrize(
     "labels", [["pneumonia"], [INFO["chestmnist"]["label"][str(k)] for k in range(14)]]
 )
 def test_the_confusion_figures_title_is_whole_and_clear_of_the_panels(
-    tmp_path, monkeypatch, labels
+    tmp_path, drawn_figures, labels
 ):
     """One panel is narrower than the title: it is wrapped to the figure's width, not cut
     at its edges (PneumoniaMNIST's was); the panels, laid out by fixed margins, stay below it."""
     from chest_mnist import plots
 
-    drawn, close = [], plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
     title = "test confusion matrices at thresholds tuned on validation (f1); rows: truth"
     counts = np.arange(4 * len(labels)).reshape(-1, 2, 2)
     plots.plot_confusion_matrices(counts, labels, tmp_path / "confusion.png", title)
-    (fig,) = drawn
+    (fig,) = drawn_figures
     assert fig._suptitle.get_text().replace("\n", " ") == title
     assert title_clear_of_the_panels(fig)
-    close(fig)
 
 
-def test_the_class_confusion_figures_title_is_whole(tmp_path, monkeypatch):
+def test_the_class_confusion_figures_title_is_whole(tmp_path, drawn_figures):
     """A multi-class task's one matrix: 4 classes (OCTMNIST) make a figure narrower than its
     title, which is wrapped to the figure, not cut at its edges."""
     from chest_mnist import plots
 
-    drawn, close = [], plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
     title = "test confusion matrix, arg-max class (rows: truth, columns: prediction)"
     classes = [INFO["octmnist"]["label"][str(k)] for k in range(4)]
     plots.plot_class_confusion(np.arange(16).reshape(4, 4), classes, tmp_path / "c.png", title)
-    (fig,) = drawn
+    (fig,) = drawn_figures
     assert fig._suptitle.get_text().replace("\n", " ") == title
     assert title_clear_of_the_panels(fig)
-    close(fig)
