@@ -11,7 +11,7 @@ from chest_mnist.bench import PILDataset, reference_transform
 from chest_mnist.model import build_resnet18
 from chest_mnist.synthetic import make_synthetic, write_synthetic
 from chest_mnist.train import train
-from tests.conftest import compose_train, run_module, tiny_training_overrides
+from tests.conftest import compose_train, run_here, run_module, tiny_training_overrides
 
 
 def test_fast_and_reference_paths_give_the_same_loss():
@@ -41,7 +41,8 @@ def run_bench(*args, timeout=300):
 @pytest.mark.slow
 def test_bench_runs_and_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_bench(
+    result = run_here(
+        "chest_mnist.bench",
         "--steps",
         "2",
         "--warmup",
@@ -81,7 +82,8 @@ def test_bench_runs_and_writes_its_json(tmp_path):
 @pytest.mark.slow
 def test_bench_profiles_its_steps_and_can_fuse_adam(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_bench(
+    result = run_here(
+        "chest_mnist.bench",
         *("--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu"),
         *("--skip-reference", "--fused-adam", "--profile", "--out", str(out)),
         *("--cuda-graph", "false"),
@@ -148,18 +150,16 @@ def test_profile_summary_counts_kernels_once():
     }
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_on_a_missing_gpu_says_so():
-    result = run_bench("--device", "cuda", timeout=120)
+    result = run_here("chest_mnist.bench", "--device", "cuda")
     assert result.returncode != 0
     assert "error: --device cuda, but this machine has no CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_bench_refuses_a_size_medmnist_does_not_have():
-    result = run_bench("--size", "100", timeout=120)
+    result = run_here("chest_mnist.bench", "--size", "100")
     assert result.returncode == 2
     assert "--size: invalid choice: 100 (choose from 28, 64, 128, 224)" in result.stderr
 

@@ -13,7 +13,7 @@ from scipy import stats
 
 from chest_mnist import UserError
 from chest_mnist.compare import METRICS, compare, main
-from tests.conftest import run_module
+from tests.conftest import run_here
 from tests.test_sweep import tiny
 
 LABELS = ("effusion", "hernia")
@@ -173,7 +173,7 @@ def test_bad_input_is_refused_naming_the_folder_and_nothing_is_written(tmp_path,
 def test_compare_on_a_seed_sweep_of_real_runs(tmp_path, synthetic_npz):
     """`train -m seed=1,2`, then `compare` on the sweep: the table's numbers are the runs'."""
     sweep = tmp_path / "sweep"
-    result = run_module(
+    result = run_here(
         "chest_mnist.train",
         "-m",
         "seed=1,2",
@@ -185,7 +185,7 @@ def test_compare_on_a_seed_sweep_of_real_runs(tmp_path, synthetic_npz):
     assert (
         f"python -m chest_mnist.compare {sweep}" in result.stdout + result.stderr
     )  # the sweep says
-    result = run_module("chest_mnist.compare", str(sweep))
+    result = run_here("chest_mnist.compare", str(sweep))
     assert result.returncode == 0, result.stderr[-3000:]
     aucs = [
         json.loads((sweep / j / "report" / "metrics.json").read_text())["test/auroc"] for j in "01"
@@ -197,7 +197,7 @@ def test_compare_on_a_seed_sweep_of_real_runs(tmp_path, synthetic_npz):
 
 
 def test_compare_command_says_error_and_exits_2(tmp_path):
-    result = run_module("chest_mnist.compare", str(tmp_path))
+    result = run_here("chest_mnist.compare", str(tmp_path))
     assert result.returncode == 2
     assert f"error: {tmp_path} holds no run report" in result.stderr
 

@@ -514,11 +514,10 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.slow
 def test_cli_without_ckpt_path(tmp_path):
-    from tests.conftest import run_module
+    from tests.conftest import run_here
 
-    result = run_module("chest_mnist.evaluate", f"paths.log_dir={tmp_path}", timeout=120)
+    result = run_here("chest_mnist.evaluate", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2 and "error: ckpt_path is missing" in result.stderr
 
 

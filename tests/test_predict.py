@@ -17,7 +17,7 @@ from chest_mnist.batches import to_model_input
 from chest_mnist.checkpoints import load_checkpoint, model_from_checkpoint
 from chest_mnist.images import read_image
 from chest_mnist.predict import collect, predict
-from tests.conftest import ROOT, compose_train, run_module
+from tests.conftest import ROOT, compose_train, run_here
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -81,7 +81,7 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     (tmp_path / "empty_folder").mkdir()
     ckpt = best_checkpoint(trained_run)
     out = tmp_path / "out.csv"
-    result = run_module(
+    result = run_here(
         "chest_mnist.predict",
         f"ckpt_path={ckpt}",
         f"inputs=[{folder},{tmp_path}/missing.png,{tmp_path}/empty_folder,"

@@ -20,7 +20,7 @@ from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.cli import find_user_error
 from chest_mnist.report import read_loss_curves_csv
 from chest_mnist.train import train
-from tests.conftest import ROOT, compose_train, run_module, tiny_training_overrides
+from tests.conftest import ROOT, compose_train, run_here, tiny_training_overrides
 
 
 def command(npz: Path, log_dir: Path, *extra: str, min_interval_s: float = 0) -> list[str]:
@@ -83,7 +83,7 @@ def final_metrics(run: Path) -> dict:
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_npz):
     logs = "logger=[tensorboard,csv]"  # both logs must continue across the resume
-    whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole", logs))
+    whole = run_here("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole", logs))
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = final_metrics(only_run(tmp_path / "whole"))
     expected_curves = read_loss_curves_csv(only_run(tmp_path / "whole") / "csv" / "metrics.csv")
@@ -99,9 +99,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
     epoch = load_checkpoint(last)["epoch"]
     assert epoch < 3
 
-    resumed = run_module(
-        "chest_mnist.train",
-        *command(synthetic_npz, tmp_path / "killed", logs, f"ckpt_path={last}"),
+    resumed = run_here(
+        "chest_mnist.train", *command(synthetic_npz, tmp_path / "killed", logs, f"ckpt_path={last}")
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr

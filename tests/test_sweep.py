@@ -8,7 +8,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from tests.conftest import run_module
+from tests.conftest import run_here
 
 
 def tiny(npz, log_dir):
@@ -29,7 +29,7 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
     """Two learning rates x (a good file, a missing one): the jobs on the missing file fail when
     they load their data, which no check before the sweep can know."""
     missing = tmp_path / "missing.npz"
-    result = run_module(
+    result = run_here(
         "chest_mnist.train",
         "-m",
         "model.optimizer.lr=1e-3,1e-2",
@@ -64,7 +64,6 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [
@@ -90,15 +89,14 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
     ids=["wrong_type", "bad_size", "wrong_type_for_the_schema", "too_many_devices"],
 )
 def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, sweep, message):
-    result = run_module("chest_mnist.train", "-m", *sweep, *tiny(synthetic_npz, tmp_path))
+    result = run_here("chest_mnist.train", "-m", *sweep, *tiny(synthetic_npz, tmp_path))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("overrides.yaml"))  # no job directory was made
 
 
-@pytest.mark.slow
 def test_sweep_over_a_key_that_does_not_exist_is_refused(tmp_path, synthetic_npz):
-    result = run_module(
+    result = run_here(
         "chest_mnist.train", "-m", "model.optimizer.lrr=1e-3,1e-2", *tiny(synthetic_npz, tmp_path)
     )
     assert result.returncode != 0 and "Could not override 'model.optimizer.lrr'" in result.stderr
@@ -136,7 +134,7 @@ def test_devices_are_checked_against_the_machine(monkeypatch):
 
 @pytest.mark.slow
 def test_optuna_search_runs_two_trials(tmp_path, synthetic_npz):
-    result = run_module(
+    result = run_here(
         "chest_mnist.train",
         "hparams_search=lr_optuna",
         "hydra.sweeper.n_trials=2",
