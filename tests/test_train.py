@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.train import train
-from tests.conftest import compose_train, run_module, tiny_training_overrides
+from tests.conftest import compose_train, run_here, run_module, tiny_training_overrides
 
 LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(14)]
 
@@ -145,7 +145,8 @@ def test_without_figures_the_report_keeps_its_numbers_and_says_so(cfg_tiny, tmp_
 
 @pytest.mark.slow
 def test_learning_happens(tiny_overrides, tmp_path):
-    """A short run reaches a val AUROC that guessing (0.5) and a broken pipeline cannot."""
+    """A short run reaches a val AUROC that guessing (0.5) and a broken pipeline cannot (64
+    steps on 1,000 images: val 0.932 and test 0.945 on a 2-core CPU, in 19 s)."""
     cfg = compose_train(
         tiny_overrides
         + [
@@ -153,7 +154,7 @@ def test_learning_happens(tiny_overrides, tmp_path):
             "trainer.limit_train_batches=1.0",
             "data.batch_size=64",
             "data.path=" + str(tmp_path / "learn.npz"),
-            "+data.synthetic={n_train: 2000, n_val: 500, n_test: 500, seed: 1}",
+            "+data.synthetic={n_train: 1000, n_val: 500, n_test: 500, seed: 1}",
         ]
     )
     metrics = train(cfg)
@@ -167,14 +168,15 @@ def test_unknown_config_key_is_refused():
         compose_train(["data.colour=red"])
 
 
-def run_cli(*args, env=None, timeout=300):
-    return run_module("chest_mnist.train", *args, env=env, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
-    """The README's offline command, with the default cifar stem, 2 epochs."""
-    result = run_cli(
+    """The README's offline command, with the default cifar stem, 2 epochs. Its console carries
+    what a user watches: no Lightning advertisement, no deprecation from inside Lightning, no
+    note on how the last checkpoint was saved (which read as if checkpoints were loaded
+    unsafely), and a model summary whose FLOPs are counted (they were all 0 without an example
+    input)."""
+    result = run_module(
+        "chest_mnist.train",
         "data=synthetic",
         f"data.path={synthetic_npz}",
         "data.subset=128",
@@ -182,7 +184,13 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
         "trainer.max_epochs=2",
         f"paths.log_dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console[-3000:]
+    quiet = ("litlogger", "LeafSpec", "Trainer already configured", "Total FLOPs: 0")
+    for chatter in (*quiet, "`weights_only` was not set"):
+        assert chatter not in console, chatter
+    assert "Total FLOPs: 913 M" in console  # ResNet-18, cifar stem, one 28px image
+    assert "Test AUC" in console and "report.md" in console
     (run,) = list((tmp_path / "train" / "runs").iterdir())
     assert (run / ".hydra" / "config.yaml").exists() and (
         run / ".hydra" / "overrides.yaml"
@@ -234,14 +242,13 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
         assert tp[63] + fp[63] == predicted  # threshold 63 of 127 is 0.5
 
 
-@pytest.mark.slow
 def test_cli_without_network_fails_fast_with_the_message(tmp_path):
     # a proxy that refuses: offline even where the machine has a network
-    result = run_cli(
+    result = run_here(
+        "chest_mnist.train",
         f"data.root={tmp_path}",
         f"paths.log_dir={tmp_path}",
         env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
-        timeout=120,
     )
     assert result.returncode == 2
     assert "error: Could not download chestmnist.npz" in result.stderr
@@ -251,9 +258,8 @@ def test_cli_without_network_fails_fast_with_the_message(tmp_path):
     assert "[ERROR] - error: Could not download chestmnist.npz (" in log.read_text()
 
 
-@pytest.mark.slow
 def test_cli_bad_size_names_the_key(tmp_path):
-    result = run_cli("data.size=100", f"paths.log_dir={tmp_path}", timeout=120)
+    result = run_here("chest_mnist.train", "data.size=100", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2
     assert (
         "error: data.size=100 is not a MedMNIST size" in result.stderr
@@ -261,9 +267,8 @@ def test_cli_bad_size_names_the_key(tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_cli_unknown_key(tmp_path):
-    result = run_cli("data.colour=red", f"paths.log_dir={tmp_path}", timeout=120)
+    result = run_here("chest_mnist.train", "data.colour=red", f"paths.log_dir={tmp_path}")
     assert result.returncode != 0 and "Could not override 'data.colour'" in result.stderr
 
 
@@ -536,28 +541,3 @@ def test_resolvers_and_schemas_are_registered_by_a_call_not_by_an_import():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False", "True", "True"], result.stderr
-
-
-@pytest.mark.slow
-def test_the_console_carries_what_a_user_watches(tmp_path, synthetic_npz):
-    """No Lightning advertisement, no deprecation from inside Lightning, no note on how the
-    last checkpoint was saved (which read as if checkpoints were loaded unsafely), and a model
-    summary whose FLOPs are counted (they were all 0 without an example input)."""
-    from tests.conftest import run_module
-
-    result = run_module(
-        "chest_mnist.train",
-        "data=synthetic",
-        f"data.path={synthetic_npz}",
-        "model.stem=imagenet",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        f"paths.log_dir={tmp_path}",
-    )
-    console = result.stdout + result.stderr
-    assert result.returncode == 0, console[-3000:]
-    quiet = ("litlogger", "LeafSpec", "Trainer already configured", "Total FLOPs: 0")
-    for chatter in (*quiet, "`weights_only` was not set"):
-        assert chatter not in console, chatter
-    assert "Total FLOPs: 68.5 M" in console  # ResNet-18, imagenet stem, one 28px image
-    assert "Test AUC" in console and "report.md" in console
