@@ -4,6 +4,7 @@ checkpoint format and a GPU count other than the saved one still resume."""
 
 import logging
 import random
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import torch
 
 from chest_mnist.callbacks import RestoreRNG
 from chest_mnist.checkpoints import load_checkpoint
-from tests.conftest import run_module
+from tests.conftest import run_here, run_module
 
 NOISE = "+callbacks.rank_noise._target_=tests.ddp_callbacks.RankNoise"
 KILL_AT_EPOCH_1 = [
@@ -62,14 +63,24 @@ def only_run(log_dir: Path) -> Path:
     return run
 
 
-def killed_at_epoch_1(npz: Path, log_dir: Path) -> Path:
-    """last.ckpt of a 2-process run whose processes were SIGKILLed as epoch 1 started."""
-    killed = run_module("chest_mnist.train", *command(npz, log_dir, *KILL_AT_EPOCH_1))
+@pytest.fixture(scope="module")
+def killed_at_epoch_1(tmp_path_factory, synthetic_npz) -> Path:
+    """The log folder of a 2-process run whose processes were SIGKILLed as epoch 1 started;
+    each test resumes a copy of it (copy_of_the_killed_run)."""
+    log_dir = tmp_path_factory.mktemp("killed")
+    killed = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, *KILL_AT_EPOCH_1))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = only_run(log_dir) / "checkpoints" / "last.ckpt"
-    checkpoint = load_checkpoint(last)
+    checkpoint = load_checkpoint(only_run(log_dir) / "checkpoints" / "last.ckpt")
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 4)
-    return last
+    return log_dir
+
+
+@pytest.fixture
+def copy_of_the_killed_run(killed_at_epoch_1, tmp_path) -> tuple[Path, Path]:
+    """(log folder, last.ckpt) of this test's own copy of the killed run."""
+    log_dir = tmp_path / "killed"
+    shutil.copytree(killed_at_epoch_1, log_dir)
+    return log_dir, only_run(log_dir) / "checkpoints" / "last.ckpt"
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -77,18 +88,18 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_and_resumed_ends_like_one_never_stopped(tmp_path, synthetic_npz):
+def test_two_process_run_killed_and_resumed_ends_like_one_never_stopped(
+    tmp_path, synthetic_npz, copy_of_the_killed_run
+):
     """The ranks' generator states differ (RankNoise, as per-GPU generators do): rank 1 must
     get its own back, or its epoch-1 shuffle, and so the final weights, differ."""
     whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = weights(only_run(tmp_path / "whole") / "checkpoints" / "last.ckpt")
 
-    last = killed_at_epoch_1(synthetic_npz, tmp_path / "killed")
+    log_dir, last = copy_of_the_killed_run
     saved = load_checkpoint(last)["rng_states"]
-    resumed = run_module(
-        "chest_mnist.train", *command(synthetic_npz, tmp_path / "killed", f"ckpt_path={last}")
-    )
+    resumed = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, f"ckpt_path={last}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert f"Restoring states from the checkpoint path at {last}" in output
@@ -116,14 +127,18 @@ def never_stopped_alike(tmp_path_factory, synthetic_npz) -> dict[str, torch.Tens
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "steps, stop_at",
+    "steps, stop_at, resume",
     [
-        ("[null,5]", 6),  # the second process alone: the first, its parent, never sees a signal
-        ("[5,6]", 6),  # each at another batch: together after the first one's next batch
+        # the second process alone: the first, its parent, never sees a signal
+        ("[null,5]", 6, True),
+        # each at another batch: together after the first one's next batch. The same stop as
+        # above (epoch 1, step 6), whose resume is tested there: not resumed again here
+        ("[5,6]", 6, False),
     ],
+    ids=["the_second_process_alone", "each_at_another_batch"],
 )
 def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exactly(
-    tmp_path, synthetic_npz, never_stopped_alike, steps, stop_at
+    tmp_path, synthetic_npz, request, steps, stop_at, resume
 ):
     """Lightning 2.6 alone stops each process where it sees the signal, and a run like this
     hangs (issue #20806); StopOnSigterm stops both after the same batch, inside epoch 1 (4
@@ -142,6 +157,9 @@ def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exa
     last = only_run(tmp_path / "stopped") / "checkpoints" / "last.ckpt"
     checkpoint = load_checkpoint(last)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, stop_at)
+    if not resume:
+        return
+    never_stopped_alike = request.getfixturevalue("never_stopped_alike")
     resumed = run_module(
         "chest_mnist.train",
         *command(synthetic_npz, tmp_path / "stopped", f"ckpt_path={last}", noise=False),
@@ -156,11 +174,12 @@ def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exa
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(tmp_path, synthetic_npz):
-    last = killed_at_epoch_1(synthetic_npz, tmp_path)
-    resumed = run_module(
-        "chest_mnist.train",
-        *command(synthetic_npz, tmp_path, f"ckpt_path={last}", processes=1),
+def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(
+    synthetic_npz, copy_of_the_killed_run
+):
+    log_dir, last = copy_of_the_killed_run
+    resumed = run_here(  # one process: this one
+        "chest_mnist.train", *command(synthetic_npz, log_dir, f"ckpt_path={last}", processes=1)
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
