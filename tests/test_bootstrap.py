@@ -67,7 +67,7 @@ def multi_label_case(n=240, seed=0):
 @pytest.mark.slow
 def test_intervals_equal_a_loop_with_sklearn_over_the_same_resamples():
     scores, targets = multi_label_case()
-    settings = Bootstrap(resamples=1000, level=0.95, seed=7)
+    settings = Bootstrap(resamples=400, level=0.95, seed=7)
     got = bootstrap_intervals(
         torch.from_numpy(scores), torch.from_numpy(targets), MULTI_LABEL_TASK, settings
     )
@@ -77,7 +77,7 @@ def test_intervals_equal_a_loop_with_sklearn_over_the_same_resamples():
     np.testing.assert_allclose(got["per_label"]["auroc"], want["per_label_auroc"], atol=1e-6)
     np.testing.assert_allclose(got["per_label"]["ap"], want["per_label_ap"], atol=1e-6)
     # the rare label has no positives in some resamples: left out there, not scored 0
-    assert 0 < want["defined_auroc"][2] < 1000
+    assert 0 < want["defined_auroc"][2] < 400
     assert got["per_label"]["auroc"][0, 2] > 0.05  # a 0.0 counted in would pull it to 0
 
 

@@ -60,6 +60,7 @@ def test_a_non_editable_install_trains_from_another_folder(tmp_path, synthetic_n
             "+trainer.limit_train_batches=2",
             "~callbacks.progress_bar",
             "~callbacks.model_summary",
+            "figures=false",
         ],
         cwd=elsewhere,
         capture_output=True,
