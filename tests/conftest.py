@@ -50,31 +50,47 @@ def run_module(module: str, *args: str, timeout: int = 300, env: dict | None = N
     )
 
 
-def run_here(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_here(
+    module: str, *args: str, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`python -m module args...` inside this process: the module run as __main__ by runpy, as
-    the interpreter does, with sys.argv and `env` set, its output captured and its exit code as
-    the interpreter would give it. A process of its own costs about 8 s of imports on 2 cores
-    (torch, Lightning, torchmetrics); run_module starts one, for what needs it: a signal, DDP, a
-    memory peak, the console of a fresh interpreter, a script that patches modules. Hydra's
-    logging set-up and run config, the environment and the garbage collector (a command
-    freezes it as it ends) are put back afterwards."""
+    the interpreter does, with sys.argv and `env` set; its output captured, and its exit code
+    what the interpreter would give (an uncaught exception: its traceback and 1). A process of
+    its own costs about 8 s of imports on 2 cores (torch, Lightning, torchmetrics); run_module
+    starts one, for what needs it: a signal, DDP, a memory peak, what a fresh interpreter
+    prints (Python's warnings here go to pytest, not to the output), and settings read once per
+    process (urllib's proxies). Put back afterwards: sys.argv, the environment, every logger's
+    handlers, filters and level (Hydra sets up logging), Hydra's run config, the SIGINT and
+    SIGTERM handlers (Lightning ignores SIGINT after a Ctrl-C) and the garbage collector (a
+    command freezes it as it ends). A run past `timeout` seconds ends pytest with every
+    thread's traceback."""
     import contextlib
+    import faulthandler
     import gc
     import io
     import logging
     import runpy
+    import signal
+    import traceback
     import warnings
 
     from hydra.core.hydra_config import HydraConfig
 
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    saved_loggers = [
+        (log, log.handlers[:], log.filters[:], log.level, log.propagate, log.disabled)
+        for log in loggers
+        if isinstance(log, logging.Logger)
+    ]
+    saved_env = {name: os.environ.get(name) for name in env or {}}
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_argv, hydra_config = sys.argv, HydraConfig.instance().cfg
     stdout, stderr = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    saved_argv, saved_env = sys.argv, os.environ.copy()
-    sys.argv = [module, *args]  # runpy sets argv[0] to the module's file
-    os.environ.update(env or {})
     code: int | str | None = 0
+    faulthandler.dump_traceback_later(timeout, exit=True)
     try:
+        sys.argv = [module, *args]  # runpy sets argv[0] to the module's file
+        os.environ.update(env or {})
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 with warnings.catch_warnings():  # the module is imported already: as -m's
@@ -85,20 +101,51 @@ def run_here(module: str, *args: str, env: dict | None = None) -> subprocess.Com
                 if not isinstance(code, int | None):  # SystemExit("message"): said, exit 1
                     print(code, file=sys.stderr)
                     code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
     finally:
+        faulthandler.cancel_dump_traceback_later()
         sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        HydraConfig.instance().cfg = None
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for log, handlers, filters, level, propagate, disabled in saved_loggers:
+            for handler in log.handlers:
+                if handler not in handlers:
+                    handler.close()
+            log.handlers[:], log.filters[:] = handlers, filters
+            log.setLevel(level)
+            log.propagate, log.disabled = propagate, disabled
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        HydraConfig.instance().cfg = hydra_config
         gc.unfreeze()
     return subprocess.CompletedProcess(
         [module, *args], code or 0, stdout.getvalue(), stderr.getvalue()
     )
+
+
+@pytest.fixture(autouse=True)
+def torch_flags_put_back():
+    """What a run sets for the whole process and does not undo, put back after each test:
+    Lightning's trainer.deterministic=true turns on torch's deterministic algorithms for good
+    (until the next Trainer says otherwise), bench sets cudnn.benchmark."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_num_threads(),
+        torch.get_float32_matmul_precision(),
+    )
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:4]
+    torch.set_num_threads(saved[4])
+    torch.set_float32_matmul_precision(saved[5])
 
 
 def compose_train(overrides: list[str], config_name: str = "train") -> DictConfig:
