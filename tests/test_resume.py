@@ -99,7 +99,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, synthetic_
     epoch = load_checkpoint(last)["epoch"]
     assert epoch < 3
 
-    resumed = run_here(
+    resumed = run_here(  # in this process; the DDP tests resume in processes of their own
         "chest_mnist.train", *command(synthetic_npz, tmp_path / "killed", logs, f"ckpt_path={last}")
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
