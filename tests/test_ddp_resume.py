@@ -58,29 +58,25 @@ def command(
     ]
 
 
-def only_run(log_dir: Path) -> Path:
+def last_checkpoint(log_dir: Path) -> Path:
+    """last.ckpt of the one run under `log_dir`."""
     (run,) = (log_dir / "train" / "runs").iterdir()
-    return run
+    return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
-def killed_at_epoch_1(tmp_path_factory, synthetic_npz) -> Path:
-    """The log folder of a 2-process run whose processes were SIGKILLed as epoch 1 started;
-    each test resumes a copy of it (copy_of_the_killed_run)."""
+def killed_at_epoch_1(tmp_path_factory, synthetic_npz) -> tuple[Path, Path]:
+    """The log folders of a 2-process run whose processes were SIGKILLed as epoch 1 started:
+    the run's own, which one test resumes in place as a user would, and a copy made before that,
+    which the other resumes."""
     log_dir = tmp_path_factory.mktemp("killed")
     killed = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, *KILL_AT_EPOCH_1))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    checkpoint = load_checkpoint(only_run(log_dir) / "checkpoints" / "last.ckpt")
+    checkpoint = load_checkpoint(last_checkpoint(log_dir))
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 4)
-    return log_dir
-
-
-@pytest.fixture
-def copy_of_the_killed_run(killed_at_epoch_1, tmp_path) -> tuple[Path, Path]:
-    """(log folder, last.ckpt) of this test's own copy of the killed run."""
-    log_dir = tmp_path / "killed"
-    shutil.copytree(killed_at_epoch_1, log_dir)
-    return log_dir, only_run(log_dir) / "checkpoints" / "last.ckpt"
+    copy = tmp_path_factory.mktemp("killed_copy") / "logs"
+    shutil.copytree(log_dir, copy)
+    return log_dir, copy
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -89,15 +85,16 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_process_run_killed_and_resumed_ends_like_one_never_stopped(
-    tmp_path, synthetic_npz, copy_of_the_killed_run
+    tmp_path, synthetic_npz, killed_at_epoch_1
 ):
     """The ranks' generator states differ (RankNoise, as per-GPU generators do): rank 1 must
     get its own back, or its epoch-1 shuffle, and so the final weights, differ."""
     whole = run_module("chest_mnist.train", *command(synthetic_npz, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    expected = weights(only_run(tmp_path / "whole") / "checkpoints" / "last.ckpt")
+    expected = weights(last_checkpoint(tmp_path / "whole"))
 
-    log_dir, last = copy_of_the_killed_run
+    log_dir, _ = killed_at_epoch_1
+    last = last_checkpoint(log_dir)
     saved = load_checkpoint(last)["rng_states"]
     resumed = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, f"ckpt_path={last}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -116,50 +113,45 @@ def test_two_process_run_killed_and_resumed_ends_like_one_never_stopped(
     assert not torch.equal(saved["ranks"][0]["torch"], saved["ranks"][1]["torch"])
 
 
-@pytest.fixture(scope="module")
-def never_stopped_alike(tmp_path_factory, synthetic_npz) -> dict[str, torch.Tensor]:
-    """The final weights of the two-process run, never stopped, without RankNoise."""
-    log_dir = tmp_path_factory.mktemp("never_stopped")
-    whole = run_module("chest_mnist.train", *command(synthetic_npz, log_dir, noise=False))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    return weights(only_run(log_dir) / "checkpoints" / "last.ckpt")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "steps, stop_at, resume",
-    [
-        # the second process alone: the first, its parent, never sees a signal
-        ("[null,5]", 6, True),
-        # each at another batch: together after the first one's next batch. The same stop as
-        # above (epoch 1, step 6), whose resume is tested there: not resumed again here
-        ("[5,6]", 6, False),
-    ],
-    ids=["the_second_process_alone", "each_at_another_batch"],
-)
-def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exactly(
-    tmp_path, synthetic_npz, request, steps, stop_at, resume
-):
-    """Lightning 2.6 alone stops each process where it sees the signal, and a run like this
-    hangs (issue #20806); StopOnSigterm stops both after the same batch, inside epoch 1 (4
-    steps an epoch), and the resumed run ends as one never stopped. Without RankNoise: every
-    process shuffles with the same permutation only while their generators agree (the same
-    seed, the same draws), and the checkpoint keeps the first process's."""
+def stopped_by_sigterm(npz: Path, log_dir: Path, steps: str) -> Path:
+    """last.ckpt of a two-process run (without RankNoise) whose processes get SIGTERM after the
+    steps given, one per process (null: none). Lightning 2.6 alone stops each process where it
+    sees the signal, and a run like this hangs (issue #20806); StopOnSigterm stops both after
+    the same batch: inside epoch 1 (4 steps an epoch), at step 6."""
     signal_them = [
         "+callbacks.sigterm._target_=tests.ddp_callbacks.SigtermAfterStep",
         f"+callbacks.sigterm.steps={steps}",
     ]
-    stopped = run_module(
-        "chest_mnist.train",
-        *command(synthetic_npz, tmp_path / "stopped", *signal_them, noise=False),
-    )
+    stopped = run_module("chest_mnist.train", *command(npz, log_dir, *signal_them, noise=False))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    last = only_run(tmp_path / "stopped") / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(log_dir)
     checkpoint = load_checkpoint(last)
-    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, stop_at)
-    if not resume:
-        return
-    never_stopped_alike = request.getfixturevalue("never_stopped_alike")
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)
+    return last
+
+
+@pytest.mark.slow
+def test_two_process_sigterm_at_another_batch_in_each_stops_both_together(tmp_path, synthetic_npz):
+    """The first process gets the signal after batch 5, the second after batch 6: both stop
+    after the first one's next batch."""
+    stopped_by_sigterm(synthetic_npz, tmp_path, "[5,6]")
+
+
+@pytest.mark.slow
+def test_two_process_sigterm_to_the_second_alone_stops_both_and_resumes_exactly(
+    tmp_path, synthetic_npz
+):
+    """The second process alone gets the signal (the first, its parent, never sees one): both
+    stop together, and the resumed run ends as one never stopped. Without RankNoise: every
+    process shuffles with the same permutation only while their generators agree (the same
+    seed, the same draws), and the checkpoint keeps the first process's."""
+    whole = run_module(
+        "chest_mnist.train", *command(synthetic_npz, tmp_path / "whole", noise=False)
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = weights(last_checkpoint(tmp_path / "whole"))
+
+    last = stopped_by_sigterm(synthetic_npz, tmp_path / "stopped", "[null,5]")
     resumed = run_module(
         "chest_mnist.train",
         *command(synthetic_npz, tmp_path / "stopped", f"ckpt_path={last}", noise=False),
@@ -167,7 +159,7 @@ def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(last)["global_step"] == 8
     got = weights(last)
-    for name, value in never_stopped_alike.items():
+    for name, value in expected.items():
         torch.testing.assert_close(
             got[name], value, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
         )
@@ -175,9 +167,10 @@ def test_two_process_sigterm_inside_an_epoch_stops_both_together_and_resumes_exa
 
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(
-    synthetic_npz, copy_of_the_killed_run
+    synthetic_npz, killed_at_epoch_1
 ):
-    log_dir, last = copy_of_the_killed_run
+    _, log_dir = killed_at_epoch_1
+    last = last_checkpoint(log_dir)
     resumed = run_here(  # one process: this one
         "chest_mnist.train", *command(synthetic_npz, log_dir, f"ckpt_path={last}", processes=1)
     )
