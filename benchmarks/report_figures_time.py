@@ -12,47 +12,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests' own tiny run, from tests/conftest.py
 
-from chest_mnist.config import register
-from chest_mnist.synthetic import write_synthetic
-from chest_mnist.train import train
-
-CONF = Path(__file__).resolve().parents[1] / "chest_mnist" / "conf"
+from chest_mnist.synthetic import write_synthetic  # noqa: E402
+from chest_mnist.train import train  # noqa: E402
+from tests.conftest import compose_train, tiny_training_overrides  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    register()
     logging.disable(logging.WARNING)  # the runs' own log lines; the times are what is printed
     work = Path(tempfile.mkdtemp(prefix="report_figures_time_"))
     npz = write_synthetic(work / "chest.npz", n_train=512, n_val=256, n_test=256, seed=0)
     times: dict[str, list[float]] = {"false": [], "true": []}
     for repeat in range(args.repeats):
         for figures in times:
-            overrides = [
-                "data=synthetic",
-                f"data.path={npz}",
-                "data.batch_size=32",
-                "data.eval_batch_size=256",
-                "model.stem=imagenet",
-                "trainer=cpu",
-                "trainer.max_epochs=1",
-                "+trainer.limit_train_batches=3",
-                "+trainer.enable_progress_bar=false",
-                "~callbacks.progress_bar",
-                "~callbacks.model_summary",
-                f"figures={figures}",
-                f"paths.output_dir={work}/run_{repeat}_{figures}",
-            ]
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose(config_name="train", overrides=overrides)
+            out = work / f"run_{repeat}_{figures}"
+            cfg = compose_train(tiny_training_overrides(npz, out, figures=figures == "true"))
             started = time.perf_counter()
             train(cfg)
             times[figures].append(time.perf_counter() - started)
