@@ -4,8 +4,10 @@ center-cropped to a square and resized to the model's size.
     pixels, note = read_image(Path("xray.dcm"), size=28, channels=1)
 
 Pillow reads PNG, JPEG, BMP, GIF, TIFF and WebP; pydicom reads DICOM (`.dcm`, `.dicom`, or any
-file with the DICM preamble). Hospital exports are rarely 8-bit, and the model was trained on
-8-bit MedMNIST pixels, so wider pixels are brought to 8 bits by one rule, and the note says how:
+file with the DICM preamble, whatever its name). An EXIF orientation (a phone's or a camera's
+JPEG) is applied first, so the model sees the picture upright as a viewer shows it. Hospital
+exports are rarely 8-bit, and the model was trained on 8-bit MedMNIST pixels, so wider pixels
+are brought to 8 bits by one rule, and the note says how:
 
 - DICOM: Rescale Slope and Intercept (the modality LUT) first, giving the scanner's units; then
   the first window (centre/width, VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID: the
@@ -13,8 +15,12 @@ file with the DICM preamble). Hospital exports are rarely 8-bit, and the model w
   values (min..max) to 0..255. MONOCHROME1 is inverted so that bone is bright, as in
   MONOCHROME2 and in MedMNIST. One frame only; compressed pixel data needs pydicom's plugins,
   and the message names the packages to install.
-- 16-bit and 32-bit gray PNG or TIFF (Pillow modes I;16, I;16B, I, ...), and float TIFF
-  (mode F): the full range of the values (min..max) to 0..255, as they carry no window.
+- 16-bit (unsigned or signed) and 32-bit gray PNG or TIFF (Pillow modes I;16, I;16B, I, ...),
+  and 32-bit float TIFF (mode F): the full range of the values (min..max) to 0..255, as they
+  carry no window; a TIFF whose photometric interpretation is MinIsWhite is inverted, as
+  MONOCHROME1 is (Pillow does that itself for 8 bits).
+- 16-bit colour (RGB with 16 bits a channel) is refused: Pillow reads only the high byte of
+  each value, which makes a picture of 12 bits nearly black.
 - An alpha channel (RGBA, LA, a palette with a transparent colour) that is fully opaque is
   dropped; a transparent pixel is refused, since what lies behind it is the user's call.
 
@@ -32,10 +38,16 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -54,6 +66,7 @@ WIDE_MODES = {
 # modes with an alpha channel, and what is left without it (premultiplied ones included)
 ALPHA_MODES = {"RGBA": "RGB", "RGBa": "RGB", "LA": "L", "La": "L", "PA": "RGB"}
 PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+TIFF_PHOTOMETRIC, TIFF_MIN_IS_WHITE = 262, 0  # the TIFF tag, and its value where 0 is white
 
 
 def read_image(path: Path, size: int, channels: int) -> tuple[np.ndarray, str]:
@@ -80,12 +93,12 @@ def read_image(path: Path, size: int, channels: int) -> tuple[np.ndarray, str]:
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether a folder's file is one to predict: an image suffix, or no suffix and DICOM's
-    preamble (hospital exports are often named IM000001)."""
-    if not path.is_file():
+    """Whether a folder's file is one to predict: an image suffix, or DICOM's preamble whatever
+    the name (hospital exports are named IM000001, or by their UID: 1.2.840.113619.2.55.1).
+    Not a DICOMDIR (a disc's index of its images, which are files of their own)."""
+    if not path.is_file() or path.name == "DICOMDIR":
         return False
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES or (suffix == "" and _has_dicom_preamble(path))
+    return path.suffix.lower() in IMAGE_SUFFIXES or _has_dicom_preamble(path)
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -103,8 +116,17 @@ def _read_with_pillow(path: Path) -> tuple[Image.Image, str]:
                     f"an image of {frames} frames: predict reads single images; save the frame "
                     "you mean as a file of its own"
                 )
+            # what the file holds, before decoding (Pillow drops both from a transposed copy)
+            rawmode = image.tile[0][3] if image.tile else None  # codec args: "RGB;16B", ...
+            if isinstance(rawmode, tuple):
+                rawmode = rawmode[0]
+            min_is_white = getattr(image, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == TIFF_MIN_IS_WHITE
+            # before decoding too: Pillow's TIFF reader turns the image itself and drops the tag
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             image.load()  # decode now: a truncated file fails here, not later
-            return _eight_bits(image)
+            image, upright = _upright(image, orientation)
+            image, note = _eight_bits(image, rawmode or "", min_is_white)
+            return image, "; ".join(filter(None, [upright, note]))
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
@@ -116,9 +138,26 @@ def _read_with_pillow(path: Path) -> tuple[Image.Image, str]:
         raise ValueError(f"damaged or truncated image ({e})") from None
 
 
-def _eight_bits(image: Image.Image) -> tuple[Image.Image, str]:
-    """The image in one of READABLE_MODES, and what was converted to get there."""
+def _upright(image: Image.Image, orientation: int) -> tuple[Image.Image, str]:
+    """The image turned as its file's EXIF `orientation` says (a camera's JPEG is often stored
+    sideways), and the note; the image itself and "" when it is upright already."""
+    if orientation not in range(2, 9):  # 1: upright; anything else is not an orientation
+        return image, ""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # not turned while decoded
+        image = ImageOps.exif_transpose(image)
+    return image, f"turned upright (EXIF orientation {orientation})"
+
+
+def _eight_bits(image: Image.Image, rawmode: str, min_is_white: bool) -> tuple[Image.Image, str]:
+    """The image in one of READABLE_MODES, and what was converted to get there. `rawmode`: how
+    the file stores its pixels (Pillow's codec argument, "" if unknown); `min_is_white`: a TIFF
+    whose smallest value is white."""
     mode = image.mode
+    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+        raise ValueError(
+            f"16-bit colour ({rawmode}): Pillow reads only the high byte of each value; save "
+            "it as 16-bit gray (an X-ray) or 8-bit RGB"
+        )
     kind = f"{len(image.getbands())} channels"
     if mode == "PA" or (mode == "P" and "transparency" in image.info):
         kind = "palette with a transparent colour"
@@ -136,9 +175,13 @@ def _eight_bits(image: Image.Image) -> tuple[Image.Image, str]:
         return image, ""
     if mode in WIDE_MODES:
         pixels, lo, hi = _full_range(np.asarray(image))
-        return Image.fromarray(pixels, "L"), (
-            f"{WIDE_MODES[mode]} scaled to 8 bits {_over(lo, hi)}"
-        )
+        kind = WIDE_MODES[mode]
+        if mode == "I" and rawmode.startswith("I;16"):  # Pillow widens signed 16 bits to I
+            kind = "16-bit signed gray" if "S" in rawmode[4:] else "16-bit gray"
+        note = f"{kind} scaled to 8 bits {_over(lo, hi)}"
+        if min_is_white:  # its smallest value is white: bone bright, as in MONOCHROME2
+            pixels, note = 255 - pixels, f"{note}; TIFF MinIsWhite inverted"
+        return Image.fromarray(pixels, "L"), note
     bands = len(image.getbands())
     kind = f"{bands} channels" if bands > 1 else "1 channel"
     raise ValueError(
@@ -154,6 +197,11 @@ def _read_dicom(path: Path) -> tuple[Image.Image, str]:
         ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as e:
         raise ValueError(f"not a DICOM file pydicom can read ({e})") from None
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        raise ValueError(
+            "a DICOMDIR, a disc's index of its images, not an image: give the disc's folder "
+            "(its image files are read, the DICOMDIR left out) or the image files"
+        )
     if not any(name in ds for name in PIXEL_DATA):
         if ds.preamble is None:  # read by force for its suffix: most likely no DICOM at all
             raise ValueError("not a DICOM file pydicom can read (no DICM preamble, no pixel data)")
@@ -168,7 +216,16 @@ def _read_dicom(path: Path) -> tuple[Image.Image, str]:
             "you mean as a file of its own"
         )
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and syntax.is_compressed:
+    if syntax is None:  # no file meta (an older export): the encoding pydicom read it in
+        implicit, little_endian = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little_endian
+            else ExplicitVRBigEndian
+        )
+    elif syntax.is_compressed:
         _check_decoder(syntax)
     pydicom_log = logging.getLogger("pydicom")
     level = pydicom_log.level

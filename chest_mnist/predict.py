@@ -38,8 +38,10 @@ a usage error (no checkpoint, bad thresholds file, an output file that already e
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -89,13 +91,13 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
         if not path.exists():
             items.append(Item(name, error="no such file or folder"))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if is_image_file(p))
+            files = sorted(p for p in path.rglob("*") if not _hidden(p, path) and is_image_file(p))
             if not files:
                 items.append(
                     Item(
                         name,
                         error=f"folder with no images ({', '.join(IMAGE_SUFFIXES)}, or DICOM "
-                        f"files without a suffix)",
+                        f"files of any name)",
                     )
                 )
             items.extend(read_item(p, size, channels) for p in files)
@@ -110,6 +112,12 @@ def collect(inputs: list[str], size: int, channels: int, flag: str, split: str) 
         else:
             items.append(read_item(path, size, channels))
     return items
+
+
+def _hidden(path: Path, folder: Path) -> bool:
+    """Whether a file found in `folder` is hidden, or in a hidden folder below it: macOS's
+    `._xray.png` copies of metadata, `.ipynb_checkpoints/`, `.git/` are not the user's images."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 def read_item(path: Path, size: int, channels: int) -> Item:
@@ -173,7 +181,6 @@ def write_output(
     """The output file. `sources`: where the "thresholds" and the "calibration" come from (a
     column each in CSV, "thresholds_from" and "calibration_from" in JSON); with `cam`, a
     `cam` column (a "cam" list in JSON) naming each row's heatmap files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "json":
         document = {
             "checkpoint": str(checkpoint),
@@ -185,14 +192,21 @@ def write_output(
             "calibration_from": sources["calibration"],
             "predictions": [_json_row(item, labels, thresholds, task, cam) for item in items],
         }
-        path.write_text(json.dumps(document, indent=2) + "\n")
-        return
-    columns = ["path", *(f"p_{label}" for label in labels), "predicted"]
-    columns += [*(["cam"] if cam else []), "error", "converted", "thresholds", "calibration"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        text = json.dumps(document, indent=2) + "\n"
+    else:
+        columns = ["path", *(f"p_{label}" for label in labels), "predicted"]
+        columns += [*(["cam"] if cam else []), "error", "converted", "thresholds", "calibration"]
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(_csv_row(item, labels, thresholds, task, cam) | sources for item in items)
+        text = out.getvalue()
+    # whole or not at all (beside it, then renamed); a file name that is not UTF-8 (a Latin-1
+    # zip's) keeps its undecodable bytes as \udcXX escapes, as JSON writes them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
+    os.replace(temporary, path)
 
 
 def _csv_row(

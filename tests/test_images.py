@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
-from PIL import Image
+import tifffile
+from PIL import ExifTags, Image
 from pydicom import uid
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -114,17 +116,62 @@ def test_every_export_gives_the_8_bit_pixels(picture, tmp_path):
     }
 
 
-def test_a_dicom_is_known_by_its_preamble_without_a_suffix(picture, tmp_path):
-    path = write_dicom(tmp_path / "IM0001", picture.astype(np.uint16) * 257)
+@pytest.mark.parametrize("name", ["IM0001", "1.2.840.113619.2.55.3.604688119.969.1"])
+def test_a_dicom_is_known_by_its_preamble_whatever_its_name(picture, tmp_path, name):
+    """Hospital exports name files IM0001, or by their UID (whose last number is a suffix)."""
+    path = write_dicom(tmp_path / name, picture.astype(np.uint16) * 257)
     pixels, note = read_image(path, size=28, channels=1)
     np.testing.assert_array_equal(pixels, picture)
     assert note.startswith("DICOM MONOCHROME2")
-    # predict's folder scan finds it too, and no other file without a suffix
+    # predict's folder scan finds it too, and no other file without an image suffix
     from chest_mnist.predict import collect
 
     (tmp_path / "README").write_text("not an image")
+    (tmp_path / "notes.1").write_text("not an image either, of the same suffix\n" * 10)
     (items,) = collect([str(tmp_path)], 28, 1, "pneumoniamnist", "test")
     assert items.path == str(path) and items.error is None
+
+
+def test_a_folder_scan_leaves_out_a_discs_index_and_hidden_files(picture, tmp_path):
+    """A DICOM disc's DICOMDIR indexes image files of its own; macOS zips add `._` files of
+    metadata with the image's suffix; `.ipynb_checkpoints/` holds copies. None is an image
+    the user means: the scan leaves them out, and read on its own a DICOMDIR says what it is."""
+    from chest_mnist.predict import collect
+
+    disc = tmp_path / "disc"
+    (disc / "IMAGES").mkdir(parents=True)
+    image = write_dicom(disc / "IMAGES" / "IM000001", picture.astype(np.uint16))
+    index = write_dicom(disc / "DICOMDIR", np.zeros((0, 0), np.uint16))
+    index_copy = write_dicom(tmp_path / "index.dcm", np.zeros((0, 0), np.uint16))
+    for path in (index, index_copy):  # what makes a DICOMDIR one, as written here
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = uid.MediaStorageDirectoryStorage
+        ds.save_as(path, enforce_file_format=True)
+    (disc / "__MACOSX").mkdir()
+    (disc / "__MACOSX" / "._IM000001.png").write_bytes(b"\0\5\26\7" + b"\0" * 200)
+    (disc / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(picture).save(disc / ".ipynb_checkpoints" / "xray.png")
+
+    assert [(item.path, item.error) for item in collect([str(disc)], 28, 1, "x", "test")] == [
+        (str(image), None)
+    ]
+    with pytest.raises(ValueError, match="a DICOMDIR, a disc's index of its images, not an image"):
+        read_image(index_copy, 28, 1)
+
+
+def test_a_dicom_without_file_meta_is_read_in_the_encoding_it_has(picture, tmp_path):
+    """An older export: no preamble, no file meta (so no transfer syntax), implicit VR."""
+    path = write_dicom(tmp_path / "modern.dcm", picture.astype(np.uint16) * 257)
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    ds.preamble = None
+    old = tmp_path / "old.dcm"
+    pydicom.dcmwrite(old, ds, implicit_vr=True, little_endian=True)
+    assert old.read_bytes()[128:132] != b"DICM"
+    assert "TransferSyntaxUID" not in pydicom.dcmread(old, force=True).file_meta
+    pixels, note = read_image(old, 28, 1)
+    np.testing.assert_array_equal(pixels, picture)
+    assert note == "DICOM MONOCHROME2; no window: scaled to 8 bits over its full range 0..65535"
 
 
 def test_windows_clip_and_the_other_voi_functions(tmp_path):
@@ -241,6 +288,48 @@ def test_alpha_is_dropped_only_when_nothing_is_transparent(picture, tmp_path):
         ValueError, match=r"format RGBA \(4 channels\) with transparent pixels .*in 1 of 784"
     ):
         read_image(tmp_path / "transparent.png", 28, 1)
+
+
+def test_an_exif_orientation_is_applied_and_said(picture, tmp_path):
+    """A camera stores its picture sideways and says, in EXIF, how to turn it for display."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # turn 90 degrees clockwise to display
+    Image.fromarray(np.rot90(picture).copy()).save(tmp_path / "sideways.png", exif=exif)
+    pixels, note = read_image(tmp_path / "sideways.png", 28, 1)
+    np.testing.assert_array_equal(pixels, picture)
+    assert note == "turned upright (EXIF orientation 6)"
+    exif[ExifTags.Base.Orientation] = 1  # upright: nothing to do, nothing said
+    Image.fromarray(picture).save(tmp_path / "upright.png", exif=exif)
+    assert read_image(tmp_path / "upright.png", 28, 1)[1] == ""
+    wide = (np.rot90(picture).astype(np.uint16) * 257).copy()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(wide).save(tmp_path / "sideways16.tif", exif=exif)
+    pixels, note = read_image(tmp_path / "sideways16.tif", 28, 1)
+    np.testing.assert_array_equal(pixels, picture)
+    assert note == (
+        "turned upright (EXIF orientation 6); "
+        "16-bit gray scaled to 8 bits over its full range 0..65535"
+    )
+
+
+def test_what_the_tiff_tags_say_of_wide_pixels_is_heeded(picture, tmp_path):
+    """MinIsWhite (photometric interpretation 0) inverted as MONOCHROME1 is; signed 16 bits
+    named so; 16-bit colour, which Pillow cuts to its high bytes, refused."""
+    v = picture.astype(np.int64)
+    tifffile.imwrite(tmp_path / "white0.tif", ((255 - v) * 257).astype(np.uint16), photometric=0)
+    pixels, note = read_image(tmp_path / "white0.tif", 28, 1)
+    np.testing.assert_array_equal(pixels, picture)
+    assert note == (
+        "16-bit gray scaled to 8 bits over its full range 0..65535; TIFF MinIsWhite inverted"
+    )
+    tifffile.imwrite(tmp_path / "signed.tif", (100 * v - 12000).astype(np.int16))
+    pixels, note = read_image(tmp_path / "signed.tif", 28, 1)
+    np.testing.assert_array_equal(pixels, picture)
+    assert note == "16-bit signed gray scaled to 8 bits over its full range -12000..13500"
+    twelve_bits = np.dstack([v * 16] * 3).astype(np.uint16)  # 0..4080: one byte cuts it to 0..15
+    tifffile.imwrite(tmp_path / "rgb16.tif", twelve_bits, photometric="rgb")
+    with pytest.raises(ValueError, match=r"16-bit colour \(RGB;16.\): Pillow reads only the high"):
+        read_image(tmp_path / "rgb16.tif", 28, 3)
 
 
 def test_float_and_blank_wide_images(picture, tmp_path):

@@ -4,6 +4,7 @@ flagged one by one, probabilities equal to the model's and to evaluate's."""
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def mixed_folder(tmp_path, synthetic_npz) -> tuple[Path, np.ndarray]:
     Image.fromarray(np.zeros((28, 28, 4), np.uint8), "RGBA").save(folder / "h_rgba.png")
     Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(folder / "i_16bit.png")  # read
     (folder / "readme.txt").write_text("ignored: not an image suffix")
+    # a name that is not UTF-8 (a Latin-1 zip's "röntgen"): Python holds its byte as \udcf6
+    (folder / os.fsdecode(b"j_r\xf6ntgen.png")).write_bytes(png_bytes(images[0]))
     return folder, images
 
 
@@ -93,7 +96,9 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     with open(out) as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     # ...and every good one was predicted all the same
-    good = ["a_good.png", "b_good.png", "c_photo.jpg", "d_big_rgb.png", "i_16bit.png"]
+    # the file named in bytes that are not UTF-8 is there, its byte escaped as JSON does
+    latin1 = "j_r\\udcf6ntgen.png"
+    good = ["a_good.png", "b_good.png", "c_photo.jpg", "d_big_rgb.png", "i_16bit.png", latin1]
     assert all(rows[name]["error"] == "" for name in good)
     labels = load_checkpoint(ckpt)["hyper_parameters"]["labels"]
     ours = np.array([[float(rows[name][f"p_{label}"]) for label in labels] for name in good])
@@ -102,7 +107,9 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     big = Image.open(folder / "d_big_rgb.png").convert("L").crop((15, 0, 105, 90))
     big = np.asarray(big.resize((28, 28), Image.Resampling.BICUBIC))
     blank = np.zeros((28, 28), np.uint8)  # one 16-bit value: no range to scale, black
-    expected = model_probabilities(ckpt, np.stack([images[0], images[1], jpeg, big, blank]))
+    expected = model_probabilities(
+        ckpt, np.stack([images[0], images[1], jpeg, big, blank, images[0]])
+    )
     np.testing.assert_allclose(ours, expected, atol=1e-6)
 
     # the tuned thresholds of the run's report decide the predicted labels
@@ -134,7 +141,8 @@ def test_predict_on_a_folder_of_good_and_bad_files(trained_run, mixed_folder, tm
     assert "readme.txt" not in rows
     assert len(rows) == len(good) + len(errors)
     assert "Traceback" not in result.stderr
-    assert f"Predicted 5 images (14 labels), {len(errors)} failed" in result.stderr
+    assert f"Predicted 6 images (14 labels), {len(errors)} failed" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["out.csv"]  # no .tmp
 
 
 def predict_cfg(overrides: list[str], tmp_path: Path):
