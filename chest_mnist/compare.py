@@ -55,21 +55,28 @@ def columns(flag: str | None) -> tuple[tuple[str, str], ...]:
     return tuple((column, key) for column, key in METRICS if tunes or not key.endswith("_tuned"))
 
 
-# config keys (and the keys under them) that say where a run writes, what it resumed from, how
-# it shows its progress, or how its report draws intervals, not what it learns
+# config keys (and the keys under them) that say where a run writes, what it resumed from, when
+# it saves and logs, how it shows its progress, how its report draws intervals and figures, or
+# how data reaches the model, not what it learns
 NOT_THE_RECIPE = (
     "seed",
     "bootstrap",
     "calibration.bins",
+    "figures",
     "paths",
     "ckpt_path",
     "hydra",
     "logger",
+    "trainer.log_every_n_steps",
+    "callbacks.last_checkpoint",
+    "callbacks.lr_monitor",
     "callbacks.progress_bar",
     "callbacks.model_summary",
     "data.root",
     "data.num_workers",
     "data.on_device",
+    "data.mmap",
+    "data.eval_batch_size",
 )
 
 # what a run made before these keys existed did, so that it groups with a run that says so

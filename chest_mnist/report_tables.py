@@ -132,10 +132,13 @@ def medmnist_result_name(flag: str, size: int, split: str, auc: float, acc: floa
 
 def write_medmnist_result(report: Report, out_dir: Path, flag: str, size: int, run: str) -> Path:
     """MedMNIST's result file of the test scores, named by their AUC and ACC and the `run`: one
-    row per image, its index then its scores; no header (MedMNIST's format)."""
+    row per image, its index then its scores; no header (MedMNIST's format). An earlier one in
+    `out_dir` (a resumed run's report, of other weights, under another name) is removed."""
     name = medmnist_result_name(
         flag, size, "test", report.scalars["auroc"], report.scalars["acc"], run
     )
+    for earlier in out_dir.glob("*_test_[[]AUC[]]*_[[]ACC[]]*@*.csv"):  # [ and ] escaped
+        earlier.unlink()
     path = out_dir / name
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

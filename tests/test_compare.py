@@ -211,10 +211,18 @@ def test_a_run_found_twice_counts_once_and_settings_that_only_show_do_not_split(
         logger={"csv": {"x": 1}},
         bootstrap={"resamples": 10000},  # the report's intervals: not the recipe
         calibration={"method": "none", "per_label": False, "bins": 10},  # as run 1 did
+        figures=False,  # what a sweep's runs do, beside a default run's figures
+        callbacks={"last_checkpoint": {"min_interval_s": 0}},  # when last.ckpt is saved
+    )
+    fake_run(  # evaluation's batch size: how data reaches the model
+        tmp_path / "sweep" / "3",
+        3,
+        metric_values(0.94),
+        data={"flag": "chestmnist", "batch_size": 128, "eval_batch_size": 512},
     )
     compare([tmp_path / "sweep", tmp_path / "sweep" / "1"], tmp_path / "out")
     (row,) = read_csv(tmp_path / "out" / "compare.csv")
-    assert (row["group"], row["seeds"]) == ("all runs", "1 2")
+    assert (row["group"], row["seeds"]) == ("all runs", "1 2 3")
 
 
 def test_a_group_of_one_run_and_no_stale_difference_table(tmp_path):

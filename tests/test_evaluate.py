@@ -16,6 +16,7 @@ from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.report_content import build_report
+from chest_mnist.report_tables import write_medmnist_result
 from chest_mnist.synthetic import LABELS
 from tests.conftest import compose_train
 from tests.test_train import check_report
@@ -126,6 +127,20 @@ def test_test_labels_never_influence_thresholds():
     assert not torch.equal(
         build_report(flipped, test, LABELS, prevalence).thresholds, report.thresholds
     )
+
+
+def test_a_second_report_in_the_same_folder_replaces_medmnists_result_file(tmp_path):
+    """A resumed run writes its report into report/ again: MedMNIST's result file, named by
+    the scores, would otherwise stay beside the new one with other weights' numbers."""
+    val = _predictions(300, seed=3)
+    prevalence = val[1].float().mean(0)
+    (tmp_path / "notes.csv").write_text("the user's own file\n")
+    names = []
+    for seed in (4, 5):
+        report = build_report(val, _predictions(300, seed=seed), LABELS, prevalence)
+        names.append(write_medmnist_result(report, tmp_path, "chestmnist", 28, "run1").name)
+    assert names[0] != names[1]  # other scores, another name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], "notes.csv"])
 
 
 def compose_evaluate(overrides):
