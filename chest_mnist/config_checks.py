@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
+from chest_mnist.model import OPTIMIZER_CLASS
 from chest_mnist.run_files import ckpt_path_given
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     (The data module and the model check their own keys, e.g. data.size, when they are built:
     `check_job` builds them too.)"""
     check_report_options(cfg)
+    seed = cfg.get("seed")  # Lightning would fail on "abc", and train with seed 0 for -1
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
+    ):
+        raise UserError(
+            f"seed={seed!r} must be a whole number from 0 to {2**32 - 1} (or null: a random "
+            f"one, which the log names)."
+        )
     lr = cfg.model.get("optimizer", {}).get("lr")
     # a bool is an int to Python: lr=true would train at 1.0, max_epochs=true for one epoch
     if lr is not None and (isinstance(lr, bool) or not (isinstance(lr, int | float) and lr > 0)):
@@ -140,6 +149,8 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             f"{Path(ckpt_path).parent / 'last.ckpt'}; to evaluate these weights, use "
             f"python -m chest_mnist.evaluate ckpt_path={ckpt_path}."
         )
+    if cfg is not None:
+        check_same_optimizer(ckpt_path, checkpoint, cfg)
     changed = changed_since(checkpoint, cfg) if cfg is not None else {}
     fixed = [key for key in FIXED_KEYS if key in changed]
     if "model.pos_weight" in changed and None in changed["model.pos_weight"]:
@@ -158,7 +169,7 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             ckpt_path,
             "; ".join(
                 f"{key} {then!r} -> {now!r} "
-                + ("(the saved value is kept)" if key in SAVED_KEPT else "(takes effect)")
+                + ("(the saved value is kept)" if key.startswith(SAVED_KEPT) else "(takes effect)")
                 for key, (then, now) in changed.items()
             ),
         )
@@ -175,6 +186,28 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
             saved,
             configured,
             cfg.trainer.get("max_epochs"),
+        )
+
+
+def check_same_optimizer(ckpt_path: str, checkpoint: dict, cfg: DictConfig) -> None:
+    """Another optimizer class than the checkpoint's is refused: its saved state does not fit
+    (SGD fails on Adam's, AdamW would silently take Adam's settings). A checkpoint from before
+    the class was saved is not checked."""
+    saved, target = (
+        checkpoint.get(OPTIMIZER_CLASS),
+        OmegaConf.select(cfg, "model.optimizer._target_"),
+    )
+    if saved is None or target is None:
+        return
+    try:
+        now = hydra.utils.get_class(target)
+    except Exception:  # Hydra's own message, when the optimizer is built, names the key
+        return
+    if hydra.utils.get_class(saved) is not now:
+        raise UserError(
+            f"ckpt_path={ckpt_path} was trained with the optimizer {saved}; its saved state "
+            f"cannot go on with model.optimizer._target_={target}. Resume with the run's own "
+            f"optimizer, or train a new run (without ckpt_path)."
         )
 
 
@@ -201,9 +234,11 @@ OPTIMIZER_KEYS = {
     "initial_lr": "model.optimizer.lr",
     "weight_decay": "model.optimizer.weight_decay",
 }
-# what the checkpoint restores whatever the config says: the optimizer's state, and pos_weight,
-# a buffer of the model's
-SAVED_KEPT = ("model.optimizer.lr", "model.optimizer.weight_decay", "model.pos_weight")
+# how the update is computed, not what it computes: the config's choice takes effect
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+# what the checkpoint restores whatever the config says: the optimizer's settings (its state's
+# param_groups), and pos_weight, a buffer of the model's
+SAVED_KEPT = ("model.optimizer.", "model.pos_weight")
 # what the saved weights cannot go on without: the labels (the head), the first convolution
 FIXED_KEYS = ("data.flag", "model.stem")
 
@@ -224,10 +259,20 @@ def changed_since(checkpoint: dict, cfg: DictConfig) -> dict[str, tuple]:
         for saved, key in OPTIMIZER_KEYS.items()
         if groups and saved in groups[0]
     ]
+    optimizer = OmegaConf.select(cfg, "model.optimizer") or {}
+    # the rest of its settings (betas, eps, momentum...), restored from its state; "lr" there is
+    # the scheduled rate of the moment, not the configured one (initial_lr is)
+    pairs += [
+        (f"model.optimizer.{key}", groups[0][key], optimizer[key])
+        for key in optimizer
+        if groups and key in groups[0] and key not in ("lr", *OPTIMIZER_KEYS, *IMPLEMENTATION_KEYS)
+    ]
     changed = {}
     for key, then, now in pairs:
         if OmegaConf.is_config(now):  # a ListConfig (pos_weight) as the list the checkpoint holds
             now = OmegaConf.to_object(now)
+        if isinstance(then, tuple):  # Adam's betas are a tuple in its state, a list in a config
+            then = list(then)
         if then != now:
             changed[key] = (then, now)
     return changed

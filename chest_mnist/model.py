@@ -32,6 +32,7 @@ from chest_mnist.task import MULTI_LABEL, Task
 log = logging.getLogger(__name__)
 
 STEMS = ("cifar", "imagenet")
+OPTIMIZER_CLASS = "optimizer_class"  # the checkpoint's key for its optimizer's class
 
 
 def build_resnet18(
@@ -493,6 +494,10 @@ class MedMNISTClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.step_graph is not None and checkpoint.get("optimizer_states"):
             self.step_graph.portable(checkpoint["optimizer_states"][0])
+        if checkpoint.get("optimizer_states") and self.trainer.optimizers:
+            # another optimizer cannot go on from this one's state (config_checks, on resume)
+            optimizer = type(self.trainer.optimizers[0])
+            checkpoint[OPTIMIZER_CLASS] = f"{optimizer.__module__}.{optimizer.__qualname__}"
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -117,6 +117,12 @@ class Report:
     scaling: TemperatureScaling | None = None  # calibration=temperature; val and test are after it
     bins: int = BINS  # of the calibration error and the reliability diagram
 
+    @property
+    def tuned(self) -> bool:
+        """Whether thresholds were tuned on validation: not for a multi-class arg-max, nor with
+        thresholds.rule=fixed (0.5 for every label)."""
+        return self.task.tunes_thresholds and self.rule != "fixed"
+
 
 def build_report(
     val: Split,

@@ -23,6 +23,7 @@ import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
 from chest_mnist.calibration import pooled, pooled_description, reliability_bins
+from chest_mnist.metrics import THRESHOLD
 from chest_mnist.plots import (
     plot_class_confusion,
     plot_confusion_matrices,
@@ -82,7 +83,11 @@ def write_confusion_matrices(report: Report, path: Path) -> Path:
         report.confusion_tuned.numpy(),
         report.labels,
         path,
-        title=f"test confusion matrices at thresholds tuned on validation ({report.rule}); rows: truth",
+        title=(
+            f"test confusion matrices at thresholds tuned on validation ({report.rule}); rows: truth"
+            if report.tuned
+            else f"test confusion matrices at {THRESHOLD} (thresholds.rule=fixed); rows: truth"
+        ),
     )
 
 

@@ -64,7 +64,7 @@ def _summary_table(report: Report) -> list[str]:
     """ACC and the micro and macro means: at 0.5 (or the arg-max class), and tuned if tuned."""
     s = report.scalars
     columns = {report.task.words.untuned_rule: ""}  # heading: the suffix of its scalars' names
-    if report.task.tunes_thresholds:
+    if report.tuned:
         columns["at thresholds tuned on validation"] = "_tuned"
     lines = ["## Summary", "", "| | " + " | ".join(columns) + " |"]
     lines.append(_row(*["---"] * (len(columns) + 1)))
@@ -121,16 +121,17 @@ def _interval_method(report: Report) -> list[str]:
     ]
 
 
-def _calibration(report: Report) -> list[str]:
-    """The ECE, and what temperature scaling did when it was applied."""
+def _calibration(report: Report, figures: list[str]) -> list[str]:
+    """The ECE, and what temperature scaling did when it was applied; `figures`: those drawn."""
     s = report.scalars
+    diagram = " and in reliability.png" if "reliability.png" in figures else ""
     lines = [
         "",
         "## Calibration",
         "",
         f"Expected calibration error on test, {pooled_description(report.task)}: "
         f"**{s['ece']:.4f}** (torchmetrics, {describe_bins(report.bins)}); per "
-        f"{report.task.words.output} in the table above and in reliability.png.",
+        f"{report.task.words.output} in the table above{diagram}.",
     ]
     scaling = report.scaling
     if scaling is None:
@@ -164,6 +165,11 @@ def _thresholds(report: Report) -> list[str]:
     """How the thresholds were chosen, and the labels that kept 0.5 and why."""
     if not report.task.tunes_thresholds:
         return []
+    if not report.tuned:
+        return [
+            f"Thresholds: {THRESHOLD} for every label (thresholds.rule=fixed); none was tuned.",
+            "",
+        ]
     lines = [
         f"Thresholds were chosen per label on the validation split (rule: {report.rule}) and only "
         f"then applied to test.",
@@ -180,7 +186,7 @@ def _thresholds(report: Report) -> list[str]:
 
 def _per_label_table(report: Report) -> list[str]:
     """One row per label: its ranking metrics, and its decisions (tuned, when tuned)."""
-    tuned = report.task.tunes_thresholds
+    tuned = report.tuned
     heads = [report.task.words.output, "test prevalence", "support", "AUROC", "AP", "ECE"]
     heads += ["F1 @0.5", "threshold"] if tuned else []
     heads += ["precision", "recall", "F1"]
@@ -214,7 +220,7 @@ def _weaknesses(report: Report) -> list[str]:
         at_half = f" {report.task.words.untuned_rule}" if report.task.tunes_thresholds else ""
         lines.append(f"Never found{at_half}: {', '.join(silent)}.")
     never = [r["label"] for r in rows if r["tp"] + r["fp"] == 0]
-    if never and report.task.tunes_thresholds:
+    if never and report.tuned:
         lines.append(f"Never predicted even at the tuned threshold: {', '.join(never)}.")
     return lines
 
@@ -227,7 +233,7 @@ def markdown(
     digest name the weights."""
     lines = _title(report, flag, facts)
     lines += _summary_table(report) + _ranking_and_baseline(report) + _thresholds(report)
-    lines += _per_label_table(report) + _calibration(report) + _weaknesses(report)
+    lines += _per_label_table(report) + _calibration(report, figures) + _weaknesses(report)
     lines += ["", "## Figures", ""]
     lines += [f"- [{name}]({name})" for name in figures] or ["- none drawn (figures=false)"]
     if loss_note:

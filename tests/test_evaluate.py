@@ -16,6 +16,7 @@ from chest_mnist.evaluate import evaluate
 from chest_mnist.metrics import evaluate_predictions, tune_thresholds
 from chest_mnist.model import MedMNISTClassifier
 from chest_mnist.report_content import build_report
+from chest_mnist.report_markdown import markdown
 from chest_mnist.report_tables import write_medmnist_result
 from chest_mnist.synthetic import LABELS
 from tests.conftest import compose_train
@@ -126,6 +127,25 @@ def test_test_labels_never_influence_thresholds():
     assert torch.equal(build_report(val, flipped, LABELS, prevalence).thresholds, report.thresholds)
     assert not torch.equal(
         build_report(flipped, test, LABELS, prevalence).thresholds, report.thresholds
+    )
+
+
+def test_a_fixed_rule_report_says_nothing_was_tuned():
+    """thresholds.rule=fixed: 0.5 for every label. report.md said "Thresholds were chosen per
+    label on the validation split" and showed an "at thresholds tuned" column equal to 0.5's."""
+    val, test = _predictions(300, seed=3), _predictions(300, seed=4)
+    prevalence = val[1].float().mean(0)
+    fixed = markdown(build_report(val, test, LABELS, prevalence, rule="fixed"), [], None, "x", {})
+    assert "Thresholds: 0.5 for every label (thresholds.rule=fixed); none was tuned." in fixed
+    assert "tuned" not in fixed.replace("none was tuned", "")
+    assert "| threshold |" not in fixed  # the per-label table has no threshold column
+    tuned = markdown(build_report(val, test, LABELS, prevalence, rule="f1"), [], None, "x", {})
+    assert "at thresholds tuned on validation" in tuned and "(rule: f1)" in tuned
+    assert "| threshold |" in tuned
+    assert "in the table above." in tuned and "reliability.png" not in tuned  # none drawn
+    drawn = build_report(val, test, LABELS, prevalence)
+    assert "in the table above and in reliability.png." in markdown(
+        drawn, ["reliability.png"], None, "x", {}
     )
 
 

@@ -396,7 +396,9 @@ def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_
     last = trained_run / "checkpoints" / "last.ckpt"
     run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
     same = ["data.on_device=false", "data.eval_batch_size=64", "model.cuda_graph=false"]
+    same += ["model.optimizer.fused=true", "+model.optimizer.betas=[0.9,0.999]"]  # Adam's own
     other = ["data.subset=64", "model.label_smoothing=0.1", "model.optimizer.lr=3e-4"]
+    other += ["+model.optimizer.betas=[0.9,0.99]"]
     with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
         check_resumable(str(last), compose_train(run + same))
         assert not caplog.records
@@ -408,7 +410,28 @@ def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_
     assert "model.label_smoothing 0.0 -> 0.1 (takes effect); model.optimizer.lr 0.001 -> " in (
         record.getMessage()
     )
-    assert "0.0003 (the saved value is kept)." in record.getMessage()
+    assert "0.0003 (the saved value is kept); model.optimizer.betas [0.9, 0.999] -> [0.9, " in (
+        record.getMessage()
+    )
+    assert "0.99] (the saved value is kept)." in record.getMessage()
+
+
+@pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "torch.optim.AdamW"])
+def test_resume_refuses_another_optimizer(trained_run, synthetic_npz, optimizer):
+    """Adam's saved state does not fit another optimizer: SGD failed with a KeyError inside
+    Lightning after the data, AdamW went on as Adam (the saved settings are restored)."""
+    from chest_mnist.config_checks import check_resumable
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
+    check_resumable(str(last), compose_train([*run, "model.optimizer._target_=torch.optim.Adam"]))
+    with pytest.raises(UserError) as refused:
+        check_resumable(str(last), compose_train([*run, f"model.optimizer._target_={optimizer}"]))
+    assert str(refused.value) == (
+        f"ckpt_path={last} was trained with the optimizer torch.optim.adam.Adam; its saved "
+        f"state cannot go on with model.optimizer._target_={optimizer}. Resume with the run's "
+        f"own optimizer, or train a new run (without ckpt_path)."
+    )
 
 
 @pytest.mark.parametrize(

@@ -85,8 +85,13 @@ def test_learning_rate_multirun_writes_jobs_and_summary(tmp_path, synthetic_npz)
             ["model.optimizer.lr=1e-3,1e-2", "trainer.accelerator=cpu", "trainer.devices=4096"],
             "error: trainer.devices=4096 asks for 4096 CPU processes but this machine has",
         ),
+        (
+            ["seed=1,2x"],  # the key compare's tables are built on
+            "error: seed='2x' must be a whole number from 0 to 4294967295 (or null: a random "
+            "one, which the log names). (in seed=2x; no job was started)",
+        ),
     ],
-    ids=["wrong_type", "bad_size", "wrong_type_for_the_schema", "too_many_devices"],
+    ids=["wrong_type", "bad_size", "wrong_type_for_the_schema", "too_many_devices", "bad_seed"],
 )
 def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, sweep, message):
     result = run_here("chest_mnist.train", "-m", *sweep, *tiny(synthetic_npz, tmp_path))

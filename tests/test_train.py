@@ -430,6 +430,9 @@ def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
         ("trainer.max_epochs=null", "trainer.max_epochs=None must be a whole number"),
         ("trainer.max_epochs=true", "trainer.max_epochs=True must be a whole number"),
         ("model.optimizer.lr=true", "model.optimizer.lr=True must be a number above 0"),
+        ("seed=abc", "seed='abc' must be a whole number from 0 to 4294967295"),
+        ("seed=-1", "seed=-1 must be a whole number from 0 to 4294967295"),  # Lightning: seed 0
+        ("seed=4294967296", "seed=4294967296 must be a whole number from 0 to 4294967295"),
         (
             "callbacks.nonfinite_loss.check_every_n_steps=0",
             "callbacks.nonfinite_loss.check_every_n_steps=0 must be a whole number of at least 1",
