@@ -117,6 +117,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.labels = self.kind.outputs(names)  # binary: one sigmoid output, the positive class
         self.splits: dict[str, SplitDataset] = {}
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._said_one_image_left = False
 
     @property
     def file(self) -> Path:
@@ -188,7 +189,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        drop_last = self.hparams.drop_last and shuffle  # training only: evaluation sees every image
+        drop_last = shuffle and (  # training only: evaluation sees every image
+            self.hparams.drop_last or self._one_image_left(split, batch_size, world, device)
+        )
         # training's progress, which its loader keeps in checkpoints (resumable inside an epoch)
         batches_done = self._batches_done if shuffle and trainer is not None else None
         if self._keep_on_device(device):
@@ -221,6 +224,30 @@ class MedMNISTDataModule(L.LightningDataModule):
         if batches_done:  # training: stateful, as DeviceBatches
             return TrainingDataLoader(self.splits[split], batches_done=batches_done, **loader)
         return DataLoader(self.splits[split], **loader)
+
+    def _one_image_left(self, split: str, batch_size: int, world: int, device) -> bool:
+        """Whether each training epoch would end on a batch of one image (per process), which
+        batch norm cannot train on where its maps are 1x1 (`model.stem=imagenet` at 28 px: a
+        ValueError after a whole epoch) and whose statistics are one image's anywhere. It is
+        then left out, a different image each epoch, as `data.drop_last=true` would; the log
+        says so once."""
+        n = len(self.splits[split])
+        if world > 1 and not self._keep_on_device(device):
+            return False  # Lightning's DistributedSampler pads the shards: no batch of one
+        if (n // world) % batch_size != 1:
+            return False
+        if not self._said_one_image_left:
+            log.info(
+                "Each training epoch's last batch would hold one image (%d = %d x %d + 1%s), on "
+                "which batch norm cannot train: it is left out, a different image each epoch "
+                "(data.drop_last=true leaves out any last, partial batch).",
+                n // world,
+                n // world // batch_size,
+                batch_size,
+                " per process" if world > 1 else "",
+            )
+            self._said_one_image_left = True
+        return True
 
     def _batches_done(self) -> int:
         """The training batches of this epoch that a resume from a checkpoint saved now counts

@@ -452,6 +452,21 @@ def test_invalid_values_are_refused_before_data_loads(tiny_overrides, tmp_path, 
     assert not (tmp_path / "never_written.npz").exists()  # refused before any data was made
 
 
+def test_an_epoch_that_would_end_on_one_image_trains_through(tiny_overrides, tmp_path):
+    """65 = 2 x 32 + 1 images with the ImageNet stem at 28 px (layer4's maps are 1x1): batch
+    norm cannot train on the last image alone, which stopped the run with a ValueError after
+    its whole epoch. That image sits out; the epoch trains its 2 batches."""
+    cfg = compose_train(
+        [*tiny_overrides, "trainer.limit_train_batches=1.0", "data.subset=65", "test=false"]
+    )
+    assert cfg.model.stem == "imagenet" and cfg.data.batch_size == 32
+    from chest_mnist.checkpoints import load_checkpoint
+
+    train(cfg)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (0, 2)  # epoch 0 done, in 2 steps
+
+
 @pytest.mark.parametrize(
     ("epochs", "milestones", "lrs"),
     [
