@@ -13,7 +13,7 @@ import torch
 from omegaconf import ListConfig, OmegaConf
 
 from chest_mnist import UserError
-from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, run_of
+from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run_of
 from chest_mnist.schema import register_schemas
 
 
@@ -50,14 +50,22 @@ def run_dir(task_name: str, ckpt_path: str | None, fresh: str) -> str:
     return resumed_run(task_name, ckpt_path) or fresh
 
 
-def config_subdir(task_name: str, ckpt_path: str | None, now: str, mode: Any = None) -> str:
+def config_subdir(
+    task_name: str, ckpt_path: str | None, now: str, mode: Any = None, run: str | None = None
+) -> str:
     """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed in its own
-    directory, so the config the run was started with is kept. A multirun's jobs (`mode`, Hydra's
-    RunMode) each have a directory of their own, resumed from a checkpoint or not: `.hydra`,
-    where the sweep's summary and compare read them."""
+    directory, so the config the run was started with is kept; `.hydra/refused_<time>` for a
+    new training run in a directory `run` where another has begun (`holds_a_run`), which train
+    refuses, and removes that folder again. A multirun's jobs (`mode`, Hydra's RunMode) each
+    have a directory of their own, resumed from a checkpoint or not: `.hydra`, where the
+    sweep's summary and compare read them."""
     if str(mode).endswith("MULTIRUN"):
         return ".hydra"
-    return f".hydra/resumed_{now}" if resumed_run(task_name, ckpt_path) else ".hydra"
+    if resumed_run(task_name, ckpt_path):
+        return f".hydra/resumed_{now}"
+    if task_name == "train" and run is not None and holds_a_run(Path(run)):
+        return f".hydra/refused_{now}"
+    return ".hydra"
 
 
 RESOLVERS = {

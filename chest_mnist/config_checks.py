@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from chest_mnist import UserError
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
 from chest_mnist.model import OPTIMIZER_CLASS
-from chest_mnist.run_files import ckpt_path_given
+from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run_of
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,27 @@ def check_before_training(cfg: DictConfig) -> None:
     """`check_config`, and for a resumed run (`ckpt_path`) `check_resumable`: a missing,
     damaged or unsafe checkpoint is refused up front."""
     check_config(cfg)
+    check_new_run_folder(cfg)
     if ckpt_path_given(cfg.get("ckpt_path")):
         check_resumable(str(cfg.ckpt_path), cfg)
+
+
+def check_new_run_folder(cfg: DictConfig) -> None:
+    """A run into a folder where another has begun (`hydra.run.dir=` an earlier run's) is
+    refused: its checkpoints, TensorBoard events and report would mix with that run's (the
+    loss curves drew both). Resuming that run there is what ckpt_path= does."""
+    folder = Path(cfg.paths.output_dir)
+    if not holds_a_run(folder):
+        return
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path_given(ckpt_path) and run_of(Path(str(ckpt_path))).resolve() == folder.resolve():
+        return
+    raise UserError(
+        f"{folder} holds a run already (its checkpoints, logs or report): a new run there "
+        f"would mix its files with that one's. Resume that run with "
+        f"ckpt_path={folder / CHECKPOINTS / 'last.ckpt'}, or give the new one a folder of its "
+        f"own (each run gets a new one unless hydra.run.dir says otherwise)."
+    )
 
 
 def check_report_options(cfg: DictConfig) -> None:

@@ -61,6 +61,16 @@ def run_of(path: Path) -> Path:
     return path
 
 
+def holds_a_run(folder: Path) -> bool:
+    """Whether a training run has begun in `folder`: a checkpoint, its logs (the tensorboard
+    and csv loggers' folders) or its report are there. A run refused before training leaves
+    only .hydra/ and its log, which a new run may take over."""
+    folder = Path(folder)
+    return any((folder / CHECKPOINTS).glob("*.ckpt")) or any(
+        (folder / name).exists() for name in (REPORT, "tensorboard", "csv")
+    )
+
+
 def write_metrics(report_dir: Path, metrics: dict) -> Path:
     path = Path(report_dir) / METRICS
     path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -13,16 +13,18 @@ chest_mnist/report.py).
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from chest_mnist import run_files
+from chest_mnist import UserError, run_files
 from chest_mnist.checkpoints import load_weights
 from chest_mnist.cli import freeze_for_exit, quiet_lightning, report_user_errors
 from chest_mnist.config import register
@@ -49,7 +51,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The order is fixed: datamodule, model, callbacks, loggers, trainer. Tests call this directly.
     """
     started = time.perf_counter()
-    check_before_training(cfg)
+    try:
+        check_before_training(cfg)
+    except UserError:
+        forget_refused_config()
+        raise
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -109,6 +115,17 @@ def _end_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def forget_refused_config() -> None:
+    """The config Hydra saved for a run refused before training, where it is not the run
+    folder's own `.hydra` (`config.config_subdir`: beside a run it resumes, or in a folder where
+    another run has begun): removed, so that what is left there is the runs that trained."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir and hydra_cfg.output_subdir != ".hydra":
+        shutil.rmtree(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir, True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

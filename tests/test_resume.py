@@ -477,6 +477,13 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
     assert config_subdir("train", last, "T", RunMode.MULTIRUN) == ".hydra"
     assert config_subdir("train", None, "T", RunMode.RUN) == ".hydra"
     assert config_subdir("evaluate", last, "T", RunMode.RUN) == ".hydra"
+    # a new run where another has begun (train refuses it): beside that run's config
+    begun = tmp_path / "begun"
+    (begun / ".hydra").mkdir(parents=True)  # a run refused before training: taken over
+    assert config_subdir("train", None, "T", RunMode.RUN, str(begun)) == ".hydra"
+    (begun / "tensorboard").mkdir()
+    assert config_subdir("train", None, "T", RunMode.RUN, str(begun)) == ".hydra/refused_T"
+    assert config_subdir("evaluate", None, "T", RunMode.RUN, str(begun)) == ".hydra"
     # and hydra/default.yaml gives it the mode Hydra sets when it runs the job
     from hydra import compose, initialize_config_dir
 
@@ -488,6 +495,43 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
     assert cfg.hydra.output_subdir.startswith(".hydra/resumed_")
     cfg.hydra.mode = RunMode.MULTIRUN
     assert cfg.hydra.output_subdir == ".hydra"
+
+
+def test_a_new_run_in_a_begun_runs_folder_is_refused_and_that_run_left_as_it_was(
+    tmp_path, synthetic_npz
+):
+    """hydra.run.dir= an earlier run's folder: its config was overwritten (by Hydra, before any
+    check) and its TensorBoard events mixed with the new run's (its loss curves drew both).
+    Refused now, that run's files untouched; a refused resume leaves no config of its own."""
+    folder = tmp_path / "baseline"
+    here = [f"hydra.run.dir={folder}", f"paths.output_dir={folder}", "trainer.max_epochs=1"]
+    first = run_here("chest_mnist.train", *command(synthetic_npz, tmp_path, *here))
+    assert first.returncode == 0, first.stderr[-3000:]
+    begun = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    config = (folder / ".hydra" / "config.yaml").read_text()
+
+    again = run_here("chest_mnist.train", *command(synthetic_npz, tmp_path, *here, "seed=7"))
+    assert again.returncode == 2
+    assert f"error: {folder} holds a run already (its checkpoints, logs or report): a new " in (
+        again.stderr
+    )
+    assert f"Resume that run with ckpt_path={folder}/checkpoints/last.ckpt, or give" in again.stderr
+    assert (folder / ".hydra" / "config.yaml").read_text() == config  # seed 42, not 7
+    assert sorted(p.name for p in (folder / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    last = folder / "checkpoints" / "last.ckpt"
+    refused = run_here(  # a resume its weights cannot go on with
+        "chest_mnist.train",
+        *command(synthetic_npz, tmp_path, *here, "model.stem=cifar"),
+        f"ckpt_path={last}",
+    )
+    assert refused.returncode == 2 and "its weights cannot go on with" in refused.stderr
+    assert not list((folder / ".hydra").glob("resumed_*"))
+    changed = {p for p in folder.rglob("*") if p.is_file() and begun.get(p) != p.stat().st_mtime_ns}
+    assert changed == {folder / "train.log"}  # where the refusals are logged
 
 
 class StopInsideAnEpoch(L.Callback):
