@@ -336,12 +336,29 @@ def as_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def without_report(folders: list[Path]) -> list[Path]:
+    """The runs in `folders` (a config in .hydra/) that wrote no report: a sweep's job that
+    failed, a run stopped or still training. The tables leave them out, and say so."""
+    runs = {
+        config.parent.parent.resolve()
+        for folder in folders
+        for config in folder.rglob(str(run_files.CONFIG))
+    }
+    return sorted(run for run in runs if not (run / run_files.REPORT / run_files.METRICS).exists())
+
+
 def compare(folders: list[Path], out: Path) -> str:
     """Read, check and group the runs, then write the tables; return the markdown."""
     runs = find_runs(folders)
     check_comparable(runs)
     groups = group_runs(runs)
     markdown, rows = group_table(groups)
+    left_out = without_report(folders)
+    if left_out:
+        markdown += (
+            "\n\nLeft out, without a report (a job that failed, a run stopped or still "
+            f"training): {', '.join(str(run) for run in left_out)}."
+        )
     files = {"compare.csv": as_csv(rows)}
     if len(groups) == 2:
         text, difference_rows = difference_table(*groups)

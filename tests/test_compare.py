@@ -225,6 +225,23 @@ def test_a_run_found_twice_counts_once_and_settings_that_only_show_do_not_split(
     assert (row["group"], row["seeds"]) == ("all runs", "1 2 3")
 
 
+def test_runs_without_a_report_are_named_as_left_out(tmp_path):
+    """A sweep's failed job has its config but no report: the table is of the others, and
+    says which runs it left out (it said nothing)."""
+    fake_run(tmp_path / "sweep" / "0", 1, metric_values(0.90))
+    failed = tmp_path / "sweep" / "1"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "config.yaml").write_text("seed: 2\n")
+    markdown = compare([tmp_path / "sweep"], tmp_path / "out")
+    said = "Left out, without a report (a job that failed, a run stopped or still training): "
+    assert markdown.endswith(f"{said}{failed.resolve()}.")
+    assert (tmp_path / "out" / "compare.md").read_text() == markdown + "\n"
+    (row,) = read_csv(tmp_path / "out" / "compare.csv")
+    assert row["seeds"] == "1"
+    fake_run(tmp_path / "other", 3, metric_values(0.90))
+    assert "Left out" not in compare([tmp_path / "other"], tmp_path / "out2")
+
+
 def test_a_group_of_one_run_and_no_stale_difference_table(tmp_path):
     fake_run(tmp_path / "a" / "1", 1, metric_values(0.90))
     fake_run(tmp_path / "b" / "1", 1, metric_values(0.92), lr=1e-2)
