@@ -238,6 +238,7 @@ RECIPE_KEYS = {
         (
             "flag",
             "size",
+            "path",
             "subset",
             "batch_size",
             "augment",

@@ -398,15 +398,16 @@ def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_
     same = ["data.on_device=false", "data.eval_batch_size=64", "model.cuda_graph=false"]
     same += ["model.optimizer.fused=true", "+model.optimizer.betas=[0.9,0.999]"]  # Adam's own
     other = ["data.subset=64", "model.label_smoothing=0.1", "model.optimizer.lr=3e-4"]
-    other += ["+model.optimizer.betas=[0.9,0.99]"]
+    other += ["+model.optimizer.betas=[0.9,0.99]", f"data.path={synthetic_npz.parent}/x.npz"]
     with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
         check_resumable(str(last), compose_train(run + same))
         assert not caplog.records
         check_resumable(str(last), compose_train(run + other))
     (record,) = caplog.records
-    assert "with other settings than the run it continues: data.subset None -> 64 (takes " in (
-        record.getMessage()
-    )
+    assert (
+        f"with other settings than the run it continues: data.path '{synthetic_npz}' -> "
+        f"'{synthetic_npz.parent}/x.npz' (takes effect); data.subset None -> 64 (takes "
+    ) in record.getMessage()
     assert "model.label_smoothing 0.0 -> 0.1 (takes effect); model.optimizer.lr 0.001 -> " in (
         record.getMessage()
     )
