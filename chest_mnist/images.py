@@ -98,7 +98,12 @@ def is_image_file(path: Path) -> bool:
     Not a DICOMDIR (a disc's index of its images, which are files of their own)."""
     if not path.is_file() or path.name == "DICOMDIR":
         return False
-    return path.suffix.lower() in IMAGE_SUFFIXES or _has_dicom_preamble(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        return _has_dicom_preamble(path)
+    except OSError:  # unreadable, and named as no image: not the user's image either
+        return False
 
 
 def _has_dicom_preamble(path: Path) -> bool:
