@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
@@ -34,9 +35,10 @@ def check_before_training(cfg: DictConfig) -> None:
 def check_new_run_folder(cfg: DictConfig) -> None:
     """A run into a folder where another has begun (`hydra.run.dir=` an earlier run's) is
     refused: its checkpoints, TensorBoard events and report would mix with that run's (the
-    loss curves drew both). Resuming that run there is what ckpt_path= does."""
+    loss curves drew both). Resuming that run there is what ckpt_path= does. Checked by the
+    first process only: under DDP the others start when it has begun the run."""
     folder = Path(cfg.paths.output_dir)
-    if not holds_a_run(folder):
+    if rank_zero_only.rank != 0 or not holds_a_run(folder):
         return
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path_given(ckpt_path) and run_of(Path(str(ckpt_path))).resolve() == folder.resolve():
