@@ -221,10 +221,10 @@ def check_same_optimizer(ckpt_path: str, checkpoint: dict, cfg: DictConfig) -> N
     if saved is None or target is None:
         return
     try:
-        now = hydra.utils.get_class(target)
-    except Exception:  # Hydra's own message, when the optimizer is built, names the key
-        return
-    if hydra.utils.get_class(saved) is not now:
+        same = hydra.utils.get_class(saved) is hydra.utils.get_class(target)
+    except Exception:  # no such class here: Hydra names the key when it builds the optimizer
+        same = saved.rsplit(".", 1)[-1] == target.rsplit(".", 1)[-1]
+    if not same:
         raise UserError(
             f"ckpt_path={ckpt_path} was trained with the optimizer {saved}; its saved state "
             f"cannot go on with model.optimizer._target_={target}. Resume with the run's own "

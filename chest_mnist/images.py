@@ -123,14 +123,15 @@ def _read_with_pillow(path: Path) -> tuple[Image.Image, str]:
                 )
             # what the file holds, before decoding (Pillow drops both from a transposed copy)
             rawmode = image.tile[0][3] if image.tile else None  # codec args: "RGB;16B", ...
-            if isinstance(rawmode, tuple):
+            if isinstance(rawmode, tuple) and rawmode:
                 rawmode = rawmode[0]
             min_is_white = getattr(image, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == TIFF_MIN_IS_WHITE
             # before decoding too: Pillow's TIFF reader turns the image itself and drops the tag
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             image.load()  # decode now: a truncated file fails here, not later
             image, upright = _upright(image, orientation)
-            image, note = _eight_bits(image, rawmode or "", min_is_white)
+            rawmode = rawmode if isinstance(rawmode, str) else ""
+            image, note = _eight_bits(image, rawmode, min_is_white)
             return image, "; ".join(filter(None, [upright, note]))
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read") from None
