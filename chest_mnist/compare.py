@@ -337,14 +337,23 @@ def as_csv(rows: list[dict]) -> str:
 
 
 def without_report(folders: list[Path]) -> list[Path]:
-    """The runs in `folders` (a config in .hydra/) that wrote no report: a sweep's job that
-    failed, a run stopped or still training. The tables leave them out, and say so."""
+    """The training runs in `folders` (train's config in .hydra/) that wrote no report: a
+    sweep's job that failed, a run stopped or still training. The tables leave them out, and
+    say so."""
     runs = {
         config.parent.parent.resolve()
         for folder in folders
         for config in folder.rglob(str(run_files.CONFIG))
+        if _task_of(config) == "train"  # not an evaluate or predict folder
     }
     return sorted(run for run in runs if not (run / run_files.REPORT / run_files.METRICS).exists())
+
+
+def _task_of(config: Path) -> str | None:
+    try:
+        return (yaml.safe_load(config.read_text()) or {}).get("task_name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def compare(folders: list[Path], out: Path) -> str:

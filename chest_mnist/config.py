@@ -50,21 +50,26 @@ def run_dir(task_name: str, ckpt_path: str | None, fresh: str) -> str:
     return resumed_run(task_name, ckpt_path) or fresh
 
 
+# the folders in .hydra/ for a config kept beside the run folder's own: a resume's, and one
+# that train refuses (and then removes: train.forget_refused_config)
+CONFIG_ASIDE = ("resumed_", "refused_")
+
+
 def config_subdir(
     task_name: str, ckpt_path: str | None, now: str, mode: Any = None, run: str | None = None
 ) -> str:
     """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed in its own
     directory, so the config the run was started with is kept; `.hydra/refused_<time>` for a
-    new training run in a directory `run` where another has begun (`holds_a_run`), which train
-    refuses, and removes that folder again. A multirun's jobs (`mode`, Hydra's RunMode) each
-    have a directory of their own, resumed from a checkpoint or not: `.hydra`, where the
-    sweep's summary and compare read them."""
-    if str(mode).endswith("MULTIRUN"):
-        return ".hydra"
-    if resumed_run(task_name, ckpt_path):
-        return f".hydra/resumed_{now}"
+    new training run, or a sweep's job, in a directory `run` (the job's own: Hydra's
+    runtime.output_dir) where another has begun (`holds_a_run`), which train refuses, and
+    removes that folder again. A multirun's jobs (`mode`, Hydra's RunMode) each have a
+    directory of their own, resumed from a checkpoint or not: `.hydra`, where the sweep's
+    summary and compare read them."""
+    resumed, refused = CONFIG_ASIDE
+    if resumed_run(task_name, ckpt_path) and not str(mode).endswith("MULTIRUN"):
+        return f".hydra/{resumed}{now}"
     if task_name == "train" and run is not None and holds_a_run(Path(run)):
-        return f".hydra/refused_{now}"
+        return f".hydra/{refused}{now}"
     return ".hydra"
 
 

@@ -37,17 +37,20 @@ def check_new_run_folder(cfg: DictConfig) -> None:
     refused: its checkpoints, TensorBoard events and report would mix with that run's (the
     loss curves drew both). Resuming that run there is what ckpt_path= does. Checked by the
     first process only: under DDP the others start when it has begun the run."""
-    folder = Path(cfg.paths.output_dir)
+    folder = Path(cfg.paths.output_dir).expanduser()
     if rank_zero_only.rank != 0 or not holds_a_run(folder):
         return
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path_given(ckpt_path) and run_of(Path(str(ckpt_path))).resolve() == folder.resolve():
-        return
+    resumed = run_of(Path(str(ckpt_path)).expanduser()) if ckpt_path_given(ckpt_path) else None
+    if resumed is not None and resumed.resolve() == folder.resolve():
+        return  # the run resumed in its own folder
+    last = folder / CHECKPOINTS / "last.ckpt"
     raise UserError(
-        f"{folder} holds a run already (its checkpoints, logs or report): a new run there "
-        f"would mix its files with that one's. Resume that run with "
-        f"ckpt_path={folder / CHECKPOINTS / 'last.ckpt'}, or give the new one a folder of its "
-        f"own (each run gets a new one unless hydra.run.dir says otherwise)."
+        f"{folder} holds a run already (its checkpoints or report): a new run there would "
+        f"mix its files with that one's. "
+        + (f"Resume that run with ckpt_path={last}, or give" if last.exists() else "Give")
+        + " the new one a folder of its own (each run, and each sweep, gets a new one unless "
+        "hydra.run.dir or hydra.sweep.dir says otherwise)."
     )
 
 
@@ -72,9 +75,8 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
     `check_job` builds them too.)"""
     check_report_options(cfg)
     seed = cfg.get("seed")  # Lightning would fail on "abc", and train with seed 0 for -1
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
-    ):
+    whole = not isinstance(seed, bool) and str(seed).strip().isdigit()  # "42": ${oc.env:SEED}
+    if seed is not None and not (whole and int(str(seed)) < 2**32):
         raise UserError(
             f"seed={seed!r} must be a whole number from 0 to {2**32 - 1} (or null: a random "
             f"one, which the log names)."
@@ -256,8 +258,9 @@ OPTIMIZER_KEYS = {
     "initial_lr": "model.optimizer.lr",
     "weight_decay": "model.optimizer.weight_decay",
 }
-# how the update is computed, not what it computes: the config's choice takes effect
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+# how the update is computed, where null lets PyTorch (or the CUDA-graph step) choose: a
+# resumed run keeps the saved choice, which is named only where the config makes one
+PYTORCH_CHOOSES = ("fused", "foreach", "capturable")
 # what the checkpoint restores whatever the config says: the optimizer's settings (its state's
 # param_groups), and pos_weight, a buffer of the model's
 SAVED_KEPT = ("model.optimizer.", "model.pos_weight")
@@ -287,7 +290,10 @@ def changed_since(checkpoint: dict, cfg: DictConfig) -> dict[str, tuple]:
     pairs += [
         (f"model.optimizer.{key}", groups[0][key], optimizer[key])
         for key in optimizer
-        if groups and key in groups[0] and key not in ("lr", *OPTIMIZER_KEYS, *IMPLEMENTATION_KEYS)
+        if groups
+        and key in groups[0]
+        and key not in ("lr", *OPTIMIZER_KEYS)
+        and not (key in PYTORCH_CHOOSES and optimizer[key] is None)
     ]
     changed = {}
     for key, then, now in pairs:

@@ -232,17 +232,18 @@ class MedMNISTDataModule(L.LightningDataModule):
         then left out, a different image each epoch, as `data.drop_last=true` would; the log
         says so once."""
         n = len(self.splits[split])
-        if world > 1 and not self._keep_on_device(device):
-            return False  # Lightning's DistributedSampler pads the shards: no batch of one
-        if (n // world) % batch_size != 1:
+        # on the device each process trains n // world images; Lightning's DistributedSampler
+        # pads the DataLoader's shards to n / world rounded up
+        per = n // world if self._keep_on_device(device) else -(-n // world)
+        if per % batch_size != 1:
             return False
         if not self._said_one_image_left:
             log.info(
                 "Each training epoch's last batch would hold one image (%d = %d x %d + 1%s), on "
                 "which batch norm cannot train: it is left out, a different image each epoch "
                 "(data.drop_last=true leaves out any last, partial batch).",
-                n // world,
-                n // world // batch_size,
+                per,
+                per // batch_size,
                 batch_size,
                 " per process" if world > 1 else "",
             )

@@ -19,8 +19,8 @@ are brought to 8 bits by one rule, and the note says how:
   and 32-bit float TIFF (mode F): the full range of the values (min..max) to 0..255, as they
   carry no window; a TIFF whose photometric interpretation is MinIsWhite is inverted, as
   MONOCHROME1 is (Pillow does that itself for 8 bits).
-- 16-bit colour (RGB with 16 bits a channel) is refused: Pillow reads only the high byte of
-  each value, which makes a picture of 12 bits nearly black.
+- 16-bit colour, or 16-bit gray with alpha (16 bits a channel), is refused: Pillow reads
+  only the high byte of each value, which makes a picture of 12 bits nearly black.
 - An alpha channel (RGBA, LA, a palette with a transparent colour) that is fully opaque is
   dropped; a transparent pixel is refused, since what lies behind it is the user's call.
 
@@ -159,10 +159,10 @@ def _eight_bits(image: Image.Image, rawmode: str, min_is_white: bool) -> tuple[I
     the file stores its pixels (Pillow's codec argument, "" if unknown); `min_is_white`: a TIFF
     whose smallest value is white."""
     mode = image.mode
-    if mode in ("RGB", "RGBA") and ";16" in rawmode:
+    if mode in ("RGB", "RGBA") and ";16" in rawmode:  # LA;16B too: Pillow makes it RGBA
         raise ValueError(
-            f"16-bit colour ({rawmode}): Pillow reads only the high byte of each value; save "
-            "it as 16-bit gray (an X-ray) or 8-bit RGB"
+            f"16 bits a channel in {rawmode.split(';')[0]} ({rawmode}): Pillow reads only the "
+            "high byte of each value; save it as 16-bit gray without alpha, or as 8 bits"
         )
     kind = f"{len(image.getbands())} channels"
     if mode == "PA" or (mode == "P" and "transparency" in image.info):

@@ -62,13 +62,11 @@ def run_of(path: Path) -> Path:
 
 
 def holds_a_run(folder: Path) -> bool:
-    """Whether a training run has begun in `folder`: a checkpoint, its logs (the tensorboard
-    and csv loggers' folders) or its report are there. A run refused before training leaves
-    only .hydra/ and its log, which a new run may take over."""
+    """Whether a training run has trained in `folder`: a checkpoint or a report is there. A
+    run refused, or failed, before its first checkpoint leaves nothing a new run there could
+    spoil but its logs (the loggers' folders are made before any data is read)."""
     folder = Path(folder)
-    return any((folder / CHECKPOINTS).glob("*.ckpt")) or any(
-        (folder / name).exists() for name in (REPORT, "tensorboard", "csv")
-    )
+    return any((folder / CHECKPOINTS).glob("*.ckpt")) or (folder / REPORT).exists()
 
 
 def write_metrics(report_dir: Path, metrics: dict) -> Path:

@@ -262,6 +262,18 @@ class CheckSweep(Callback):
 
         if config.get("task_name") != "train":
             return  # evaluate / predict sweeps: nothing of train's to check
+        sweep = Path(config.hydra.sweep.dir).expanduser()
+        if sweep.is_dir() and any(
+            run_files.holds_a_run(job) for job in sweep.iterdir() if job.is_dir()
+        ):
+            print(
+                f"error: hydra.sweep.dir={sweep} holds a sweep's runs already: this one's jobs "
+                f"would overwrite their configs and mix their files. Give it a folder of its own "
+                f"(each sweep gets a new one unless hydra.sweep.dir says otherwise); no job was "
+                f"started.",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
         launcher = str(config.hydra.launcher.get("_target_", ""))
         local = launcher.endswith(self.LOCAL_LAUNCHERS)
         try:

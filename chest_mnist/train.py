@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from chest_mnist import UserError, run_files
 from chest_mnist.checkpoints import load_weights
 from chest_mnist.cli import freeze_for_exit, quiet_lightning, report_user_errors
-from chest_mnist.config import register
+from chest_mnist.config import CONFIG_ASIDE, register
 from chest_mnist.config_checks import check_before_training
 from chest_mnist.evaluate import evaluate_model
 from chest_mnist.report_content import ReportOptions
@@ -118,14 +118,16 @@ def _end_distributed() -> None:
 
 
 def forget_refused_config() -> None:
-    """The config Hydra saved for a run refused before training, where it is not the run
-    folder's own `.hydra` (`config.config_subdir`: beside a run it resumes, or in a folder where
-    another run has begun): removed, so that what is left there is the runs that trained."""
+    """The config Hydra saved for a run its checks refused, where `config.config_subdir` put it
+    beside another run's (`.hydra/resumed_<time>` beside the run it resumes, `.hydra/refused_<time>`
+    in a folder where another run has begun): removed, so that what is left there is the runs
+    that trained. Nothing else: not a run's own `.hydra`, nor an output_subdir the user set."""
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir and hydra_cfg.output_subdir != ".hydra":
-        shutil.rmtree(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir, True)
+    subdir = Path(hydra_cfg.output_subdir or ".hydra")
+    if subdir.parent == Path(".hydra") and subdir.name.startswith(CONFIG_ASIDE):
+        shutil.rmtree(Path(hydra_cfg.runtime.output_dir) / subdir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -231,7 +231,10 @@ def test_runs_without_a_report_are_named_as_left_out(tmp_path):
     fake_run(tmp_path / "sweep" / "0", 1, metric_values(0.90))
     failed = tmp_path / "sweep" / "1"
     (failed / ".hydra").mkdir(parents=True)
-    (failed / ".hydra" / "config.yaml").write_text("seed: 2\n")
+    (failed / ".hydra" / "config.yaml").write_text("task_name: train\nseed: 2\n")
+    evaluated = tmp_path / "sweep" / "evaluate" / "runs" / "1"  # not a training run
+    (evaluated / ".hydra").mkdir(parents=True)
+    (evaluated / ".hydra" / "config.yaml").write_text("task_name: evaluate\n")
     markdown = compare([tmp_path / "sweep"], tmp_path / "out")
     said = "Left out, without a report (a job that failed, a run stopped or still training): "
     assert markdown.endswith(f"{said}{failed.resolve()}.")

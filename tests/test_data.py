@@ -7,6 +7,7 @@ import threading
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -207,6 +208,30 @@ def test_a_last_training_batch_of_one_image_is_left_out_and_said(synthetic_npz, 
     assert [len(x) for x, _ in dm.val_dataloader()] == [255, 1]
     dm.hparams.batch_size = 74  # 512 = 6 x 74 + 68: nothing left out
     assert [len(x) for x, _ in dm.train_dataloader()] == [74] * 6 + [68]
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_under_ddp_a_last_batch_of_one_image_per_process_is_left_out(synthetic_npz, on_device):
+    """Two processes: on the device each trains 512 // 2 = 256 images; through the DataLoader,
+    Lightning's DistributedSampler gives each 256 too (513 would be padded to 257 each). In
+    batches of 255 the last holds one image: drop_last is set on the loader (Lightning keeps it
+    when it puts its sampler in)."""
+
+    def drops_last(batch_size: int, subset: int | None = None) -> bool:
+        dm = MedMNISTDataModule(
+            path=str(synthetic_npz), batch_size=batch_size, subset=subset, on_device=on_device
+        )
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device("cpu")), global_rank=0, world_size=2
+        )
+        return dm.train_dataloader().drop_last
+
+    assert drops_last(255)
+    assert not drops_last(254)  # 256 = 254 + 2
+    # 511 images: 255 each on the device (one sits out), 256 each through the sampler (padded)
+    assert drops_last(254, subset=511) is on_device
+    assert drops_last(255, subset=511) is not on_device
 
 
 @pytest.mark.parametrize("key", ["augment", "drop_last", "mmap"])

@@ -159,14 +159,22 @@ def test_a_folder_scan_leaves_out_a_discs_index_and_hidden_files(picture, tmp_pa
         read_image(index_copy, 28, 1)
 
 
-def test_a_dicom_without_file_meta_is_read_in_the_encoding_it_has(picture, tmp_path):
-    """An older export: no preamble, no file meta (so no transfer syntax), implicit VR."""
+@pytest.mark.parametrize(
+    ("implicit_vr", "little_endian"), [(True, True), (False, True), (False, False)]
+)
+def test_a_dicom_without_file_meta_is_read_in_the_encoding_it_has(
+    picture, tmp_path, implicit_vr, little_endian
+):
+    """An older export: no preamble, no file meta (so no transfer syntax), in any of the three
+    uncompressed encodings (big-endian pixels read as little-endian would be noise)."""
     path = write_dicom(tmp_path / "modern.dcm", picture.astype(np.uint16) * 257)
     ds = pydicom.dcmread(path)
     del ds.file_meta
     ds.preamble = None
+    if not little_endian:  # the stored bytes are the pixels' in the dataset's byte order
+        ds.PixelData = (picture.astype(">u2") * 257).tobytes()
     old = tmp_path / "old.dcm"
-    pydicom.dcmwrite(old, ds, implicit_vr=True, little_endian=True)
+    pydicom.dcmwrite(old, ds, implicit_vr=implicit_vr, little_endian=little_endian)
     assert old.read_bytes()[128:132] != b"DICM"
     assert "TransferSyntaxUID" not in pydicom.dcmread(old, force=True).file_meta
     pixels, note = read_image(old, 28, 1)
@@ -328,7 +336,7 @@ def test_what_the_tiff_tags_say_of_wide_pixels_is_heeded(picture, tmp_path):
     assert note == "16-bit signed gray scaled to 8 bits over its full range -12000..13500"
     twelve_bits = np.dstack([v * 16] * 3).astype(np.uint16)  # 0..4080: one byte cuts it to 0..15
     tifffile.imwrite(tmp_path / "rgb16.tif", twelve_bits, photometric="rgb")
-    with pytest.raises(ValueError, match=r"16-bit colour \(RGB;16.\): Pillow reads only the high"):
+    with pytest.raises(ValueError, match=r"16 bits a channel in RGB \(RGB;16.\): Pillow reads"):
         read_image(tmp_path / "rgb16.tif", 28, 3)
 
 

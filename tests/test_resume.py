@@ -396,9 +396,10 @@ def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_
     last = trained_run / "checkpoints" / "last.ckpt"
     run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
     same = ["data.on_device=false", "data.eval_batch_size=64", "model.cuda_graph=false"]
-    same += ["model.optimizer.fused=true", "+model.optimizer.betas=[0.9,0.999]"]  # Adam's own
+    same += ["model.optimizer.fused=null", "+model.optimizer.betas=[0.9,0.999]"]  # Adam's own
     other = ["data.subset=64", "model.label_smoothing=0.1", "model.optimizer.lr=3e-4"]
     other += ["+model.optimizer.betas=[0.9,0.99]", f"data.path={synthetic_npz.parent}/x.npz"]
+    other += ["model.optimizer.fused=true"]  # the saved (None: PyTorch's choice) is restored
     with caplog.at_level("WARNING", logger="chest_mnist.config_checks"):
         check_resumable(str(last), compose_train(run + same))
         assert not caplog.records
@@ -411,10 +412,11 @@ def test_resume_says_which_settings_differ_from_the_runs(trained_run, synthetic_
     assert "model.label_smoothing 0.0 -> 0.1 (takes effect); model.optimizer.lr 0.001 -> " in (
         record.getMessage()
     )
-    assert "0.0003 (the saved value is kept); model.optimizer.betas [0.9, 0.999] -> [0.9, " in (
-        record.getMessage()
+    said = record.getMessage()
+    assert (
+        "0.0003 (the saved value is kept); model.optimizer.fused None -> True (the saved " in said
     )
-    assert "0.99] (the saved value is kept)." in record.getMessage()
+    assert "model.optimizer.betas [0.9, 0.999] -> [0.9, 0.99] (the saved value is kept)." in said
 
 
 @pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "torch.optim.AdamW"])
@@ -433,6 +435,24 @@ def test_resume_refuses_another_optimizer(trained_run, synthetic_npz, optimizer)
         f"state cannot go on with model.optimizer._target_={optimizer}. Resume with the run's "
         f"own optimizer, or train a new run (without ckpt_path)."
     )
+
+
+def test_the_optimizer_check_passes_checkpoints_that_cannot_say(trained_run, synthetic_npz):
+    """A checkpoint from before the class was saved is not checked; a saved class that cannot
+    be imported here is compared by its name."""
+    from chest_mnist.config_checks import check_same_optimizer
+    from chest_mnist.model import OPTIMIZER_CLASS
+
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    run = tiny_training_overrides(synthetic_npz, trained_run) + ["trainer.max_epochs=2"]
+    sgd = compose_train([*run, "model.optimizer._target_=torch.optim.SGD"])
+    adam = compose_train(run)
+    del checkpoint[OPTIMIZER_CLASS]
+    check_same_optimizer("old.ckpt", checkpoint, sgd)
+    checkpoint[OPTIMIZER_CLASS] = "a_package_not_here.Adam"
+    check_same_optimizer("moved.ckpt", checkpoint, adam)
+    with pytest.raises(UserError, match="trained with the optimizer a_package_not_here.Adam"):
+        check_same_optimizer("moved.ckpt", checkpoint, sgd)
 
 
 @pytest.mark.parametrize(
@@ -513,7 +533,7 @@ def test_a_new_run_in_a_begun_runs_folder_is_refused_and_that_run_left_as_it_was
 
     again = run_here("chest_mnist.train", *command(synthetic_npz, tmp_path, *here, "seed=7"))
     assert again.returncode == 2
-    assert f"error: {folder} holds a run already (its checkpoints, logs or report): a new " in (
+    assert f"error: {folder} holds a run already (its checkpoints or report): a new run " in (
         again.stderr
     )
     assert f"Resume that run with ckpt_path={folder}/checkpoints/last.ckpt, or give" in again.stderr
@@ -533,6 +553,51 @@ def test_a_new_run_in_a_begun_runs_folder_is_refused_and_that_run_left_as_it_was
     assert not list((folder / ".hydra").glob("resumed_*"))
     changed = {p for p in folder.rglob("*") if p.is_file() and begun.get(p) != p.stat().st_mtime_ns}
     assert changed == {folder / "train.log"}  # where the refusals are logged
+
+
+def test_the_begun_folder_check_knows_a_resume_in_place_by_any_spelling(
+    tmp_path, monkeypatch, synthetic_npz
+):
+    """ckpt_path=~/... (expanded by the checkpoint's reader) resumes the run in its own folder;
+    a folder whose earlier run failed before its first checkpoint may be used again."""
+    from chest_mnist.config_checks import check_new_run_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "run"
+    (folder / "tensorboard").mkdir(parents=True)  # a run that failed before any checkpoint
+    run = [*command(synthetic_npz, tmp_path), f"paths.output_dir={folder}"]
+    check_new_run_folder(compose_train(run))
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    check_new_run_folder(compose_train([*run, "ckpt_path='~/run/checkpoints/last.ckpt'"]))
+    with pytest.raises(UserError, match="holds a run already"):
+        check_new_run_folder(compose_train(run))
+
+
+def test_a_refusal_removes_only_the_config_put_aside(tmp_path, monkeypatch):
+    """train.forget_refused_config: a .hydra/refused_<time> or .hydra/resumed_<time> goes; the
+    run folder's own .hydra, or an output_subdir the user chose (here: the folder itself),
+    stays."""
+    from types import SimpleNamespace
+
+    from chest_mnist import train as train_module
+
+    (tmp_path / ".hydra" / "refused_T").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("the user's")
+    for subdir, gone in [
+        (".", False),
+        (".hydra", False),
+        (None, False),
+        (".hydra/refused_T", True),
+    ]:
+        hydra_cfg = SimpleNamespace(
+            output_subdir=subdir, runtime=SimpleNamespace(output_dir=tmp_path)
+        )
+        monkeypatch.setattr(train_module.HydraConfig, "initialized", staticmethod(lambda: True))
+        monkeypatch.setattr(train_module.HydraConfig, "get", staticmethod(lambda h=hydra_cfg: h))
+        train_module.forget_refused_config()
+        assert (tmp_path / "notes.txt").exists()
+        assert (tmp_path / ".hydra" / "refused_T").exists() is not gone, subdir
 
 
 class StopInsideAnEpoch(L.Callback):

@@ -100,6 +100,32 @@ def test_bad_sweep_is_refused_before_any_job_starts(tmp_path, synthetic_npz, swe
     assert not list(tmp_path.rglob("overrides.yaml"))  # no job directory was made
 
 
+def test_a_sweep_into_a_folder_whose_jobs_trained_is_refused_and_leaves_it(tmp_path, synthetic_npz):
+    """hydra.sweep.dir= an earlier sweep's: Hydra would overwrite each job's config (compare
+    would read the old reports under the new recipe) and the sweep's summary."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / "checkpoints").mkdir(parents=True)
+    (sweep / "0" / "checkpoints" / "last.ckpt").write_bytes(b"an earlier job's")
+    (sweep / "multirun.yaml").write_text("the earlier sweep's\n")
+    result = run_here(
+        "chest_mnist.train",
+        "-m",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        *tiny(synthetic_npz, tmp_path),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: hydra.sweep.dir={sweep} holds a sweep's runs already" in result.stderr
+    assert "no job was started" in result.stderr
+    assert (sweep / "multirun.yaml").read_text() == "the earlier sweep's\n"
+    assert sorted(p.name for p in sweep.rglob("*")) == [
+        "0",
+        "checkpoints",
+        "last.ckpt",
+        "multirun.yaml",
+    ]
+
+
 def test_sweep_over_a_key_that_does_not_exist_is_refused(tmp_path, synthetic_npz):
     result = run_here(
         "chest_mnist.train", "-m", "model.optimizer.lrr=1e-3,1e-2", *tiny(synthetic_npz, tmp_path)

@@ -406,6 +406,13 @@ def test_early_stopping_alone_is_refused_with_the_way_to_add_it(tmp_path):
         check_config(cfg, check_devices=False)
 
 
+def test_a_seed_in_a_string_and_no_seed_are_accepted():
+    from chest_mnist.config_checks import check_config
+
+    check_config(compose_train(["seed='42'"]), check_devices=False)  # ${oc.env:SEED} gives "42"
+    check_config(compose_train(["seed=null"]), check_devices=False)  # Lightning draws one
+
+
 def test_no_logger_with_the_lr_monitor_is_refused_with_both_ways_out(tmp_path):
     from chest_mnist.config_checks import check_config
 
