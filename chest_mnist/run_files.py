@@ -66,7 +66,7 @@ def holds_a_run(folder: Path) -> bool:
     run refused, or failed, before its first checkpoint leaves nothing a new run there could
     spoil but its logs (the loggers' folders are made before any data is read)."""
     folder = Path(folder)
-    return any((folder / CHECKPOINTS).glob("*.ckpt")) or (folder / REPORT).exists()
+    return any((folder / CHECKPOINTS).glob("*.ckpt")) or (folder / REPORT / METRICS).exists()
 
 
 def write_metrics(report_dir: Path, metrics: dict) -> Path:
