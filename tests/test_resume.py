@@ -498,12 +498,16 @@ def test_a_resumed_run_keeps_its_first_config_and_a_multirun_job_has_its_own(tmp
     assert config_subdir("train", last, "T", RunMode.MULTIRUN) == ".hydra"
     assert config_subdir("train", None, "T", RunMode.RUN) == ".hydra"
     assert config_subdir("evaluate", last, "T", RunMode.RUN) == ".hydra"
-    # a new run where another has begun (train refuses it): beside that run's config
+    # a new run, or a sweep's job, where another has trained (train refuses it): beside that
+    # run's config; where one was refused or failed before its first checkpoint: taken over
     begun = tmp_path / "begun"
-    (begun / ".hydra").mkdir(parents=True)  # a run refused before training: taken over
-    assert config_subdir("train", None, "T", RunMode.RUN, str(begun)) == ".hydra"
+    (begun / ".hydra").mkdir(parents=True)
     (begun / "tensorboard").mkdir()
+    assert config_subdir("train", None, "T", RunMode.RUN, str(begun)) == ".hydra"
+    (begun / "report").mkdir()
+    (begun / "report" / "metrics.json").write_text("{}")
     assert config_subdir("train", None, "T", RunMode.RUN, str(begun)) == ".hydra/refused_T"
+    assert config_subdir("train", last, "T", RunMode.MULTIRUN, str(begun)) == ".hydra/refused_T"
     assert config_subdir("evaluate", None, "T", RunMode.RUN, str(begun)) == ".hydra"
     # and hydra/default.yaml gives it the mode Hydra sets when it runs the job
     from hydra import compose, initialize_config_dir
