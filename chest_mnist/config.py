@@ -61,7 +61,7 @@ def config_subdir(
     """hydra.output_subdir: `.hydra`, or `.hydra/resumed_<time>` when a run is resumed in its own
     directory, so the config the run was started with is kept; `.hydra/refused_<time>` for a
     new training run, or a sweep's job, in a directory `run` (the job's own: Hydra's
-    runtime.output_dir) where another has begun (`holds_a_run`), which train refuses, and
+    runtime.output_dir) where another has trained (`holds_a_run`), which train refuses, and
     removes that folder again. A multirun's jobs (`mode`, Hydra's RunMode) each have a
     directory of their own, resumed from a checkpoint or not: `.hydra`, where the sweep's
     summary and compare read them."""

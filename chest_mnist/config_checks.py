@@ -33,7 +33,7 @@ def check_before_training(cfg: DictConfig) -> None:
 
 
 def check_new_run_folder(cfg: DictConfig) -> None:
-    """A run into a folder where another has begun (`hydra.run.dir=` an earlier run's) is
+    """A run into a folder where another has trained (`hydra.run.dir=` an earlier run's) is
     refused: its checkpoints, TensorBoard events and report would mix with that run's (the
     loss curves drew both). Resuming that run there is what ckpt_path= does. Checked by the
     first process only: under DDP the others start when it has begun the run."""

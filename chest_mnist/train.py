@@ -120,7 +120,7 @@ def _end_distributed() -> None:
 def forget_refused_config() -> None:
     """The config Hydra saved for a run its checks refused, where `config.config_subdir` put it
     beside another run's (`.hydra/resumed_<time>` beside the run it resumes, `.hydra/refused_<time>`
-    in a folder where another run has begun): removed, so that what is left there is the runs
+    in a folder where another run has trained): removed, so that what is left there is the runs
     that trained. Nothing else: not a run's own `.hydra`, nor an output_subdir the user set."""
     if not HydraConfig.initialized():
         return
