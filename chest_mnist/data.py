@@ -189,12 +189,13 @@ class MedMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        on_device = self._keep_on_device(device)
         drop_last = shuffle and (  # training only: evaluation sees every image
-            self.hparams.drop_last or self._one_image_left(split, batch_size, world, device)
+            self.hparams.drop_last or self._one_image_left(split, batch_size, world, on_device)
         )
         # training's progress, which its loader keeps in checkpoints (resumable inside an epoch)
         batches_done = self._batches_done if shuffle and trainer is not None else None
-        if self._keep_on_device(device):
+        if on_device:
             if split not in self._on_device:
                 data = self.splits[split]
                 self._on_device[split] = (data.images.to(device), data.labels.to(device))
@@ -225,7 +226,7 @@ class MedMNISTDataModule(L.LightningDataModule):
             return TrainingDataLoader(self.splits[split], batches_done=batches_done, **loader)
         return DataLoader(self.splits[split], **loader)
 
-    def _one_image_left(self, split: str, batch_size: int, world: int, device) -> bool:
+    def _one_image_left(self, split: str, batch_size: int, world: int, on_device: bool) -> bool:
         """Whether each training epoch would end on a batch of one image (per process), which
         batch norm cannot train on where its maps are 1x1 (`model.stem=imagenet` at 28 px: a
         ValueError after a whole epoch) and whose statistics are one image's anywhere. It is
@@ -234,7 +235,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         n = len(self.splits[split])
         # on the device each process trains n // world images; Lightning's DistributedSampler
         # pads the DataLoader's shards to n / world rounded up
-        per = n // world if self._keep_on_device(device) else -(-n // world)
+        per = n // world if on_device else -(-n // world)
         if per % batch_size != 1:
             return False
         if not self._said_one_image_left:
