@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STEMS = ("cifar", "imagenet")
 OPTIMIZER_CLASS = "optimizer_class"  # the checkpoint's key for its optimizer's class
+RAW_WEIGHTS = "current_model_state"  # Lightning's WeightAveraging: the weights it did not average
 
 
 def build_resnet18(
@@ -498,6 +500,20 @@ class MedMNISTClassifier(L.LightningModule):
             # another optimizer cannot go on from this one's state (config_checks, on resume)
             optimizer = type(self.trainer.optimizers[0])
             checkpoint[OPTIMIZER_CLASS] = f"{optimizer.__module__}.{optimizer.__qualname__}"
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A run with callbacks.ema saves the average as its weights and the training (raw) ones
+        # apart (Lightning's WeightAveraging). Resumed without it, training goes on from the raw
+        # weights, the ones its optimizer state belongs to (config_checks says so), not from
+        # the average. Only when fitting: the test stage loads the best checkpoint's average.
+        if (
+            RAW_WEIGHTS in checkpoint
+            and self._trainer is not None
+            and self.trainer.state.fn == "fit"
+            and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks)
+        ):
+            checkpoint["state_dict"] = checkpoint[RAW_WEIGHTS]
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

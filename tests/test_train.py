@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -332,6 +333,46 @@ def test_ema_last_checkpoint_resumes_from_the_raw_weights(
         assert torch.equal(ema["current_model_state"][name], value), name
     name = "backbone.layer1.0.conv1.weight"
     assert not torch.equal(ema["state_dict"][name], ema["current_model_state"][name])
+
+
+@pytest.mark.slow
+def test_a_run_averaged_by_ema_resumed_without_it_goes_on_from_the_raw_weights(
+    tmp_path, synthetic_npz, caplog
+):
+    """Resumed without callbacks.ema, a run goes on from its raw weights (the ones its optimizer
+    state belongs to), not from the average its checkpoint holds as the weights: it ends with
+    the weights of the same run trained without EMA and resumed alike. It once went on from the
+    average, with nothing but Lightning's generic warning about a callback's state."""
+    import torch
+
+    from chest_mnist.checkpoints import load_checkpoint
+
+    def run(name: str, callbacks: str, *extra: str) -> dict:
+        overrides = tiny_training_overrides(synthetic_npz, tmp_path / name)
+        common = ["trainer.deterministic=true", "test=false", f"callbacks=[{callbacks}]"]
+        train(compose_train(overrides + common + list(extra)))
+        return load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    run("plain", "default")
+    averaged = run("ema", "ema", "callbacks.ema.update_starting_at_step=1")
+    name = "backbone.layer1.0.conv1.weight"
+    assert not torch.equal(averaged["state_dict"][name], averaged["current_model_state"][name])
+    caplog.set_level(logging.WARNING, logger="chest_mnist.config_checks")
+    ends = [
+        run(
+            folder,
+            "default",
+            "trainer.max_epochs=2",
+            f"ckpt_path={tmp_path / folder}/checkpoints/last.ckpt",
+        )
+        for folder in ("plain", "ema")
+    ]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 6
+    assert "current_model_state" not in ends[1]
+    for key, value in ends[0]["state_dict"].items():
+        assert torch.equal(ends[1]["state_dict"][key], value), key
+    warned = [r.getMessage() for r in caplog.records if "averaged its weights" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path / "ema") in warned[0]
 
 
 @pytest.mark.slow
