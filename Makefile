@@ -29,8 +29,11 @@ browser: ## install Chromium for the browser tests, when it is missing (Debian, 
 	command -v chromium >/dev/null || $(APT) install -y chromium || \
 	  { $(APT) update && $(APT) install -y chromium; }
 
-test: install browser ## run the test suite (offline, CPU)
-	$(BIN)/python -m pytest $(ARGS)
+# one pytest worker per core (pytest-xdist), each with one torch thread (tests/conftest.py):
+# most of a test's time is Python, imports and compiles, which one process runs on one core;
+# worksteal: a worker that is done takes tests from the other's queue. ARGS="-n 0": one process
+test: install browser ## run the test suite (offline, CPU), one worker per core
+	$(BIN)/python -m pytest -n auto --dist worksteal $(ARGS)
 
 bench: install ## time our pipeline against the classic per-sample loop; options: make bench ARGS="--size 224 --steps 10"
 	$(BIN)/python -m chest_mnist.bench $(ARGS)

@@ -20,6 +20,11 @@ from chest_mnist.synthetic import write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "chest_mnist" / "conf"
 PNEUMONIA_NPZ = ROOT / "tests" / "data" / "pneumoniamnist.npz"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one worker per core (pytest-xdist)
+    # one torch thread each, as for the processes the tests start (OMP_NUM_THREADS, read by
+    # torch as it starts): the cores are the workers'
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 register()  # what the entry points do when imported: compose() needs them too
 # Lightning DDP on two CPU processes (gloo); no sync_batchnorm, which needs a GPU
 DDP_ON_TWO_CPUS = [
