@@ -10,12 +10,15 @@ the true one: what torchmetrics' `multiclass_calibration_error` computes).
 
 Temperature scaling (Guo et al. 2017, https://arxiv.org/abs/1706.04599) divides the logits by
 a temperature T > 0 fitted on validation to minimise the task's loss without smoothing (BCE, or
-cross-entropy): one T for all outputs, or one per label of a sigmoid task. It moves no logit
-across 0 and keeps each label's ranking, so AUROC, AP and every decision at 0.5 (or the
-arg-max) stay as they are, but for float32 rounding (two nearly equal scores may tie on one
-side of the scaling only); the probabilities, the ECE, the NLL and the tuned thresholds'
-values change. `calibration=temperature` turns it on (conf/calibration/), and the report's
-thresholds.json carries the temperatures to `predict` with the thresholds tuned after them.
+cross-entropy): one T for all outputs, or one per label of a sigmoid task, within T_RANGE. On
+a sigmoid task it moves no logit across 0 and keeps each label's ranking, so AUROC, AP and
+every decision at 0.5 stay as they are, but for float32 rounding (two nearly equal scores may
+tie on one side of the scaling only). On a multi-class task's softmax it keeps each image's
+arg-max class (so its decisions and ACC), but not a class's order of scores across images:
+AUROC and AP change, and the report gives them before and after. The probabilities, the ECE,
+the NLL and the tuned thresholds' values change. `calibration=temperature` turns it on
+(conf/calibration/), and the report's thresholds.json carries the temperatures to `predict`
+with the thresholds tuned after them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from chest_mnist import UserError
 from chest_mnist.task import SoftmaxTask, Task
 
 BINS = 15  # torchmetrics' default, and Guo et al.'s
+# The temperatures a fit may reach. Where the validation NLL falls all the way to a bound (a
+# label its scores say nothing about: T runs to infinity, every score to 0.5, and float32
+# rounding ties them), the bound is the fit (the NLL is convex in 1/T), and the report says so.
+T_RANGE = (0.05, 20.0)
 METHODS = ("none", "temperature")
 
 
@@ -109,8 +116,10 @@ def check_per_label(task: Task, per_label: bool) -> None:
 
 
 def fit_temperature(logits: Tensor, targets: Tensor, task: Task, per_label: bool) -> Tensor:
-    """Temperatures minimising the validation NLL of `logits / T`: (L,) with `per_label` (a
-    sigmoid task), else (1,). L-BFGS on log T, so T stays positive. With `per_label`, a label
+    """Temperatures minimising the validation NLL of `logits / T` for T in T_RANGE: (L,) with
+    `per_label` (a sigmoid task), else (1,). L-BFGS on log T, so T stays positive, then each T
+    put back into T_RANGE: each label's NLL is its own and convex in 1/T, so the bound it
+    passed is its least NLL within the range (`at_bound`). With `per_label`, a label
     with no positives or no negatives in validation keeps T = 1 (`kept_at_one`): its NLL falls
     without bound as T shrinks, which would only push its scores to 0 or 1."""
     check_per_label(task, per_label)
@@ -147,7 +156,12 @@ def _fit(logits: Tensor, targets: Tensor, task: Task, count: int) -> Tensor:
         return loss
 
     optimizer.step(closure)
-    return log_t.detach().exp()
+    return log_t.detach().exp().clamp(*T_RANGE)
+
+
+def at_bound(temperature: Tensor) -> Tensor:
+    """Bools, like `temperature`: the fits that stopped at a bound of T_RANGE."""
+    return (temperature <= T_RANGE[0]) | (temperature >= T_RANGE[1])
 
 
 def scale(logits: Tensor, temperature: Tensor | None) -> Tensor:

@@ -202,8 +202,9 @@ def _add_calibration(
     bins: int,
 ) -> None:
     """The calibration error on test, "ece", overall and per label; with temperature scaling
-    also "ece_before" (without it), each label's "temperature", and the test NLL before and
-    after it ("nll_before", "nll")."""
+    also "ece_before" (without it), each label's "temperature", the test NLL before and after
+    it ("nll_before", "nll"), and the macro AUROC and AP before it ("auroc_before",
+    "ap_macro_before": a softmax's temperature changes them, a sigmoid's does not)."""
     overall, per_label = calibration_errors(*test, task, bins)
     columns = [{"ece": value} for value in per_label.tolist()]
     scalars["ece"] = overall
@@ -214,6 +215,10 @@ def _add_calibration(
             scaling.nll["test_before"],
             scaling.nll["test_after"],
         )
+        labels = [row["label"] for row in rows]
+        unscaled = evaluate_predictions(scaling.test_before, test[1], labels, task=task)
+        for name in ("auroc", "ap_macro"):
+            scalars[f"{name}_before"] = unscaled["scalars"][name]
         temperatures = scaling.temperature.expand(len(rows)).tolist()
         for column, value, t in zip(columns, before_per_label.tolist(), temperatures, strict=True):
             column |= {"ece_before": value, "temperature": t}

@@ -11,9 +11,16 @@ import math
 from pathlib import Path
 
 from chest_mnist import run_files
-from chest_mnist.calibration import describe_bins, kept_at_one, pooled_description
+from chest_mnist.calibration import (
+    T_RANGE,
+    at_bound,
+    describe_bins,
+    kept_at_one,
+    pooled_description,
+)
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.report_content import Report
+from chest_mnist.task import SoftmaxTask
 
 
 def _undefined(row: dict, metric: str) -> str:
@@ -148,16 +155,36 @@ def _calibration(report: Report, figures: list[str]) -> list[str]:
                 label for label, k in zip(report.labels, kept.tolist(), strict=True) if k
             )
             fitted += f"; kept at 1 for {names} (one value only in validation: nothing to fit)"
+    bounded = at_bound(scaling.temperature).tolist()
+    if any(bounded):  # named per label; one temperature for all is just "at the bound"
+        names = [label for label, b in zip(report.labels, bounded, strict=False) if b]
+        which = f" for {', '.join(names)}" if len(bounded) > 1 else ""
+        fitted += f"; at a bound of {T_RANGE[0]} to {T_RANGE[1]}{which} (the fit would go further)"
     nll = scaling.nll
+    ranking = (
+        f"AUROC {s['auroc_before']:.4f} -> {s['auroc']:.4f}, macro AP "
+        f"{s['ap_macro_before']:.4f} -> {s['ap_macro']:.4f}"
+    )
+    if not isinstance(report.task, SoftmaxTask):  # a sigmoid per label: its order is kept
+        unchanged = (
+            f"It keeps each {report.task.words.output}'s order of scores and the decisions at "
+            f"{THRESHOLD} (up to float32 rounding of nearly tied scores), so AUROC, AP and ACC "
+            f"({ranking}); every number here is after it, and the thresholds were tuned on the "
+            f"scaled validation scores."
+        )
+    else:
+        unchanged = (
+            f"It keeps each image's arg-max {report.task.words.output}, so the decisions and "
+            f"ACC, but not a {report.task.words.output}'s order of scores across images: "
+            f"{ranking}. Every number here is after it."
+        )
     return lines + [
         "",
         f"Temperature scaling ({'one per label' if scaling.per_label else 'one for all outputs'}, "
         f"fitted on validation): {fitted}. ECE on test {s['ece_before']:.4f} before, "
         f"{s['ece']:.4f} after; NLL on validation {nll['val_before']:.4f} -> "
         f"{nll['val_after']:.4f}, on test {nll['test_before']:.4f} -> {nll['test_after']:.4f}. "
-        f"It keeps each {report.task.words.output}'s order of scores and the decisions at "
-        f"{THRESHOLD} (up to float32 rounding of nearly tied scores), so AUROC, AP and ACC; every "
-        f"number here is after it, and the thresholds were tuned on the scaled validation scores.",
+        + unchanged,
     ]
 
 

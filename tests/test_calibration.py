@@ -346,3 +346,65 @@ def test_a_label_with_one_value_in_validation_keeps_temperature_one():
         scaling=scaling,
     )
     assert "kept at 1 for c (one value only in validation" in markdown(report, [], None, "x", {})
+
+
+def test_a_fit_that_runs_to_infinity_stops_at_the_bound_and_the_report_says_so():
+    """A label whose scores say nothing about it (independent of its truth): its validation NLL
+    falls all the way as T grows, every score towards 0.5, where float32 ties them; the fit
+    stops at T_RANGE's bound, and the other labels get the temperatures they get alone."""
+    from chest_mnist.calibration import T_RANGE, at_bound
+
+    logits, targets = calibrated_logits(seed=8)
+    g = torch.Generator().manual_seed(9)
+    targets[:, 2] = (torch.rand(len(targets), generator=g) < 0.5).int()  # unrelated to its logit
+    logits[:, 2] = 0.05 * torch.randn(len(targets), generator=g)  # about 0 for every image
+    temperature = fit_temperature(2 * logits, targets, MULTI_LABEL_TASK, per_label=True)
+    assert temperature[2].item() == T_RANGE[1]
+    assert at_bound(temperature).tolist() == [False, False, True]
+    alone = fit_temperature(2 * logits[:, :2], targets[:, :2], MULTI_LABEL_TASK, per_label=True)
+    np.testing.assert_allclose(temperature[:2].numpy(), alone.numpy(), rtol=1e-3)
+    test = (2 * logits, targets)
+    scaling = temperature_scaling(test, test, MULTI_LABEL_TASK, per_label=True)
+    report = build_report(
+        (scale(test[0], scaling.temperature).sigmoid(), targets),
+        (scale(test[0], scaling.temperature).sigmoid(), targets),
+        LABELS,
+        torch.tensor([0.5, 0.3, 0.5]),
+        scaling=scaling,
+    )
+    assert "at a bound of 0.05 to 20.0 for c (the fit would go further)" in markdown(
+        report, [], None, "x", {}
+    )
+
+
+def test_a_softmax_temperature_changes_auroc_and_the_report_says_by_how_much():
+    """One temperature keeps each image's arg-max class, so ACC, but not a class's order of
+    scores across images: the report gives the macro AUROC and AP before and after, and does
+    not say they are kept (it once did)."""
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(3000, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])
+    classes = torch.multinomial((logits / 3).softmax(1), 1, generator=g)
+    val, test = (logits[:1500], classes[:1500]), (logits[1500:], classes[1500:])
+    scaling = temperature_scaling(val, test, MULTI_CLASS_TASK, per_label=False)
+    assert scaling.temperature.item() == pytest.approx(3.0, rel=0.15)
+    t, names = scaling.temperature, ["w", "x", "y", "z"]
+    report = build_report(
+        (scale(val[0], t).softmax(1), val[1]),
+        (scale(test[0], t).softmax(1), test[1]),
+        names,
+        torch.full((4,), 0.25),
+        task=MULTI_CLASS_TASK,
+        scaling=scaling,
+    )
+    s = report.scalars
+    unscaled = evaluate_predictions(test[0].softmax(1), test[1], names, task=MULTI_CLASS_TASK)
+    assert s["auroc_before"] == pytest.approx(unscaled["scalars"]["auroc"])
+    assert s["ap_macro_before"] == pytest.approx(unscaled["scalars"]["ap_macro"])
+    assert abs(s["auroc"] - s["auroc_before"]) > 1e-3  # the classes' orders moved
+    assert s["acc"] == unscaled["scalars"]["acc"]  # the arg-max did not
+    text = markdown(report, [], None, "x", {})
+    assert (
+        f"but not a class's order of scores across images: AUROC {s['auroc_before']:.4f} -> "
+        f"{s['auroc']:.4f}, macro AP {s['ap_macro_before']:.4f} -> {s['ap_macro']:.4f}"
+    ) in text
+    assert "so AUROC, AP and ACC" not in text
