@@ -55,6 +55,13 @@ def columns(flag: str | None) -> tuple[tuple[str, str], ...]:
     return tuple((column, key) for column, key in METRICS if tunes or not key.endswith("_tuned"))
 
 
+# a metric a run's report has as NaN: its definition needs what the test split lacks
+UNDEFINED = "undefined"
+WHY_UNDEFINED = (
+    "a run's report has no value (NaN: a test split without positives, or without negatives, "
+    "has no AUROC)"
+)
+
 # config keys (and the keys under them) that say where a run writes, what it resumed from, when
 # it saves and logs, how it shows its progress, how its report draws intervals and figures, or
 # how data reaches the model, not what it learns
@@ -172,7 +179,14 @@ def find_runs(folders: list[Path]) -> list[Run]:
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder.")
-        reports = sorted(folder.rglob(f"{run_files.REPORT}/{run_files.METRICS}"))
+        found = sorted(folder.rglob(f"{run_files.REPORT}/{run_files.METRICS}"))
+        # evaluate writes reports too, of weights a training run made: that run is the one
+        reports = [r for r in found if _task_of(r.parent.parent / run_files.CONFIG) != "evaluate"]
+        if found and not reports:
+            raise UserError(
+                f"{folder} holds evaluations only (python -m chest_mnist.evaluate's reports): "
+                f"compare reads training runs; give the runs they evaluated."
+            )
         if not reports:
             raise UserError(
                 f"{folder} holds no run report ({run_files.REPORT}/{run_files.METRICS}): "
@@ -220,15 +234,22 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 
 def summary(values: list[float]) -> dict[str, float]:
+    """mean, sample sd, min and max; all NaN where a run's value is (undefined: a test split
+    without positives has no AUROC)."""
+    if any(math.isnan(v) for v in values):
+        return dict.fromkeys(("mean", "sd", "min", "max"), math.nan)
     sd = statistics.stdev(values) if len(values) > 1 else math.nan
     return {"mean": statistics.mean(values), "sd": sd, "min": min(values), "max": max(values)}
 
 
 def difference(first: Group, second: Group, key: str) -> dict[str, Any]:
     """Mean of `second` minus mean of `first`, with a 95% Student-t interval: paired by seed
-    when both groups ran the same seeds, else Welch's. NaN where a group has one run."""
+    when both groups ran the same seeds, else Welch's. NaN where a group has one run, and all
+    NaN where a run's value is."""
     a, b = first.values(key), second.values(key)
     paired = first.seeds == second.seeds
+    if any(math.isnan(v) for v in a + b):
+        return {"difference": math.nan, "low": math.nan, "high": math.nan, "paired": paired}
     low = high = math.nan
     if min(len(a), len(b)) > 1:
         with warnings.catch_warnings():  # identical values: scipy warns, the interval is exact
@@ -253,7 +274,9 @@ def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
         for _, key in shown:
             s = summary(group.values(key))
             cells.append(
-                f"{s['mean']:.4f} (1 seed)"
+                UNDEFINED
+                if math.isnan(s["mean"])
+                else f"{s['mean']:.4f} (1 seed)"
                 if len(group.runs) == 1
                 else f"{s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f} to {s['max']:.4f})"
             )
@@ -262,6 +285,11 @@ def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
             f"| {group.name} | {len(group.runs)} ({row['seeds']}) | " + " | ".join(cells) + " |"
         )
         rows.append(row)
+    lines += ["", "mean ± sample standard deviation over the seeds (min to max)."]
+    if any(
+        math.isnan(value) for row in rows for name, value in row.items() if name.endswith(" mean")
+    ):
+        lines[-1] += f" {UNDEFINED}: {WHY_UNDEFINED}."
     return "\n".join(lines), rows
 
 
@@ -276,13 +304,17 @@ def difference_table(first: Group, second: Group) -> tuple[str, list[dict]]:
     rows = []
     for column, key in first.runs[0].columns:
         d = difference(first, second, key)
-        a, b = statistics.mean(first.values(key)), statistics.mean(second.values(key))
-        interval = (
-            "n/a (a group of one run)"
-            if math.isnan(d["low"])
-            else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-        )
-        lines.append(f"| {column} | {a:.4f} | {b:.4f} | {d['difference']:+.4f} {interval} |")
+        a, b = summary(first.values(key))["mean"], summary(second.values(key))["mean"]
+        if math.isnan(d["difference"]):
+            cells = [f"{v:.4f}" if not math.isnan(v) else UNDEFINED for v in (a, b)]
+            lines.append(f"| {column} | {cells[0]} | {cells[1]} | {UNDEFINED} |")
+        else:
+            interval = (
+                "n/a (a group of one run)"
+                if math.isnan(d["low"])
+                else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+            )
+            lines.append(f"| {column} | {a:.4f} | {b:.4f} | {d['difference']:+.4f} {interval} |")
 
         rows.append({"metric": key, "first": a, "second": b} | d)
     return "\n".join(lines), rows

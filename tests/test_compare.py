@@ -292,3 +292,43 @@ def test_the_users_own_files_are_never_replaced(tmp_path, monkeypatch, capsys):
     main([folders[0]])
     main([folders[0]])  # its own tables, replaced
     assert (tmp_path / "a" / "compare.md").exists()
+
+
+def test_an_undefined_metric_is_shown_as_undefined_not_a_traceback(tmp_path):
+    """A run whose test split has no positives reports its AUROC as NaN (metrics.json allows
+    it): its group's AUROC and the difference are "undefined", and the other columns and
+    groups are computed as ever (compare stopped with an AttributeError from statistics)."""
+    for seed, auc in ((1, 0.90), (2, 0.93)):
+        fake_run(tmp_path / "a" / str(seed), seed, metric_values(auc))
+        values = metric_values(auc + 0.01) | ({"test/auroc": float("nan")} if seed == 2 else {})
+        fake_run(tmp_path / "b" / str(seed), seed, values, lr=1e-2)
+    markdown = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    rows = {row["group"]: row for row in read_csv(tmp_path / "out" / "compare.csv")}
+    assert rows["model.optimizer.lr=0.01"]["test/auroc mean"] == "nan"
+    assert float(rows["model.optimizer.lr=0.01"]["test/acc mean"]) == pytest.approx(0.935)
+    assert float(rows["model.optimizer.lr=0.001"]["test/auroc mean"]) == pytest.approx(0.915)
+    assert "| model.optimizer.lr=0.01 | 2 (1 2) | undefined | 0.9350 ± " in markdown
+    assert "| test AUC | 0.9150 | undefined | undefined |" in markdown
+    assert "undefined: a run's report has no value (NaN: a test split without positives" in markdown
+    difference = {r["metric"]: r for r in read_csv(tmp_path / "out" / "compare_difference.csv")}
+    assert difference["test/auroc"]["difference"] == "nan"
+    assert float(difference["test/acc"]["difference"]) == pytest.approx(0.01)
+    fine = compare([tmp_path / "a"], tmp_path / "out_a")
+    assert "mean ± sample standard deviation over the seeds (min to max)." in fine
+    assert "undefined" not in fine
+
+
+def test_evaluations_are_not_runs_to_compare(tmp_path):
+    """evaluate writes a report of a training run's weights, with no seed of its own: under a
+    broad folder (logs/) it is skipped, and given alone it is named for what it is (compare
+    said it "was trained with seed=None")."""
+    fake_run(tmp_path / "logs" / "train" / "1", 1, metric_values(0.90))
+    fake_run(tmp_path / "logs" / "train" / "2", 2, metric_values(0.92))
+    evaluation = tmp_path / "logs" / "evaluate" / "runs" / "x"
+    fake_run(evaluation, None, metric_values(0.5), task_name="evaluate")
+    compare([tmp_path / "logs"], tmp_path / "out")
+    (row,) = read_csv(tmp_path / "out" / "compare.csv")
+    assert row["seeds"] == "1 2"
+    with pytest.raises(UserError, match=r"holds evaluations only .*give the runs they evaluated"):
+        compare([evaluation], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
