@@ -34,6 +34,19 @@ THRESHOLD_FREE = (
 )
 
 
+# the report's config sections and their keys; what to write for what `section=null` means
+OPTION_KEYS = {
+    "thresholds": ("rule",),
+    "bootstrap": ("resamples", "level", "seed"),
+    "calibration": ("method", "per_label", "bins"),
+}
+OPTION_NULL = {
+    "thresholds": "for 0.5 for every label, give thresholds.rule=fixed.",
+    "bootstrap": "for no intervals, give bootstrap.resamples=0.",
+    "calibration": "for no temperature scaling, give calibration=none.",
+}
+
+
 @dataclass(frozen=True)
 class ReportOptions:
     """The report's choices; `from_config` reads them from a train or evaluate config."""
@@ -48,7 +61,18 @@ class ReportOptions:
     @staticmethod
     def from_config(cfg) -> ReportOptions:
         """From `cfg.thresholds`, `cfg.bootstrap`, `cfg.calibration` and `cfg.figures` (each
-        optional); a UserError names the first key whose value cannot be used."""
+        optional); a UserError names the first key whose value cannot be used, or that is not
+        one of theirs (`+bootstrap.resampels=10` would be ignored)."""
+        for section, keys in OPTION_KEYS.items():
+            given = cfg.get(section, {})
+            if given is None:
+                raise UserError(f"{section}=null: {OPTION_NULL[section]}")
+            unknown = sorted(set(given) - set(keys))
+            if unknown:
+                raise UserError(
+                    f"{section}.{unknown[0]} is not a key of {section}: its keys are "
+                    f"{', '.join(keys)}. Check its spelling."
+                )
         rule = cfg.get("thresholds", {}).get("rule", "f1")
         if rule not in THRESHOLD_RULES:
             raise UserError(

@@ -2,6 +2,8 @@
 bins are the ECE's, temperature scaling fixes a deliberately over-confident model without
 changing its ranking or its decisions, and the report carries all of it."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,32 @@ def test_one_temperature_per_class_is_refused_before_training(tiny_overrides):
         tiny_overrides + ["calibration=temperature", "calibration.per_label=true"]
     )
     check_config(chest, check_devices=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+bootstrap.resampels=10",
+            "bootstrap.resampels is not a key of bootstrap: its keys are resamples, level, seed",
+        ),
+        ("+calibration.per_labels=true", "calibration.per_labels is not a key of calibration"),
+        ("+thresholds.rules=youden", "thresholds.rules is not a key of thresholds"),
+        ("bootstrap=null", "bootstrap=null: for no intervals, give bootstrap.resamples=0"),
+        ("thresholds=null", "thresholds=null: for 0.5 for every label, give thresholds.rule=fixed"),
+    ],
+)
+def test_a_report_key_spelt_wrong_or_null_is_refused_before_training(
+    tiny_overrides, override, message
+):
+    """Added with `+`, a misspelt key was ignored (1,000 resamples where 10 were asked for), and
+    bootstrap=null drew 1,000 resamples: each is refused with what to write instead."""
+    from chest_mnist.config_checks import check_config
+    from tests.conftest import compose_train
+
+    check_config(compose_train(tiny_overrides), check_devices=False)
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_config(compose_train([*tiny_overrides, override]), check_devices=False)
 
 
 def test_a_label_with_one_value_in_validation_keeps_temperature_one():
