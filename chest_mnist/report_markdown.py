@@ -76,6 +76,15 @@ def _summary_table(report: Report) -> list[str]:
     lines = ["## Summary", "", "| | " + " | ".join(columns) + " |"]
     lines.append(_row(*["---"] * (len(columns) + 1)))
     lines.append(_row("ACC (MedMNIST)", *(_with_interval(s, "acc" + c) for c in columns.values())))
+    if len(report.labels) == 1:  # a binary task: its one output's, which macro and micro both are
+        lines += [
+            _row(
+                f"{name} of {report.labels[0]}",
+                *(f"{s[f'{name}_macro{c}']:.4f}" for c in columns.values()),
+            )
+            for name in ("f1", "precision", "recall")
+        ]
+        return lines
     lines += [
         _row(
             f"{name} macro / micro",

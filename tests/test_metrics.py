@@ -242,3 +242,24 @@ def test_the_constant_baseline_is_chosen_on_train_not_test():
     assert MULTI_CLASS.majority_accuracy(classes, torch.tensor([0.2, 0.5, 0.3])) == pytest.approx(
         0.2
     )
+
+
+def test_a_binary_report_gives_its_one_outputs_f1_once_and_named():
+    """A binary task has one output: its macro and micro F1, precision and recall are that
+    output's, and report.md gives each once, named (it printed "f1 macro / micro" as two equal
+    numbers, where sklearn's binary "macro" would average both classes)."""
+    from chest_mnist.report_content import build_report
+    from chest_mnist.report_markdown import markdown
+    from chest_mnist.task import BINARY
+
+    g = torch.Generator().manual_seed(11)
+    logits = 0.4 + 1.5 * torch.randn(2000, 1, generator=g)
+    targets = (torch.rand(2000, 1, generator=g) < logits.sigmoid()).int()
+    val, test = (logits[:1000].sigmoid(), targets[:1000]), (logits[1000:].sigmoid(), targets[1000:])
+    report = build_report(
+        val, test, ["pneumonia"], torch.tensor([0.6]), task=Task.from_medmnist(BINARY)
+    )
+    text = markdown(report, [], None, "pneumoniamnist", {})
+    assert "macro / micro" not in text
+    f1 = f1_score(test[1].numpy().ravel(), (test[0] > 0.5).numpy().ravel())
+    assert f"| f1 of pneumonia | {f1:.4f} | {report.scalars['f1_macro_tuned']:.4f} |" in text
