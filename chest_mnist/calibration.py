@@ -61,6 +61,13 @@ def pooled_description(task: Task) -> str:
     return "top-label scores" if isinstance(task, SoftmaxTask) else "every (image, label) score"
 
 
+def frequency_description(task: Task) -> str:
+    """What a bin of `pooled`'s pairs has a share of, in words (a reliability diagram's y-axis)."""
+    if isinstance(task, SoftmaxTask):
+        return "accuracy of the top label in the bin"
+    return "share of positives in the bin"
+
+
 def calibration_errors(
     scores: Tensor, targets: Tensor, task: Task, bins: int = BINS
 ) -> tuple[float, Tensor]:

@@ -117,9 +117,17 @@ def plot_confusion_matrices(
     return path
 
 
-def _curve_grid(n: int):
-    """Panels for one curve per label, in [0, 1] on both axes."""
-    return _panels(n, 2.1, gaps=(0.45, 0.75), margins=(0.75, 0.2, 0.6, 0.5))
+def _curve_grid(labels: list[str]):
+    """Panels for one curve per label, in [0, 1] on both axes, and each label's name in lines
+    of a panel's width (BloodMNIST has a class name of 67 characters) for its panel's title;
+    the rows apart and the top margin grown by the lines of the longest name past its first."""
+    side = 2.1
+    names = ["\n".join(wrapped(label, side, fontsize=9)) for label in labels]
+    more = 0.15 * max(name.count("\n") for name in names)  # a line of 9 points, in inches
+    fig, axes = _panels(
+        len(labels), side, gaps=(0.45, 0.75 + more), margins=(0.75, 0.2, 0.6, 0.5 + more)
+    )
+    return fig, axes, names
 
 
 def _save_grid(fig, xlabel: str, ylabel: str, path: Path) -> Path:
@@ -139,8 +147,8 @@ def plot_roc_curves(
     curves: list[tuple[np.ndarray, np.ndarray]], labels: list[str], aurocs: list[float], path: Path
 ) -> Path:
     """One ROC curve per label: (false positive rate, true positive rate), with its AUROC."""
-    fig, axes = _curve_grid(len(labels))
-    for ax, (fpr, tpr), label, auroc in zip(axes, curves, labels, aurocs, strict=False):
+    fig, axes, names = _curve_grid(labels)
+    for ax, (fpr, tpr), label, auroc in zip(axes, curves, names, aurocs, strict=False):
         ax.plot(fpr, tpr, lw=1.5)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")  # chance
         ax.set_title(f"{label}\nAUROC {_value(auroc)}", fontsize=9)
@@ -159,9 +167,9 @@ def plot_pr_curves(
 ) -> Path:
     """One precision-recall curve per label, with its average precision; the dashed line is the
     label's prevalence, the precision of a model that guesses."""
-    fig, axes = _curve_grid(len(labels))
+    fig, axes, names = _curve_grid(labels)
     for ax, (recall, precision), label, ap, prevalence in zip(
-        axes, curves, labels, aps, prevalences, strict=False
+        axes, curves, names, aps, prevalences, strict=False
     ):
         ax.plot(recall, precision, lw=1.5)
         ax.axhline(prevalence, ls="--", lw=0.8, color="grey")
@@ -198,11 +206,13 @@ def plot_reliability(
     labels: list[str],
     title: str,
     path: Path,
+    frequency: str = "share of positives in the bin",
 ) -> Path:
     """Left: the reliability diagram, one line per entry of `curves` (e.g. "before" and "after"
-    temperature scaling), the share of positives against the mean score in each bin, the point
-    sized by the bin's scores; the diagonal is perfect calibration. Right: each label's ECE, one
-    bar per entry of `ece_per_label`."""
+    temperature scaling), the share of right answers against the mean score in each bin, the
+    point sized by the bin's scores; the diagonal is perfect calibration. `frequency`: the
+    y-axis's name for what a right answer is (a positive, or a top label that is the true
+    class). Right: each label's ECE, one bar per entry of `ece_per_label`."""
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4.2 + 0.12 * len(labels)), dpi=110, width_ratios=(1, 1.2)
     )
@@ -216,14 +226,15 @@ def plot_reliability(
     left.set_xlim(0, 1)
     left.set_ylim(0, 1)
     left.set_xlabel("mean predicted probability in the bin")
-    left.set_ylabel("share of positives in the bin")
+    left.set_ylabel(frequency)
     left.legend(fontsize=8, loc="upper left")
     left.grid(alpha=0.3)
     height = 0.8 / max(len(ece_per_label), 1)
     positions = np.arange(len(labels))
     for i, (name, values) in enumerate(ece_per_label.items()):
         right.barh(positions + i * height, values, height=height, label=name)
-    right.set_yticks(positions + height * (len(ece_per_label) - 1) / 2, labels, fontsize=8)
+    names = ["\n".join(wrapped(label, 2.5, fontsize=8)) for label in labels]  # long class names
+    right.set_yticks(positions + height * (len(ece_per_label) - 1) / 2, names, fontsize=8)
     right.invert_yaxis()
     right.set_xlabel("expected calibration error (ECE)")
     if len(ece_per_label) > 1:

@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from chest_mnist.calibration import pooled, pooled_description, reliability_bins
+from chest_mnist.calibration import (
+    frequency_description,
+    pooled,
+    pooled_description,
+    reliability_bins,
+)
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.plots import (
     plot_class_confusion,
@@ -93,7 +98,9 @@ def write_confusion_matrices(report: Report, path: Path) -> Path:
 
 def write_reliability(report: Report, path: Path) -> Path:
     """The reliability diagram and the per-label ECE, before and after temperature scaling
-    when the report has it."""
+    when the report has it (the title gives the overall ECE of each). The diagram bins what
+    `pooled` pools; its y-axis says what a bin's share is of: positives, or (a multi-class
+    task) top labels that are the true class."""
     task, targets, rows = report.task, report.test[1], report.per_label
     scores = {"test": report.test[0]}
     ece = {"ECE": [r["ece"] for r in rows]}
@@ -104,11 +111,16 @@ def write_reliability(report: Report, path: Path) -> Path:
         name: reliability_bins(*pooled(values, targets, task), report.bins)
         for name, values in scores.items()
     }
+    overall = f"ECE {report.scalars['ece']:.4f}"
+    if report.scaling is not None:  # the diagram draws both: the title gives each
+        before, after = report.scalars["ece_before"], report.scalars["ece"]
+        overall = f"ECE {before:.4f} before scaling, {after:.4f} after"
     title = (
-        f"Calibration on test: {pooled_description(task)}, ECE {report.scalars['ece']:.4f}; "
+        f"Calibration on test: {pooled_description(task)}, {overall}; "
         f"{report.bins} equal-width bins"
     )
-    return plot_reliability(curves, ece, report.labels, title, path)
+    frequency = frequency_description(task)
+    return plot_reliability(curves, ece, report.labels, title, path, frequency)
 
 
 def write_figures(

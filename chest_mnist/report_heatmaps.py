@@ -69,10 +69,14 @@ def write_heatmap_figure(
         device=next(model.parameters()).device,
     )
     rows, cols = len(report.labels), len(picks) // len(report.labels)
+    # each row's label in lines shorter than its images are high (BloodMNIST has a class name
+    # of 67 characters), the left margin grown by a line of 9 points for each past the first
+    names = ["\n".join(wrapped(label, 1.6, fontsize=9)) for label in report.labels]
+    more = 0.15 * max(name.count("\n") for name in names)
     # a cell of 1.9 x 2.0 inches: the image and its title above; margins for the row labels
     # (left) and the title (top, wrapped to the width), fixed: a layout engine measured every
     # title again and took most of the figure's time
-    width, height = 1.9 * cols + 0.6, 2.0 * rows + 0.4
+    width, height = 1.9 * cols + 0.6 + more, 2.0 * rows + 0.4
     title = wrapped(
         f"Grad-CAM: the {cols} highest test scores per {report.task.words.output}; "
         "green: decided right, red: wrong",
@@ -86,7 +90,7 @@ def write_heatmap_figure(
         dpi=100,
         squeeze=False,
         gridspec_kw=inches(
-            width, height, 0.45, 0.1, 0.1, 0.4 + 0.2 * len(title), wspace=0.1, hspace=0.2
+            width, height, 0.45 + more, 0.1, 0.1, 0.4 + 0.2 * len(title), wspace=0.1, hspace=0.2
         ),
     )
     for cell, (ax, pick, heatmap) in enumerate(zip(axes.flat, picks, maps[:, 0], strict=True)):
@@ -99,7 +103,7 @@ def write_heatmap_figure(
             spine.set_color(colour)
             spine.set_linewidth(3)
         if cell % cols == 0:
-            ax.set_ylabel(report.labels[pick.output], fontsize=9)
+            ax.set_ylabel(names[pick.output], fontsize=9)
     fig.suptitle("\n".join(title), fontsize=10, y=1 - 0.1 / height, va="top")
     path = Path(out_dir) / HEATMAPS
     fig.savefig(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from medmnist import INFO
 from medmnist.evaluator import Evaluator
 
 from chest_mnist import UserError
@@ -161,6 +162,127 @@ def test_a_second_report_in_the_same_folder_replaces_medmnists_result_file(tmp_p
         names.append(write_medmnist_result(report, tmp_path, "chestmnist", 28, "run1").name)
     assert names[0] != names[1]  # other scores, another name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], "notes.csv"])
+
+
+BLOOD = [INFO["bloodmnist"]["label"][str(k)] for k in range(8)]  # one of them 67 characters
+
+
+def _overlapping(fig, boxes: dict) -> list:
+    """The pairs of `boxes` (a name: a Bbox in the figure's pixels) that overlap, and the
+    names of those that leave the figure."""
+    names = list(boxes)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    out = [a for a in names if not fig.bbox.contains(boxes[a].x0, boxes[a].y0)]
+    out += [a for a in names if not fig.bbox.contains(boxes[a].x1, boxes[a].y1)]
+    return [(a, b) for a, b in pairs if boxes[a].overlaps(boxes[b])] + out
+
+
+def _letters(text: str) -> str:
+    """`text` less its spaces and line breaks: a name wrapped (or broken in a word) or not."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("figure", ["roc", "pr"])
+def test_a_long_class_name_stays_over_its_own_panel(tmp_path, drawn_figures, figure):
+    """BloodMNIST's 67-character class name, in one line, ran over its neighbours' panel
+    titles: each title is its name whole, in lines no wider than its panel, and no title
+    overlaps another, nor a panel with its tick labels, nor leaves the figure."""
+    from matplotlib.transforms import Bbox
+
+    from chest_mnist import plots
+
+    curves = [(np.array([0.0, 1.0]), np.array([0.0, 1.0]))] * len(BLOOD)
+    values = [0.5] * len(BLOOD)
+    if figure == "roc":
+        plots.plot_roc_curves(curves, BLOOD, values, tmp_path / "roc.png")
+    else:
+        plots.plot_pr_curves(curves, BLOOD, values, values, tmp_path / "pr.png")
+    (fig,) = drawn_figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.axison]
+    titles = [
+        (
+            _letters(ax.title.get_text().rsplit("\n", 1)[0]),  # the name, less the area
+            ax.title.get_window_extent(renderer).width <= ax.get_window_extent().width,
+        )
+        for ax in panels
+    ]
+    assert titles == [(_letters(name), True) for name in BLOOD]
+    boxes = {f"title {k}": ax.title.get_window_extent(renderer) for k, ax in enumerate(panels)}
+    for k, ax in enumerate(panels):
+        parts = [ax.get_window_extent(), ax.xaxis.get_tightbbox(renderer)]
+        boxes[f"panel {k}"] = Bbox.union(parts + [ax.yaxis.get_tightbbox(renderer)])
+    assert _overlapping(fig, boxes) == []
+
+
+def test_a_long_class_name_stays_beside_its_own_row_of_heatmaps(tmp_path, drawn_figures):
+    """The row label of BloodMNIST's 67-character class name, in one line, ran down three rows
+    over the other labels: each row's label is its name whole, in lines no longer than its
+    row's images are high, clear of the other labels and the images, inside the figure."""
+    from chest_mnist.batches import SplitDataset
+    from chest_mnist.report_heatmaps import write_heatmap_figure
+    from tests.test_cam import bright_and_dark_model, quadrant_image
+
+    class Data:  # what write_heatmap_figure reads of a MedMNISTDataModule
+        hparams = type("H", (), {"mean": 0.5, "std": 0.5})
+        splits = {"test": SplitDataset(torch.from_numpy(np.stack([quadrant_image()] * 4)), None)}
+
+    labels = ["bright", BLOOD[3], "not_bright"]
+    scores = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    split = (scores, (scores > 0.5).int())
+    report = build_report(split, split, labels, torch.full((3,), 0.5))
+    write_heatmap_figure(bright_and_dark_model(), Data(), report, tmp_path, per_label=2)
+    (fig,) = drawn_figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    rows = [ax for ax in fig.axes if ax.get_ylabel()]
+    names = [
+        (
+            _letters(ax.get_ylabel()),
+            ax.yaxis.label.get_window_extent(renderer).height <= ax.get_window_extent().height,
+        )
+        for ax in rows
+    ]
+    assert names == [(_letters(label), True) for label in labels]
+    boxes = {f"row {k}": ax.yaxis.label.get_window_extent(renderer) for k, ax in enumerate(rows)}
+    boxes |= {f"image {k}": ax.get_window_extent() for k, ax in enumerate(fig.axes)}
+    assert _overlapping(fig, boxes) == []
+
+
+def test_the_reliability_figure_names_what_it_plots_and_each_ece(tmp_path, drawn_figures):
+    """The y-axis is the share of positives of a sigmoid task but the top label's accuracy of
+    a multi-class one; with temperature scaling the diagram draws the curves before and after,
+    and the title gave one ECE (after) without saying which: it gives both, named."""
+    from chest_mnist.calibration import scale, temperature_scaling
+    from chest_mnist.report_figures import write_reliability
+    from chest_mnist.task import MULTI_CLASS_TASK, MULTI_LABEL_TASK
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(200, 3, generator=g)  # overconfident: a temperature above 1
+    truth = {
+        MULTI_LABEL_TASK: (torch.rand(200, 3, generator=g) < 0.3).int(),
+        MULTI_CLASS_TASK: torch.randint(0, 3, (200, 1), generator=g),
+    }
+    ylabels, titles = {}, {}
+    for task, targets in truth.items():
+        scaling = temperature_scaling((logits, targets), (logits, targets), task, per_label=False)
+        split = (task.scores(scale(logits, scaling.temperature)), targets)
+        report = build_report(
+            split, split, ["a", "b", "c"], torch.full((3,), 0.3), task=task, scaling=scaling
+        )
+        write_reliability(report, tmp_path / "reliability.png")
+        fig = drawn_figures[-1]
+        ylabels[task.name] = fig.axes[0].get_ylabel()
+        before, after = report.scalars["ece_before"], report.scalars["ece"]  # 0.35, 0.19 (sigmoid)
+        titles[task.name] = f"ECE {before:.4f} before scaling, {after:.4f} after;" in (
+            fig._suptitle.get_text()
+        )
+    assert ylabels == {
+        MULTI_LABEL_TASK.name: "share of positives in the bin",
+        MULTI_CLASS_TASK.name: "accuracy of the top label in the bin",
+    }
+    assert titles == {MULTI_LABEL_TASK.name: True, MULTI_CLASS_TASK.name: True}
 
 
 def compose_evaluate(overrides):
