@@ -700,19 +700,58 @@ def test_the_notebook_finds_the_repository_wherever_jupyter_started(start, monke
     assert found["ROOT"] == ROOT
 
 
+def _multiclass_run(folder: Path) -> tuple[Path, Path]:
+    """A BloodMNIST-format file (8 classes, RGB, neutrophil the most frequent) and the report/
+    of a tiny run on it, as evaluate writes it: every figure, heatmaps.png included."""
+    from chest_mnist.train import train
+    from tests.conftest import tiny_training_overrides
+
+    rng = np.random.default_rng(0)
+    shares = np.array([1, 1, 1, 1, 1, 1, 3, 1]) / 10
+    arrays = {}
+    for split, n in (("train", 160), ("val", 64), ("test", 96)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.choice(8, (n, 1), p=shares).astype(np.uint8)
+    npz = folder / "blood.npz"
+    np.savez(npz, **arrays)
+    train(compose_train(tiny_training_overrides(npz, folder) + ["data.flag=bloodmnist"]))
+    evaluate(
+        compose_evaluate(
+            [
+                f"ckpt_path={folder}",
+                "trainer=cpu",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={folder}/evaluate",
+            ]
+        )
+    )
+    return npz, folder / "evaluate" / "report"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flag", ["chestmnist", "pneumoniamnist"])
-def test_notebook_runs_top_to_bottom(trained_run, synthetic_npz, flag, monkeypatch):
+@pytest.mark.parametrize("flag", ["chestmnist", "pneumoniamnist", "bloodmnist"])
+def test_notebook_runs_top_to_bottom(request, tmp_path, flag, monkeypatch):
+    """Each kind of task: multi-label and binary files with a ChestMNIST run's report, and a
+    multi-class file with its own run's report, which has no all-negative ACC and no tuned
+    thresholds. A multi-class task's class shares sum to 1 and its constant baseline is the
+    class most frequent in training; the report's baseline is its acc_majority; every figure
+    in the report's folder is shown."""
+    import base64
+    import re
+
     import nbformat
     from nbclient import NotebookClient
 
     from tests.conftest import PNEUMONIA_NPZ, ROOT
 
+    if flag == "bloodmnist":
+        npz, report = _multiclass_run(tmp_path)
+    else:
+        npz = request.getfixturevalue("synthetic_npz") if flag == "chestmnist" else PNEUMONIA_NPZ
+        report = request.getfixturevalue("trained_run") / "report"
     monkeypatch.setenv("CHEST_MNIST_FLAG", flag)
-    monkeypatch.setenv(
-        "CHEST_MNIST_NPZ", str(synthetic_npz if flag == "chestmnist" else PNEUMONIA_NPZ)
-    )
-    monkeypatch.setenv("CHEST_MNIST_REPORT", str(trained_run / "report"))
+    monkeypatch.setenv("CHEST_MNIST_NPZ", str(npz))
+    monkeypatch.setenv("CHEST_MNIST_REPORT", str(report))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
     NotebookClient(
@@ -721,11 +760,38 @@ def test_notebook_runs_top_to_bottom(trained_run, synthetic_npz, flag, monkeypat
         kernel_name="python3",
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     ).execute()
-    outputs = "".join(
-        o.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for o in cell.outputs
-    )
-    assert "all-negative ACC on test" in outputs and "test/acc_all_negative" in outputs
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    outputs = "".join(o.get("text", "") for cell in code for o in cell.outputs)
     assert "Traceback" not in outputs
+    with np.load(npz) as arrays:
+        labels = {split: arrays[f"{split}_labels"] for split in ("train", "val", "test")}
+    metrics = json.loads((report / "metrics.json").read_text())
+    printed = dict(re.findall(r"^(test/\S+) +(\S+)$", outputs, re.MULTILINE))
+    assert printed["test/acc_majority"] == f"{metrics['test/acc_majority']:.4f}"
+    if flag == "bloodmnist":
+        lines = outputs.splitlines()
+        at = [line.split() for line in lines].index(["class", "train", "val", "test"])
+        rows = [line.rsplit(maxsplit=3)[1:] for line in lines[at + 1 : at + 9]]  # (class, split)
+        counted = [np.bincount(y[:, 0], minlength=8) / len(y) for y in labels.values()]
+        assert rows == [[f"{share:.4f}" for share in row] for row in np.stack(counted, axis=1)]
+        shares = np.array(rows, dtype=float)
+        assert shares.sum(0) == pytest.approx([1, 1, 1], abs=5e-4)  # 8 shares, each to 4 places
+        majority = (labels["test"][:, 0] == np.bincount(labels["train"][:, 0]).argmax()).mean()
+        assert f"majority-class ACC on test: {majority:.4f}" in outputs
+        assert printed["test/acc_majority"] == f"{majority:.4f}"  # chosen on train, as here
+        assert "all-negative" not in outputs
+        assert "test/acc_all_negative" not in printed and "test/f1_macro_tuned" not in printed
+    else:
+        assert f"all-negative ACC on test: {(labels['test'] == 0).mean():.4f}" in outputs
+        assert "majority-class" not in outputs
+        assert "test/acc_all_negative" in printed and "test/f1_macro_tuned" in printed
+    figures = {path.name: path.read_bytes() for path in report.glob("*.png")}
+    left_out = {"reliability.png", "heatmaps.png"} if flag == "bloodmnist" else {"reliability.png"}
+    assert left_out <= figures.keys()  # what the notebook did not show: here to be shown
+    names = {image: name for name, image in figures.items()}
+    shown = [
+        names.get(base64.b64decode(o.data["image/png"]), "an image from elsewhere")
+        for o in code[-1].outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert sorted(shown) == sorted(figures)
