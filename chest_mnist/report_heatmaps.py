@@ -77,9 +77,14 @@ def write_heatmap_figure(
     # (left) and the title (top, wrapped to the width), fixed: a layout engine measured every
     # title again and took most of the figure's time
     width, height = 1.9 * cols + 0.6 + more, 2.0 * rows + 0.4
+    empty = (
+        "; map empty: Grad-CAM found no region that raises the score"
+        if any(not heatmap.max() > 0 for heatmap in maps[:, 0])
+        else ""
+    )
     title = wrapped(
         f"Grad-CAM: the {cols} highest test scores per {report.task.words.output}; "
-        "green: decided right, red: wrong",
+        f"green: decided right, red: wrong{empty}",
         width - 0.2,
         fontsize=10,
     )
@@ -96,7 +101,8 @@ def write_heatmap_figure(
     for cell, (ax, pick, heatmap) in enumerate(zip(axes.flat, picks, maps[:, 0], strict=True)):
         colour = RIGHT if pick.verdict.startswith("T") else WRONG
         ax.imshow(overlay(pixels[cell], heatmap))
-        ax.set_title(f"{pick.score:.2f} {pick.verdict}", fontsize=9, color=colour)
+        blank = ", map empty" if not heatmap.max() > 0 else ""
+        ax.set_title(f"{pick.score:.2f} {pick.verdict}{blank}", fontsize=9, color=colour)
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():

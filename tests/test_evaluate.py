@@ -250,6 +250,43 @@ def test_a_long_class_name_stays_beside_its_own_row_of_heatmaps(tmp_path, drawn_
     assert _overlapping(fig, boxes) == []
 
 
+def test_an_empty_heatmap_is_named_in_its_title(tmp_path, drawn_figures, monkeypatch):
+    """Grad-CAM keeps only what raises a score: with no such region a map is all zeros, drawn
+    as the bare image under a uniform tint. Such a cell's title says "map empty", and the
+    figure's title what that means (a figure of four empty maps said nothing)."""
+    import chest_mnist.report_heatmaps
+    from chest_mnist.batches import SplitDataset
+    from chest_mnist.report_heatmaps import heatmaps, write_heatmap_figure
+    from tests.test_cam import bright_and_dark_model, quadrant_image
+
+    class Data:  # what write_heatmap_figure reads of a MedMNISTDataModule
+        hparams = type("H", (), {"mean": 0.5, "std": 0.5})
+        splits = {"test": SplitDataset(torch.from_numpy(np.stack([quadrant_image()] * 4)), None)}
+
+    def first_emptied(*args, **kwargs):
+        maps = heatmaps(*args, **kwargs)
+        maps[0] = 0
+        return maps
+
+    labels = ["bright", "not_bright"]
+    scores = torch.rand(4, 2, generator=torch.Generator().manual_seed(0))
+    split = (scores, (scores > 0.5).int())
+    report = build_report(split, split, labels, torch.full((2,), 0.5))
+    model = bright_and_dark_model()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_heatmap_figure(model, Data(), report, tmp_path / "a", per_label=2)
+    monkeypatch.setattr(chest_mnist.report_heatmaps, "heatmaps", first_emptied)
+    write_heatmap_figure(model, Data(), report, tmp_path / "b", per_label=2)
+    drawn, emptied = drawn_figures
+    meaning = "map empty: Grad-CAM found no region that raises the score"
+    assert not any("map empty" in ax.get_title() for ax in drawn.axes)
+    assert _letters(meaning) not in _letters(drawn._suptitle.get_text())  # wrapped: Grad-\nCAM
+    titles = [ax.get_title() for ax in emptied.axes]
+    assert titles[0].endswith(", map empty") and not any("empty" in t for t in titles[1:])
+    assert _letters(meaning) in _letters(emptied._suptitle.get_text())
+
+
 def test_the_reliability_figure_names_what_it_plots_and_each_ece(tmp_path, drawn_figures):
     """The y-axis is the share of positives of a sigmoid task but the top label's accuracy of
     a multi-class one; with temperature scaling the diagram draws the curves before and after,
