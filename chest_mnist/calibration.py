@@ -23,6 +23,7 @@ with the thresholds tuned after them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,9 +35,11 @@ from chest_mnist import UserError
 from chest_mnist.task import SoftmaxTask, Task
 
 BINS = 15  # torchmetrics' default, and Guo et al.'s
-# The temperatures a fit may reach. Where the validation NLL falls all the way to a bound (a
-# label its scores say nothing about: T runs to infinity, every score to 0.5, and float32
-# rounding ties them), the bound is the fit (the NLL is convex in 1/T), and the report says so.
+# The temperatures a fit may reach, and why it may want to go further: a label its scores say
+# nothing about has its least NLL as T runs to infinity (every score towards 0.5), and one that
+# validation separates as T runs to 0 (every score towards 0 or 1); there float32 rounding ties
+# the scores, and AUROC, AP and the decisions at 0.5 would move. A fit at a bound is named in
+# the report. (A model of near-zero logits, trained a step or two, may want T under 0.05.)
 T_RANGE = (0.05, 20.0)
 METHODS = ("none", "temperature")
 
@@ -124,9 +127,9 @@ def check_per_label(task: Task, per_label: bool) -> None:
 
 def fit_temperature(logits: Tensor, targets: Tensor, task: Task, per_label: bool) -> Tensor:
     """Temperatures minimising the validation NLL of `logits / T` for T in T_RANGE: (L,) with
-    `per_label` (a sigmoid task), else (1,). L-BFGS on log T, so T stays positive, then each T
-    put back into T_RANGE: each label's NLL is its own and convex in 1/T, so the bound it
-    passed is its least NLL within the range (`at_bound`). With `per_label`, a label
+    `per_label` (a sigmoid task), else (1,). Exact: each label's NLL is its own and convex in
+    1/T, so its slope there is found by bisection, or is of one sign over the whole range and
+    the fit is a bound (`at_bound`). With `per_label`, a label
     with no positives or no negatives in validation keeps T = 1 (`kept_at_one`): its NLL falls
     without bound as T shrinks, which would only push its scores to 0 or 1."""
     check_per_label(task, per_label)
@@ -151,19 +154,31 @@ def kept_at_one(targets: Tensor, task: Task, num_outputs: int) -> Tensor:
 
 
 def _fit(logits: Tensor, targets: Tensor, task: Task, count: int) -> Tensor:
-    log_t = torch.zeros(count, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [log_t], lr=0.5, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
-    )
+    """The `count` temperatures (1, or one per column of a sigmoid task's `logits`): bisection
+    of the NLL's slope in b = 1/T, which rises with b, on log b, in float64."""
+    logits = logits.double()
+    low = torch.full((count,), -math.log(T_RANGE[1]), dtype=torch.float64)  # log b at T's top
+    high = torch.full((count,), -math.log(T_RANGE[0]), dtype=torch.float64)
+    rising_at_low = _slope(logits, targets, task, low.exp()) >= 0  # least NLL at T's top
+    falling_at_high = _slope(logits, targets, task, high.exp()) <= 0  # at T's bottom
+    for _ in range(64):  # log b's range (6.0) halved 64 times: below float64's resolution
+        middle = (low + high) / 2
+        rising = _slope(logits, targets, task, middle.exp()) > 0
+        high, low = torch.where(rising, middle, high), torch.where(rising, low, middle)
+    temperature = (-(low + high) / 2).exp().float()
+    temperature[rising_at_low] = T_RANGE[1]
+    temperature[falling_at_high] = T_RANGE[0]
+    return temperature
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = task.loss(logits / log_t.exp(), targets, None, 0.0)
-        loss.backward()
-        return loss
 
-    optimizer.step(closure)
-    return log_t.detach().exp().clamp(*T_RANGE)
+def _slope(logits: Tensor, targets: Tensor, task: Task, b: Tensor) -> Tensor:
+    """d NLL / d b of `logits * b`, summed over images: per column of a sigmoid task's logits
+    when `b` has one value per column, else over all of them (one temperature for all)."""
+    if isinstance(task, SoftmaxTask):
+        true = logits.gather(1, targets.reshape(-1, 1).long())
+        return ((logits * b).softmax(-1) * logits).sum(-1, keepdim=True).sub(true).sum().reshape(1)
+    residual = ((logits * b).sigmoid() - targets.double()) * logits
+    return residual.sum(0) if len(b) > 1 else residual.sum().reshape(1)
 
 
 def at_bound(temperature: Tensor) -> Tensor:
