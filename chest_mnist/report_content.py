@@ -12,6 +12,7 @@ and "<name>_high" scalars and per-label columns), and the calibration of the tes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,10 @@ OPTION_KEYS = {
     "bootstrap": ("resamples", "level", "seed"),
     "calibration": ("method", "per_label", "bins"),
 }
-OPTION_NULL = {
-    "thresholds": "for 0.5 for every label, give thresholds.rule=fixed.",
-    "bootstrap": "for no intervals, give bootstrap.resamples=0.",
-    "calibration": "for no temperature scaling, give calibration=none.",
+OPTION_INSTEAD = {
+    "thresholds": "thresholds.rule=fixed for 0.5 for every label",
+    "bootstrap": "bootstrap.resamples=0 for no intervals",
+    "calibration": "calibration=none for no temperature scaling",
 }
 
 
@@ -65,8 +66,11 @@ class ReportOptions:
         one of theirs (`+bootstrap.resampels=10` would be ignored)."""
         for section, keys in OPTION_KEYS.items():
             given = cfg.get(section, {})
-            if given is None:
-                raise UserError(f"{section}=null: {OPTION_NULL[section]}")
+            if not isinstance(given, Mapping):  # thresholds=fixed, bootstrap=null, bootstrap=0
+                raise UserError(
+                    f"{section}={given!r} is not a value but a group of keys "
+                    f"({', '.join(keys)}): give {OPTION_INSTEAD[section]}."
+                )
             unknown = sorted(set(given) - set(keys))
             if unknown:
                 raise UserError(

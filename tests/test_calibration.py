@@ -340,15 +340,26 @@ def test_one_temperature_per_class_is_refused_before_training(tiny_overrides):
         ),
         ("+calibration.per_labels=true", "calibration.per_labels is not a key of calibration"),
         ("+thresholds.rules=youden", "thresholds.rules is not a key of thresholds"),
-        ("bootstrap=null", "bootstrap=null: for no intervals, give bootstrap.resamples=0"),
-        ("thresholds=null", "thresholds=null: for 0.5 for every label, give thresholds.rule=fixed"),
+        (
+            "bootstrap=null",
+            "bootstrap=None is not a value but a group of keys (resamples, "
+            "level, seed): give bootstrap.resamples=0 for no intervals.",
+        ),
+        ("bootstrap=0", "bootstrap=0 is not a value"),
+        ("bootstrap=false", "bootstrap=False is not a value"),
+        (
+            "thresholds=fixed",
+            "thresholds='fixed' is not a value but a group of keys (rule): "
+            "give thresholds.rule=fixed for 0.5 for every label.",
+        ),
     ],
 )
 def test_a_report_key_spelt_wrong_or_null_is_refused_before_training(
     tiny_overrides, override, message
 ):
-    """Added with `+`, a misspelt key was ignored (1,000 resamples where 10 were asked for), and
-    bootstrap=null drew 1,000 resamples: each is refused with what to write instead."""
+    """Added with `+`, a misspelt key was ignored (1,000 resamples where 10 were asked for),
+    bootstrap=null drew 1,000 resamples, bootstrap=0 raised a TypeError and thresholds=fixed
+    named "thresholds.d": each is refused with what to write instead."""
     from chest_mnist.config_checks import check_config
     from tests.conftest import compose_train
 
