@@ -12,13 +12,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
-from chest_mnist.model import OPTIMIZER_CLASS, RAW_WEIGHTS
+from chest_mnist.model import OPTIMIZER_CLASS
 from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run_of
 
 log = logging.getLogger(__name__)
@@ -197,13 +196,6 @@ def check_resumable(ckpt_path: str, cfg: DictConfig | None = None) -> None:
                 for key, (then, now) in changed.items()
             ),
         )
-    if cfg is not None and RAW_WEIGHTS in checkpoint and not averages_weights(cfg):
-        log.warning(
-            "%s is from a run that averaged its weights (callbacks.ema); resumed without it, "
-            "training goes on from the raw weights, the ones its optimizer state belongs to, "
-            "and validation, checkpoints and test use them, not an average.",
-            ckpt_path,
-        )
     scheduler = cfg.model.get("scheduler") if cfg is not None else None
     saved = saved_milestones(checkpoint)
     if not scheduler or "milestones" not in scheduler or saved is None:
@@ -240,18 +232,6 @@ def check_same_optimizer(ckpt_path: str, checkpoint: dict, cfg: DictConfig) -> N
             f"cannot go on with model.optimizer._target_={target}. Resume with the run's own "
             f"optimizer, or train a new run (without ckpt_path)."
         )
-
-
-def averages_weights(cfg: DictConfig) -> bool:
-    """Whether one of the config's callbacks is a Lightning WeightAveraging (callbacks.ema)."""
-    for entry in (cfg.get("callbacks") or {}).values():
-        target = entry.get("_target_") if OmegaConf.is_dict(entry) else None
-        try:
-            if target and issubclass(hydra.utils.get_class(target), WeightAveraging):
-                return True
-        except Exception:  # not a class here: Hydra names the key when it builds the callback
-            continue
-    return False
 
 
 # what a resumed run would learn differently with: the keys of the checkpoint's data module and

@@ -505,8 +505,8 @@ class MedMNISTClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A run with callbacks.ema saves the average as its weights and the training (raw) ones
         # apart (Lightning's WeightAveraging). Resumed without it, training goes on from the raw
-        # weights, the ones its optimizer state belongs to (config_checks says so), not from
-        # the average. Only when fitting: the test stage loads the best checkpoint's average.
+        # weights, the ones its optimizer state belongs to, not from the average. Only when
+        # fitting: trainer.test or validate(ckpt_path=...) keeps the average it was chosen by.
         if (
             RAW_WEIGHTS in checkpoint
             and self._trainer is not None
@@ -514,6 +514,15 @@ class MedMNISTClassifier(L.LightningModule):
             and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks)
         ):
             checkpoint["state_dict"] = checkpoint[RAW_WEIGHTS]
+            if self.trainer.is_global_zero:
+                log.warning(
+                    "%s is from a run that averaged its weights (callbacks.ema); resumed without "
+                    "it, training goes on from the raw weights, the ones its optimizer state "
+                    "belongs to, and validates and saves them from here. The best checkpoint so "
+                    "far, and its score, are of the average (Lightning's warning to add the "
+                    "callback is about that average).",
+                    self.trainer.ckpt_path,
+                )
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

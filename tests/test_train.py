@@ -357,7 +357,7 @@ def test_a_run_averaged_by_ema_resumed_without_it_goes_on_from_the_raw_weights(
     averaged = run("ema", "ema", "callbacks.ema.update_starting_at_step=1")
     name = "backbone.layer1.0.conv1.weight"
     assert not torch.equal(averaged["state_dict"][name], averaged["current_model_state"][name])
-    caplog.set_level(logging.WARNING, logger="chest_mnist.config_checks")
+    caplog.set_level(logging.WARNING, logger="chest_mnist.model")
     ends = [
         run(
             folder,
@@ -373,6 +373,34 @@ def test_a_run_averaged_by_ema_resumed_without_it_goes_on_from_the_raw_weights(
         assert torch.equal(ends[1]["state_dict"][key], value), key
     warned = [r.getMessage() for r in caplog.records if "averaged its weights" in r.getMessage()]
     assert len(warned) == 1 and str(tmp_path / "ema") in warned[0]
+
+
+def test_only_a_fit_without_weight_averaging_takes_the_raw_weights():
+    """The raw weights replace the average only to go on training without the averaging:
+    not in a fit that averages, nor where a checkpoint is loaded to test or validate."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from chest_mnist.model import MedMNISTClassifier
+
+    model = MedMNISTClassifier(labels=["a"], stem="imagenet")
+    for fn, callbacks, taken in (
+        ("fit", [], "raw"),
+        ("fit", [EMAWeightAveraging()], "average"),
+        ("test", [], "average"),
+        ("validate", [], "average"),
+    ):
+        model._trainer = SimpleNamespace(
+            state=SimpleNamespace(fn=fn), callbacks=callbacks, is_global_zero=True, ckpt_path="c"
+        )
+        checkpoint = {"state_dict": "average", "current_model_state": "raw"}
+        model.on_load_checkpoint(checkpoint)
+        assert checkpoint["state_dict"] == taken, (fn, callbacks)
+    model._trainer = None  # LightningModule.load_from_checkpoint: no trainer
+    checkpoint = {"state_dict": "average", "current_model_state": "raw"}
+    model.on_load_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] == "average"
 
 
 @pytest.mark.slow
