@@ -285,11 +285,13 @@ def group_table(groups: list[Group]) -> tuple[str, list[dict]]:
             f"| {group.name} | {len(group.runs)} ({row['seeds']}) | " + " | ".join(cells) + " |"
         )
         rows.append(row)
-    lines += ["", "mean ± sample standard deviation over the seeds (min to max)."]
-    if any(
-        math.isnan(value) for row in rows for name, value in row.items() if name.endswith(" mean")
-    ):
-        lines[-1] += f" {UNDEFINED}: {WHY_UNDEFINED}."
+    notes = []
+    if any(len(group.runs) > 1 for group in groups):
+        notes.append("mean ± sample standard deviation over the seeds (min to max).")
+    if any(math.isnan(v) for row in rows for name, v in row.items() if name.endswith(" mean")):
+        notes.append(f"{UNDEFINED}: {WHY_UNDEFINED}.")
+    if notes:
+        lines += ["", " ".join(notes)]
     return "\n".join(lines), rows
 
 

@@ -178,8 +178,8 @@ def _calibration(report: Report, figures: list[str]) -> list[str]:
         unchanged = (
             f"It keeps each {report.task.words.output}'s order of scores and the decisions at "
             f"{THRESHOLD} (up to float32 rounding of nearly tied scores), so AUROC, AP and ACC "
-            f"({ranking}); every number here is after it, and the thresholds were tuned on the "
-            f"scaled validation scores."
+            f"stay as they were ({ranking}); every number here is after it, and the thresholds "
+            f"were tuned on the scaled validation scores."
         )
     else:
         unchanged = (

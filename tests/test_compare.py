@@ -250,6 +250,7 @@ def test_a_group_of_one_run_and_no_stale_difference_table(tmp_path):
     fake_run(tmp_path / "b" / "1", 1, metric_values(0.92), lr=1e-2)
     markdown = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     assert "0.9000 (1 seed)" in markdown and "+0.0200 n/a (a group of one run)" in markdown
+    assert "±" not in markdown  # no spread, and no line saying what it is
     assert (tmp_path / "out" / "compare_difference.csv").exists()
     fake_run(tmp_path / "c" / "1", 1, metric_values(0.95), lr=3e-2)  # three groups now
     compare([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "out")

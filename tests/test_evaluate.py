@@ -823,8 +823,7 @@ def test_notebook_runs_top_to_bottom(request, tmp_path, flag, monkeypatch):
         assert "majority-class" not in outputs
         assert "test/acc_all_negative" in printed and "test/f1_macro_tuned" in printed
     figures = {path.name: path.read_bytes() for path in report.glob("*.png")}
-    left_out = {"reliability.png", "heatmaps.png"} if flag == "bloodmnist" else {"reliability.png"}
-    assert left_out <= figures.keys()  # what the notebook did not show: here to be shown
+    assert {"reliability.png", "heatmaps.png"} <= figures.keys()  # the notebook once left out
     names = {image: name for name, image in figures.items()}
     shown = [
         names.get(base64.b64decode(o.data["image/png"]), "an image from elsewhere")
