@@ -35,7 +35,7 @@ THRESHOLD_FREE = (
 )
 
 
-# the report's config sections and their keys; what to write for what `section=null` means
+# the report's config sections, their keys, and what to write instead of a value for a section
 OPTION_KEYS = {
     "thresholds": ("rule",),
     "bootstrap": ("resamples", "level", "seed"),
