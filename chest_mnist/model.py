@@ -230,6 +230,7 @@ class MedMNISTClassifier(L.LightningModule):
         # until the process compiling it (background_compile) is done
         self.compile_pending = False
         self.background_compile: BackgroundCompile | None = None
+        self.began_training = False  # whether a fit got as far as its first step (on_train_start)
         self.val_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="val/")
         self.test_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="test/")
 
@@ -539,6 +540,7 @@ class MedMNISTClassifier(L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
+        self.began_training = True
         self._reset_train_loss()  # also when a run resumes inside an epoch (no epoch start)
 
     def _reset_train_loss(self) -> None:

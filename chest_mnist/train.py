@@ -69,7 +69,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except UserError:
+        if not model.began_training:  # refused before its first step (its data, say): as above
+            forget_refused_config()
+        raise
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -118,10 +123,11 @@ def _end_distributed() -> None:
 
 
 def forget_refused_config() -> None:
-    """The config Hydra saved for a run its checks refused, where `config.config_subdir` put it
-    beside another run's (`.hydra/resumed_<time>` beside the run it resumes, `.hydra/refused_<time>`
-    in a folder where another run has trained): removed, so that what is left there is the runs
-    that trained. Nothing else: not a run's own `.hydra`, nor an output_subdir the user set."""
+    """The config Hydra saved for a run refused before its first step (by its checks, or by its
+    data as the fit begins), where `config.config_subdir` put it beside another run's
+    (`.hydra/resumed_<time>` beside the run it resumes, `.hydra/refused_<time>` in a folder
+    where another run has trained): removed, so that what is left there is the runs that
+    trained. Nothing else: not a run's own `.hydra`, nor an output_subdir the user set."""
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()

@@ -527,7 +527,8 @@ def test_a_new_run_in_a_begun_runs_folder_is_refused_and_that_run_left_as_it_was
 ):
     """hydra.run.dir= an earlier run's folder: its config was overwritten (by Hydra, before any
     check) and its TensorBoard events mixed with the new run's (its loss curves drew both).
-    Refused now, that run's files untouched; a refused resume leaves no config of its own."""
+    Refused now, that run's files untouched; a resume refused before its first step (by its
+    checks, or by its data) leaves no config of its own."""
     folder = tmp_path / "baseline"
     here = [f"hydra.run.dir={folder}", f"paths.output_dir={folder}", "trainer.max_epochs=1"]
     first = run_here("chest_mnist.train", *command(synthetic_npz, tmp_path, *here))
@@ -554,6 +555,15 @@ def test_a_new_run_in_a_begun_runs_folder_is_refused_and_that_run_left_as_it_was
         f"ckpt_path={last}",
     )
     assert refused.returncode == 2 and "its weights cannot go on with" in refused.stderr
+    assert not list((folder / ".hydra").glob("resumed_*"))
+    no_data = run_here(  # refused by its data as the fit begins, after the checks (it was left)
+        "chest_mnist.train",
+        *command(synthetic_npz, tmp_path, *here),
+        f"data.path={tmp_path}/gone.npz",
+        "data.synthetic=null",  # not written on first use: missing
+        f"ckpt_path={last}",
+    )
+    assert no_data.returncode == 2 and "gone.npz does not exist" in no_data.stderr
     assert not list((folder / ".hydra").glob("resumed_*"))
     changed = {p for p in folder.rglob("*") if p.is_file() and begun.get(p) != p.stat().st_mtime_ns}
     assert changed == {folder / "train.log"}  # where the refusals are logged
