@@ -20,7 +20,14 @@ import torch
 from chest_mnist import UserError
 from chest_mnist.bootstrap import Bootstrap, bootstrap_intervals
 from chest_mnist.calibration import BINS, METHODS, TemperatureScaling, calibration_errors
-from chest_mnist.metrics import DECISIONS, THRESHOLD_RULES, evaluate_predictions, tune_thresholds
+from chest_mnist.metrics import (
+    DECISIONS,
+    THRESHOLD_RULES,
+    evaluate_predictions,
+    mean_over_defined,
+    ranking_per_label,
+    tune_thresholds,
+)
 from chest_mnist.task import MULTI_LABEL_TASK, Task
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of a whole split
@@ -243,10 +250,9 @@ def _add_calibration(
             scaling.nll["test_before"],
             scaling.nll["test_after"],
         )
-        labels = [row["label"] for row in rows]
-        unscaled = evaluate_predictions(scaling.test_before, test[1], labels, task=task)
-        for name in ("auroc", "ap_macro"):
-            scalars[f"{name}_before"] = unscaled["scalars"][name]
+        unscaled = ranking_per_label(scaling.test_before, task.targets(test[1]), len(rows), task)
+        scalars["auroc_before"], _ = mean_over_defined(unscaled["auroc"])
+        scalars["ap_macro_before"], _ = mean_over_defined(unscaled["ap"])
         temperatures = scaling.temperature.expand(len(rows)).tolist()
         for column, value, t in zip(columns, before_per_label.tolist(), temperatures, strict=True):
             column |= {"ece_before": value, "temperature": t}

@@ -51,30 +51,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The order is fixed: datamodule, model, callbacks, loggers, trainer. Tests call this directly.
     """
     started = time.perf_counter()
+    model = None
     try:
         check_before_training(cfg)
-    except UserError:
-        forget_refused_config()
-        raise
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    model: L.LightningModule = hydra.utils.instantiate(
-        cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
-    )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        model = hydra.utils.instantiate(
+            cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
+        )
+        callbacks = _instantiate_all(cfg.get("callbacks"))
+        loggers = _instantiate_all(cfg.get("logger"))
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers
+        )
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except UserError:
-        if not model.began_training:  # refused before its first step (its data, say): as above
+        if model is None or not model.began_training:  # refused by its checks, or its data
             forget_refused_config()
         raise
+    output_dir = Path(cfg.paths.output_dir)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
