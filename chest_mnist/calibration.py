@@ -32,7 +32,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_calibration_error
 
 from chest_mnist import UserError
-from chest_mnist.task import SoftmaxTask, Task
+from chest_mnist.task import Task
 
 BINS = 15  # torchmetrics' default, and Guo et al.'s
 # The temperatures a fit may reach, and why it may want to go further: a label its scores say
@@ -49,26 +49,10 @@ def describe_bins(bins: int = BINS) -> str:
 
 
 def pooled(scores: Tensor, targets: Tensor, task: Task) -> tuple[Tensor, Tensor]:
-    """The (confidence, truth) pairs the overall ECE bins: every (image, label) score and its
-    0/1 truth for a sigmoid task; each image's top score and whether its class is the top one
-    for a multi-class task (top-label calibration)."""
-    scores = scores.detach().float().cpu()
-    if isinstance(task, SoftmaxTask):
-        top, predicted = scores.max(-1)
-        return top, (predicted == targets.reshape(-1).cpu()).int()
-    return scores.reshape(-1), task.one_vs_rest(targets.cpu(), scores.shape[1]).reshape(-1)
-
-
-def pooled_description(task: Task) -> str:
-    """What `pooled` pools, in words."""
-    return "top-label scores" if isinstance(task, SoftmaxTask) else "every (image, label) score"
-
-
-def frequency_description(task: Task) -> str:
-    """What a bin of `pooled`'s pairs has a share of, in words (a reliability diagram's y-axis)."""
-    if isinstance(task, SoftmaxTask):
-        return "accuracy of the top label in the bin"
-    return "share of positives in the bin"
+    """The (confidence, truth) pairs the overall ECE bins, on the CPU: the task's
+    `calibration_pairs` (every (image, label) score, or each image's top score); in words
+    `task.words.pooled`."""
+    return task.calibration_pairs(scores.detach().float().cpu(), targets.cpu())
 
 
 def calibration_errors(
@@ -118,7 +102,7 @@ def negative_log_likelihood(logits: Tensor, targets: Tensor, task: Task) -> floa
 
 def check_per_label(task: Task, per_label: bool) -> None:
     """A UserError for one temperature per output of a softmax, which would reorder classes."""
-    if per_label and isinstance(task, SoftmaxTask):
+    if per_label and not task.independent_outputs:
         raise UserError(
             "calibration.per_label=true fits one temperature per sigmoid output; a multi-class "
             "task's softmax takes one temperature: set calibration.per_label=false."
@@ -159,26 +143,16 @@ def _fit(logits: Tensor, targets: Tensor, task: Task, count: int) -> Tensor:
     logits = logits.double()
     low = torch.full((count,), -math.log(T_RANGE[1]), dtype=torch.float64)  # log b at T's top
     high = torch.full((count,), -math.log(T_RANGE[0]), dtype=torch.float64)
-    rising_at_low = _slope(logits, targets, task, low.exp()) >= 0  # least NLL at T's top
-    falling_at_high = _slope(logits, targets, task, high.exp()) <= 0  # at T's bottom
+    rising_at_low = task.temperature_slope(logits, targets, low.exp()) >= 0  # least NLL at T's top
+    falling_at_high = task.temperature_slope(logits, targets, high.exp()) <= 0  # at T's bottom
     for _ in range(64):  # log b's range (6.0) halved 64 times: below float64's resolution
         middle = (low + high) / 2
-        rising = _slope(logits, targets, task, middle.exp()) > 0
+        rising = task.temperature_slope(logits, targets, middle.exp()) > 0
         high, low = torch.where(rising, middle, high), torch.where(rising, low, middle)
     temperature = (-(low + high) / 2).exp().float()
     temperature[rising_at_low] = T_RANGE[1]
     temperature[falling_at_high] = T_RANGE[0]
     return temperature
-
-
-def _slope(logits: Tensor, targets: Tensor, task: Task, b: Tensor) -> Tensor:
-    """d NLL / d b of `logits * b`, summed over images: per column of a sigmoid task's logits
-    when `b` has one value per column, else over all of them (one temperature for all)."""
-    if isinstance(task, SoftmaxTask):
-        true = logits.gather(1, targets.reshape(-1, 1).long())
-        return ((logits * b).softmax(-1) * logits).sum(-1, keepdim=True).sub(true).sum().reshape(1)
-    residual = ((logits * b).sigmoid() - targets.double()) * logits
-    return residual.sum(0) if len(b) > 1 else residual.sum().reshape(1)
 
 
 def at_bound(temperature: Tensor) -> Tensor:

@@ -23,9 +23,7 @@ import torch
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
 from chest_mnist.calibration import (
-    frequency_description,
     pooled,
-    pooled_description,
     reliability_bins,
 )
 from chest_mnist.metrics import THRESHOLD
@@ -115,11 +113,8 @@ def write_reliability(report: Report, path: Path) -> Path:
     if report.scaling is not None:  # the diagram draws both: the title gives each
         before, after = report.scalars["ece_before"], report.scalars["ece"]
         overall = f"ECE {before:.4f} before scaling, {after:.4f} after"
-    title = (
-        f"Calibration on test: {pooled_description(task)}, {overall}; "
-        f"{report.bins} equal-width bins"
-    )
-    frequency = frequency_description(task)
+    title = f"Calibration on test: {task.words.pooled}, {overall}; {report.bins} equal-width bins"
+    frequency = task.words.bin_frequency
     return plot_reliability(curves, ece, report.labels, title, path, frequency)
 
 

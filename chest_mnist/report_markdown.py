@@ -16,11 +16,9 @@ from chest_mnist.calibration import (
     at_bound,
     describe_bins,
     kept_at_one,
-    pooled_description,
 )
 from chest_mnist.metrics import THRESHOLD
 from chest_mnist.report_content import Report
-from chest_mnist.task import SoftmaxTask
 
 
 def _undefined(row: dict, metric: str) -> str:
@@ -145,7 +143,7 @@ def _calibration(report: Report, figures: list[str]) -> list[str]:
         "",
         "## Calibration",
         "",
-        f"Expected calibration error on test, {pooled_description(report.task)}: "
+        f"Expected calibration error on test, {report.task.words.pooled}: "
         f"**{s['ece']:.4f}** (torchmetrics, {describe_bins(report.bins)}); per "
         f"{report.task.words.output} in the table above{diagram}.",
     ]
@@ -174,7 +172,7 @@ def _calibration(report: Report, figures: list[str]) -> list[str]:
         f"AUROC {s['auroc_before']:.4f} -> {s['auroc']:.4f}, macro AP "
         f"{s['ap_macro_before']:.4f} -> {s['ap_macro']:.4f}"
     )
-    if not isinstance(report.task, SoftmaxTask):  # a sigmoid per label: its order is kept
+    if report.task.independent_outputs:  # a sigmoid per label: its order is kept
         unchanged = (
             f"It keeps each {report.task.words.output}'s order of scores and the decisions at "
             f"{THRESHOLD} (up to float32 rounding of nearly tied scores), so AUROC, AP and ACC "

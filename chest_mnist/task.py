@@ -39,6 +39,8 @@ class Words(NamedTuple):
     constant_answer: str  # what the constant baseline answers
     untuned_rule: str  # the decisions before any tuning: the summary's first column
     loss: str  # the training loss, as the loss curves' axis names it
+    pooled: str  # what the overall calibration error pools (`calibration_pairs`)
+    bin_frequency: str  # what a reliability bin's pairs have a share of: its y-axis
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,16 @@ class Task:
     and `prevalence` per output, `truth` of one output, `thresholds` per output, `decisions`
     (torchmetrics' form) and `predicted` (a mask) from scores, `confusion_counts`,
     `output_accuracy`, the constant baselines `majority_accuracy` and `all_negative_accuracy`
-    (None where it does not apply), and `metric_family` (torchmetrics' classes)."""
+    (None where it does not apply), `metric_family` (torchmetrics' classes), and for
+    calibration the pooled `calibration_pairs` and the NLL's `temperature_slope`."""
 
     name: str  # medmnist INFO's "task", as the model's hyperparameters keep it
 
     words: ClassVar[Words]
     tunes_thresholds: ClassVar[bool] = False  # per-output thresholds, tuned on validation
+    # each output a sigmoid of its own logit: a temperature per output is possible, and any
+    # temperature keeps each output's order of scores across images (so AUROC and AP)
+    independent_outputs: ClassVar[bool] = False
 
     @staticmethod
     def from_medmnist(name: str) -> Task:
@@ -90,12 +96,15 @@ class SigmoidTask(Task):
     """One sigmoid output per label; binary-class keeps the positive class only."""
 
     tunes_thresholds = True
+    independent_outputs = True
     words = Words(
         output="label",
         macro_over="labels",
         constant_answer="each label's more frequent value in training",
         untuned_rule=f"at threshold {THRESHOLD}",
         loss="BCE loss",
+        pooled="every (image, label) score",
+        bin_frequency="share of positives in the bin",
     )
 
     def outputs(self, names: list[str]) -> list[str]:
@@ -182,6 +191,17 @@ class SigmoidTask(Task):
         """torchmetrics' task: its multilabel metrics need two labels or more."""
         return "binary" if num_outputs == 1 else "multilabel"
 
+    def calibration_pairs(self, scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(confidence, 0/1 truth) pairs that the overall calibration error bins: every
+        (image, label) score and its truth."""
+        return scores.reshape(-1), self.one_vs_rest(targets, scores.shape[1]).reshape(-1)
+
+    def temperature_slope(self, logits: Tensor, targets: Tensor, b: Tensor) -> Tensor:
+        """d NLL / d b of `logits * b` (b = 1/T), summed over images: per label when `b` has
+        one value per label, else over all of them (one temperature for all)."""
+        residual = ((logits * b).sigmoid() - targets.double()) * logits
+        return residual.sum(0) if len(b) > 1 else residual.sum().reshape(1)
+
 
 class SoftmaxTask(Task):
     """One softmax output per class; ordinal regression is treated as multi-class."""
@@ -192,6 +212,8 @@ class SoftmaxTask(Task):
         constant_answer="the class most frequent in training",
         untuned_rule="arg-max class",
         loss="cross-entropy loss",
+        pooled="top-label scores",
+        bin_frequency="accuracy of the top label in the bin",
     )
 
     def check_pos_weight(self, pos_weight) -> None:
@@ -269,6 +291,17 @@ class SoftmaxTask(Task):
 
     def metric_family(self, num_outputs: int) -> str:
         return "multiclass"
+
+    def calibration_pairs(self, scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Each image's top score, and whether its class is the top one (top-label
+        calibration, what torchmetrics' multiclass_calibration_error bins)."""
+        top, predicted = scores.max(-1)
+        return top, (predicted == targets.reshape(-1)).int()
+
+    def temperature_slope(self, logits: Tensor, targets: Tensor, b: Tensor) -> Tensor:
+        """d NLL / d b of `logits * b` (b = 1/T, one for all classes), summed over images."""
+        true = logits.gather(1, targets.reshape(-1, 1).long())
+        return ((logits * b).softmax(-1) * logits).sum(-1, keepdim=True).sub(true).sum().reshape(1)
 
 
 MULTI_LABEL_TASK = Task.from_medmnist(MULTI_LABEL)  # ChestMNIST's: the default
