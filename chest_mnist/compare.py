@@ -5,8 +5,9 @@
     python -m chest_mnist.compare RUN_OR_SWEEP_DIR... [--out DIR]
 
 Each run is a folder with `report/metrics.json` and `.hydra/config.yaml` (what `train` writes);
-a folder given is searched for them. Runs whose configs are equal but for the seed (and the
-paths a run writes to) form a group; a row gives the number of seeds and, for each metric, the
+a folder given is searched for them. Runs whose configs are equal but for the seed and the
+keys that do not change what a run learns (`NOT_THE_RECIPE`: where it writes, how it logs,
+saves and draws its report) form a group; a row gives the number of seeds and, for each metric, the
 mean ± sample standard deviation and the min to max. For two groups a second table gives the
 difference of their means (second minus first) with a 95% Student-t interval: paired by seed
 when the groups ran the same seeds, else Welch's. The tables are printed as markdown and

@@ -1,4 +1,5 @@
-"""Figures of a run: loss curves and the per-label confusion matrices."""
+"""The report's figures, drawn from arrays: loss curves, per-label and per-class confusion
+matrices, ROC and PR curves, the reliability diagram; and the text wrapping they share."""
 
 from __future__ import annotations
 

@@ -1,12 +1,18 @@
-"""A run directory's layout, and the files other commands read back: each has one writer and
-one reader here, and its keys are named once.
+"""A run directory's layout, and the files other commands read back, with the names of the
+facts metrics.json keeps beside the test metrics (the metrics themselves are named
+`<split>/<metric>[/<label>]` by the report that writes them).
 
-    <run>/.hydra/config.yaml      the composed config (Hydra writes it); read by compare
+    <run>/.hydra/config.yaml      the composed config (Hydra writes it); read by compare and
+                                  the sweep summary (the metric a checkpoint was chosen by)
+    <run>/.hydra/overrides.yaml   the command line's overrides (Hydra writes it); read by the
+                                  sweep summary
+    <run>/.hydra/job_status       a multirun job's end as Hydra gave it (COMPLETED, FAILED);
+                                  written and read by the sweep summary (sweep.py)
     <run>/checkpoints/            epochNNN-val_auroc*.ckpt (the best), last.ckpt
     <run>/report/metrics.json     every test number (test/auroc, test/f1/<label>, ...) and the
                                   run's facts under the names below; written by the report,
-                                  read by evaluate and predict (a run's best checkpoint) and by
-                                  the sweep summary
+                                  read by evaluate, predict and the web page (a run's best
+                                  checkpoint: checkpoints.py), by the sweep summary and by compare
     <run>/report/thresholds.json  the per-label thresholds tuned on validation, the temperatures
                                   of `calibration=temperature`, and the weights they were tuned
                                   for; written by the report, read by predict and the web page
@@ -26,6 +32,8 @@ from chest_mnist import UserError
 
 CHECKPOINTS = "checkpoints"
 CONFIG = Path(".hydra") / "config.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+JOB_STATUS = Path(".hydra") / "job_status"
 REPORT = "report"
 METRICS = "metrics.json"
 THRESHOLDS = "thresholds.json"

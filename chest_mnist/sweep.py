@@ -56,18 +56,14 @@ COLUMNS = (
 )
 
 
-# in each job's directory, Hydra's verdict on the job (COMPLETED or FAILED), written when it ends
-JOB_STATUS = Path(".hydra") / "job_status"
-
-
 def _job_row(job_dir: Path, final: bool = False) -> dict:
     """A job's row: its status as Hydra gave it when the job ended, and its report's numbers
     when it wrote one (not with test=false). Without a status, a job with a report completed;
     one without is still running, or at the sweep's end (`final`) was stopped before Hydra could
     say (killed): failed."""
-    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    overrides = yaml.safe_load((job_dir / run_files.OVERRIDES).read_text()) or []
     try:
-        status = (job_dir / JOB_STATUS).read_text().strip().lower()
+        status = (job_dir / run_files.JOB_STATUS).read_text().strip().lower()
     except OSError:
         status = None
     row = {"job": job_dir.name, "overrides": " ".join(overrides), "status": status}
@@ -100,7 +96,7 @@ def sweep_rows(sweep_dir: Path, final: bool = False) -> list[dict]:
     """One row per job folder of `sweep_dir`, in job order. `final`: at the sweep's end, when
     no job runs any more."""
     jobs = sorted(
-        (d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").exists()),
+        (d for d in sweep_dir.iterdir() if (d / run_files.OVERRIDES).exists()),
         key=lambda d: int(d.name) if d.name.isdigit() else math.inf,
     )
     return [_job_row(d, final) for d in jobs]
@@ -176,7 +172,7 @@ class SweepSummary(Callback):
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             try:
-                status = Path(hydra_cfg.runtime.output_dir) / JOB_STATUS
+                status = Path(hydra_cfg.runtime.output_dir) / run_files.JOB_STATUS
                 status.write_text(f"{job_return.status.name}\n")
             except Exception as e:  # as the summary: never fail the sweep for it
                 log.warning("Could not write the job's status: %s", e)

@@ -206,7 +206,7 @@ def test_slurm_launcher_config_composes():
 
 def _job(sweep, name, overrides, status=None, metrics=None):
     from chest_mnist import run_files
-    from chest_mnist.sweep import JOB_STATUS
+    from chest_mnist.run_files import JOB_STATUS
 
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch)
     from hydra.core.utils import JobStatus
     from hydra.types import RunMode
 
-    from chest_mnist import sweep
+    from chest_mnist import run_files, sweep
 
     _job(tmp_path, "0", ["seed=1", "test=false"])
     hydra = SimpleNamespace(
@@ -296,7 +296,7 @@ def test_a_jobs_end_writes_hydras_verdict_into_its_folder(tmp_path, monkeypatch)
     )
     monkeypatch.setattr(sweep.HydraConfig, "get", staticmethod(lambda: hydra))
     sweep.SweepSummary().on_job_end(None, SimpleNamespace(status=JobStatus.COMPLETED))
-    assert (tmp_path / "0" / sweep.JOB_STATUS).read_text() == "COMPLETED\n"
+    assert (tmp_path / "0" / run_files.JOB_STATUS).read_text() == "COMPLETED\n"
     (row,) = sweep.write_sweep_summary(tmp_path)
     assert row["status"] == "completed"
 
@@ -321,7 +321,7 @@ def test_a_job_that_said_why_it_failed_lets_the_sweep_reach_its_summary(
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import RunMode
 
-    from chest_mnist import UserError, sweep
+    from chest_mnist import UserError, run_files, sweep
 
     _job(tmp_path, "0", ["seed=1"])
     hydra = SimpleNamespace(
@@ -335,7 +335,7 @@ def test_a_job_that_said_why_it_failed_lets_the_sweep_reach_its_summary(
     job = JobReturn(status=JobStatus.FAILED, _return_value=failure)
     summary = sweep.SweepSummary()
     summary.on_job_end(None, job)
-    assert (tmp_path / "0" / sweep.JOB_STATUS).read_text() == "FAILED\n"
+    assert (tmp_path / "0" / run_files.JOB_STATUS).read_text() == "FAILED\n"
     if not ends_at_the_summary:
         with pytest.raises(type(failure)):
             job.return_value  # noqa: B018 (what Hydra's sweeper does with each job)
