@@ -65,7 +65,7 @@ class Analyser:
             self.checkpoint,
             weights_digest(self.model.state_dict()),
             self.labels,
-            self.model.kind,
+            self.model.task,
         )
         values, self.temperature = tuned.thresholds, tuned.temperature
         self.thresholds_from, self.calibration_from = tuned.thresholds_from, tuned.calibration_from
@@ -99,7 +99,7 @@ class Analyser:
             path.name,
             pixels=item.pixels,
             probabilities=dict(zip(self.labels, scores, strict=True)),
-            predicted=predicted_labels(scores, self.labels, thresholds, self.model.kind),
+            predicted=predicted_labels(scores, self.labels, thresholds, self.model.task),
             note=item.converted,
         )
 

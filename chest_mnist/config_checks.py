@@ -157,7 +157,7 @@ def check_job(cfg: DictConfig, check_devices: bool = True) -> None:
     check_config(cfg, check_devices=check_devices)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     hydra.utils.instantiate(
-        cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
+        cfg.model, labels=datamodule.labels, task=datamodule.medmnist_task, _convert_="all"
     )
 
 

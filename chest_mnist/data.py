@@ -111,10 +111,10 @@ class MedMNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.on_device={on_device!r} must be true, false or auto.")
         self.save_hyperparameters()
         self.info = INFO[flag]
-        self.task = self.info["task"]
-        self.kind = Task.from_medmnist(self.task)
+        self.medmnist_task = self.info["task"]
+        self.task = Task.from_medmnist(self.medmnist_task)
         names = [self.info["label"][str(i)] for i in range(len(self.info["label"]))]
-        self.labels = self.kind.outputs(names)  # binary: one sigmoid output, the positive class
+        self.labels = self.task.outputs(names)  # binary: one sigmoid output, the positive class
         self.splits: dict[str, SplitDataset] = {}
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._said_one_image_left = False
@@ -175,7 +175,7 @@ class MedMNISTDataModule(L.LightningDataModule):
     def prevalence(self, split: str = "train") -> torch.Tensor:
         """Fraction of the images of `split` that are positive for each output: per label, or
         per class for a multi-class task."""
-        return self.kind.prevalence(self.splits[split].labels, len(self.labels))
+        return self.task.prevalence(self.splits[split].labels, len(self.labels))
 
     def _keep_on_device(self, device: torch.device) -> bool:
         if self.hparams.on_device != "auto":

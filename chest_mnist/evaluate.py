@@ -87,7 +87,7 @@ def evaluate_model(
         test_loss = model.loss(test[0].to(model.device), test[1].to(model.device)).item()
     scaling = None
     if options.calibration == "temperature":
-        scaling = temperature_scaling(val, test, model.kind, options.per_label_temperature)
+        scaling = temperature_scaling(val, test, model.task, options.per_label_temperature)
     temperature = scaling.temperature if scaling else None
     # the bootstrap's sums on the run's GPU where it had one (the model is back on the CPU)
     device = trainer.strategy.root_device
@@ -96,7 +96,7 @@ def evaluate_model(
         datamodule.labels,
         datamodule.prevalence("train"),
         rule=options.rule,
-        task=datamodule.kind,
+        task=datamodule.task,
         loss=test_loss,
         bootstrap=options.bootstrap,
         scaling=scaling,
@@ -162,7 +162,7 @@ def report_to_tensorboard(
                 out_dir,
                 test,
                 datamodule.labels,
-                datamodule.kind,
+                datamodule.task,
                 trainer.global_step,
             )
 

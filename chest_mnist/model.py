@@ -149,7 +149,7 @@ class MedMNISTClassifier(L.LightningModule):
     Args:
         labels: the output names, in the dataset's order (`MedMNISTDataModule.labels`).
         task: the `medmnist.INFO` task, which decides loss, scores and metrics: its `Task`
-            is `self.kind`; the checkpoint keeps the name.
+            is `self.task`; the checkpoint keeps the name.
         stem, pretrained: see `build_resnet18`.
         pos_weight: None, "auto" ((1 - p) / p of the train prevalence), or one weight per label.
         optimizer, scheduler: partials from Hydra (`_partial_: true`), called with the
@@ -204,8 +204,8 @@ class MedMNISTClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         labels = list(labels)
-        self.kind = Task.from_medmnist(task)
-        self.kind.check_pos_weight(pos_weight)
+        self.task = Task.from_medmnist(task)
+        self.task.check_pos_weight(pos_weight)
         cuda_graphs.check_setting(cuda_graph)
         check_compile(compile)
         if not 0.0 <= label_smoothing < 1.0:
@@ -231,8 +231,8 @@ class MedMNISTClassifier(L.LightningModule):
         self.compile_pending = False
         self.background_compile: BackgroundCompile | None = None
         self.began_training = False  # whether a fit got as far as its first step (on_train_start)
-        self.val_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="val/")
-        self.test_metrics = scalar_metrics(len(labels), self.kind).clone(prefix="test/")
+        self.val_metrics = scalar_metrics(len(labels), self.task).clone(prefix="val/")
+        self.test_metrics = scalar_metrics(len(labels), self.task).clone(prefix="test/")
 
     @override
     def setup(self, stage: str) -> None:
@@ -341,11 +341,11 @@ class MedMNISTClassifier(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, mean over images (and labels)."""
-        return self.kind.loss(logits, targets, self.pos_weight, self.hparams.label_smoothing)
+        return self.task.loss(logits, targets, self.pos_weight, self.hparams.label_smoothing)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities: softmax over classes, or a sigmoid per label."""
-        return self.kind.scores(logits)
+        return self.task.scores(logits)
 
     @override
     def on_fit_end(self) -> None:
@@ -583,7 +583,7 @@ class MedMNISTClassifier(L.LightningModule):
             batch_size=float(len(x)),
             sync_dist=True,  # the whole split's loss, not this process's share
         )
-        return self.scores(logits), self.kind.targets(targets)
+        return self.scores(logits), self.task.targets(targets)
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:

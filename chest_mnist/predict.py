@@ -22,7 +22,7 @@ scaled the scores first (`calibration=temperature`), the same file holds the tem
 the probabilities are of the logits divided by them: both from one file, or neither
 (`tuned.choose_tuned`). A multi-class
 model predicts its arg-max class and has no thresholds: the decision rule is the checkpoint's
-task's (`MedMNISTClassifier.kind`, task.py).
+task's (`MedMNISTClassifier.task`, task.py).
 
 `cam=true` also draws, per image, a Grad-CAM heatmap (chest_mnist/cam.py) over it for each
 predicted finding (`cam_top_k=K`: the K most probable), as PNGs in `<output stem>_cam/`, which
@@ -256,7 +256,7 @@ def predict(cfg: DictConfig) -> dict:
     ckpt_path, model, data = load_model(cfg.ckpt_path)
     labels = list(model.hparams.labels)
     tuned = choose_tuned(
-        cfg.get("thresholds"), ckpt_path, weights_digest(model.state_dict()), labels, model.kind
+        cfg.get("thresholds"), ckpt_path, weights_digest(model.state_dict()), labels, model.task
     )
     thresholds, source, calibration = (
         tuned.thresholds,
@@ -277,7 +277,7 @@ def predict(cfg: DictConfig) -> dict:
         thresholds,
         {"thresholds": source, "calibration": calibration},
         ckpt_path,
-        model.kind,
+        model.task,
         cfg.cam,
     )
     failed = [item for item in items if item.error is not None]
@@ -425,7 +425,7 @@ def write_heatmaps(
     files = write_overlays(
         model,
         np.stack([item.pixels for _, item in good]),
-        [cam_outputs(item.scores, labels, thresholds, model.kind, top_k) for _, item in good],
+        [cam_outputs(item.scores, labels, thresholds, model.task, top_k) for _, item in good],
         [f"{row:0{width}d}_{Path(item.path).name}" for row, item in good],
         labels,
         folder,

@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
         datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
         model = hydra.utils.instantiate(
-            cfg.model, labels=datamodule.labels, task=datamodule.task, _convert_="all"
+            cfg.model, labels=datamodule.labels, task=datamodule.medmnist_task, _convert_="all"
         )
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
