@@ -47,16 +47,27 @@ def ckpt_path_given(value: object) -> bool:
 
 # metrics.json: the facts beside the test metrics
 BEST_CHECKPOINT = "best_checkpoint"  # train: the checkpoint validation chose (a path, or null)
+CHOSEN_BY = "best_checkpoint_chosen_by"  # train: the metric it was chosen by (val/auroc)
 CHECKPOINT = "checkpoint"  # the checkpoint the numbers come from (null: weights in no file)
 WEIGHTS_SHA256 = "weights_sha256"  # chest_mnist.checkpoints.weights_digest of those weights
 EPOCHS_TRAINED = "epochs_trained"
 TRAIN_SECONDS = "train_seconds"
 
 
+DEFAULT_MONITOR = "val/auroc"  # the MedMNIST model-selection metric
+
+
 def best_score_key(monitor: str) -> str:
     """metrics.json's name for the best value of the metric the checkpoint was chosen by
     (best_val/auroc by default)."""
     return f"best_{monitor}"
+
+
+def best_score(metrics: dict) -> tuple[str, float | None]:
+    """(the metric a run's best checkpoint was chosen by, its best value) from its metrics.json;
+    val/auroc for a report written before CHOSEN_BY was."""
+    monitor = metrics.get(CHOSEN_BY) or DEFAULT_MONITOR
+    return monitor, metrics.get(best_score_key(monitor))
 
 
 def run_of(path: Path) -> Path:

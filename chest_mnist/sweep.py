@@ -1,4 +1,5 @@
-"""The summary of a Hydra multirun: one row per job, and validation AUROC against the swept value.
+"""The summary of a Hydra multirun: one row per job, and the best validation score (AUROC, or
+the metric the checkpoints were chosen by) against the swept value.
 
     python -m chest_mnist.train -m model.optimizer.lr=1e-4,3e-4,1e-3,3e-3
     tensorboard --logdir logs/train/multiruns/<time>      # every job side by side
@@ -44,16 +45,14 @@ from chest_mnist import run_files
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "job",
-    "status",
-    "overrides",
-    "best_val_auroc",
-    "test_auroc",
-    "test_acc",
-    "epochs",
-    "train_seconds",
-)
+# the CSV's columns; after "overrides" one best_<metric> column per metric the jobs' best
+# checkpoints were chosen by (best_val_auroc by default: `best_column`)
+COLUMNS = ("job", "status", "overrides", "test_auroc", "test_acc", "epochs", "train_seconds")
+
+
+def best_column(monitor: str) -> str:
+    """The summary's column for the best value of `monitor` (val/auroc: best_val_auroc)."""
+    return run_files.best_score_key(monitor).replace("/", "_")
 
 
 def _job_row(job_dir: Path, final: bool = False) -> dict:
@@ -71,9 +70,11 @@ def _job_row(job_dir: Path, final: bool = False) -> dict:
         metrics = run_files.read_metrics(job_dir)
     except (OSError, ValueError):  # no report: the job failed, runs, or has test=false
         return row | {"status": status or ("failed" if final else "not finished")}
+    monitor, best = run_files.best_score(metrics)
     return row | {
         "status": status or "completed",
-        "best_val_auroc": metrics.get(run_files.best_score_key("val/auroc")),
+        "monitor": monitor,
+        best_column(monitor): best,
         "test_auroc": metrics.get("test/auroc"),
         "test_acc": metrics.get("test/acc"),
         "epochs": metrics.get(run_files.EPOCHS_TRAINED),
@@ -108,18 +109,24 @@ def write_sweep_summary(
     """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
     rows (`sweep_rows`)."""
     rows = sweep_rows(sweep_dir, final)
+    monitors = list(dict.fromkeys(r["monitor"] for r in rows if "monitor" in r))
+    monitors = monitors or [run_files.DEFAULT_MONITOR]
+    best = [best_column(m) for m in monitors]
+    columns = [*COLUMNS[:3], *best, *COLUMNS[3:]]
 
     def write_csv(partial: Path) -> None:
         with open(partial, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
     _write_whole(sweep_dir / "sweep_summary.csv", write_csv)
+    # against the swept value: the best score of the first job's metric (a sweep of the metric
+    # itself draws the jobs of that one)
     points = sorted(
-        (_swept_value(r["overrides"], key), r["best_val_auroc"])
+        (_swept_value(r["overrides"], key), r[best[0]])
         for r in rows
-        if r.get("best_val_auroc") is not None and _swept_value(r["overrides"], key) is not None
+        if r.get(best[0]) is not None and _swept_value(r["overrides"], key) is not None
     )
     if points:
         from chest_mnist.plots import plt
@@ -128,7 +135,7 @@ def write_sweep_summary(
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
         ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel("best val AUROC")
+        ax.set_ylabel(f"best {monitors[0]}")
         ax.grid(alpha=0.3)
         failed = [r["job"] for r in rows if r["status"] == "failed"]
         ax.set_title(

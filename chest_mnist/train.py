@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         extra = {
             run_files.BEST_CHECKPOINT: best or None,
+            run_files.CHOSEN_BY: checkpoint.monitor,
             run_files.EPOCHS_TRAINED: trainer.current_epoch,
             run_files.TRAIN_SECONDS: round(time.perf_counter() - started, 1),
         }

@@ -245,6 +245,26 @@ def test_the_summary_takes_each_jobs_status_from_hydra_not_from_its_report(tmp_p
     assert write_sweep_summary(tmp_path, final=True)[3]["status"] == "failed"
 
 
+def test_the_summary_shows_the_best_of_the_metric_the_checkpoints_were_chosen_by(tmp_path):
+    """Jobs whose checkpoints were chosen by val/loss: the CSV's column and the figure's y-axis
+    are that metric's best, not an empty AUROC column; a report from before the metric was named
+    (no best_checkpoint_chosen_by) was chosen by val/auroc."""
+    from chest_mnist import run_files
+    from chest_mnist.sweep import write_sweep_summary
+
+    for job, lr, loss in (("0", 0.001, 0.31), ("1", 0.01, 0.27)):
+        metrics = {run_files.CHOSEN_BY: "val/loss", "best_val/loss": loss, "test/auroc": 0.7}
+        _job(tmp_path, job, [f"model.optimizer.lr={lr}"], "COMPLETED", metrics)
+    rows = write_sweep_summary(tmp_path)
+    assert [r["best_val_loss"] for r in rows] == [0.31, 0.27]
+    with open(tmp_path / "sweep_summary.csv") as f:
+        reader = csv.DictReader(f)
+        assert "best_val_loss" in reader.fieldnames and "best_val_auroc" not in reader.fieldnames
+        assert [float(r["best_val_loss"]) for r in reader] == [0.31, 0.27]
+    assert imread(tmp_path / "sweep_summary.png").shape[0] > 300
+    assert run_files.best_score({"best_val/auroc": 0.8}) == ("val/auroc", 0.8)
+
+
 def test_a_summary_write_that_fails_leaves_the_last_summary_whole(tmp_path, monkeypatch):
     """Jobs of a parallel launcher write the summary at once: each file is written beside and
     renamed over, so a write cut short (here: a figure that fails halfway) leaves the last one."""

@@ -144,6 +144,32 @@ def test_without_figures_the_report_keeps_its_numbers_and_says_so(cfg_tiny, tmp_
         assert name.endswith(".png") or (report / name).stat().st_size > 50, name
 
 
+def test_metrics_json_names_the_metric_the_best_checkpoint_was_chosen_by(tiny_overrides, tmp_path):
+    """With the checkpoint chosen by val/loss (lowest), metrics.json says so and keeps that
+    metric's best: the lowest val/loss of the epochs, as TensorBoard logged them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from chest_mnist import run_files
+
+    cfg = compose_train(
+        tiny_overrides
+        + [
+            "trainer.max_epochs=3",
+            "callbacks.model_checkpoint.monitor=val/loss",
+            "callbacks.model_checkpoint.mode=min",
+        ]
+    )
+    train(cfg)
+    written = run_files.read_metrics(tmp_path)
+    losses = [
+        e.value
+        for e in EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("val/loss")
+    ]
+    assert len(losses) == 3
+    assert run_files.best_score(written) == ("val/loss", pytest.approx(min(losses)))
+    assert "best_val/auroc" not in written
+
+
 @pytest.mark.slow
 def test_learning_happens(tiny_overrides, tmp_path):
     """A short run (64 steps on 1,000 images) reaches a val AUROC that guessing (0.5) and a
