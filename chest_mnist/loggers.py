@@ -1,4 +1,5 @@
-"""Loggers that Lightning's own lack a behaviour of: a CSV log that survives a resume.
+"""What Lightning's loggers lack: a CSV log that survives a resume, and the run's config in
+TensorBoard's HPARAMS tab beside the metrics it is judged by.
 
 python -m chest_mnist.train logger=csv                    # <run>/csv/metrics.csv only
 python -m chest_mnist.train "logger=[tensorboard,csv]"    # both
@@ -8,11 +9,50 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
+
+# the HPARAMS tab's metric columns beside each run's config: the last value of these scalars
+HPARAMS_METRICS = ("val/auroc", "val/loss", "test/auroc", "test/acc")
+
+
+@rank_zero_only
+def log_config(loggers: Iterable[Logger], config: dict) -> None:
+    """The run's resolved `config` as each logger's hyperparameters (hparams.yaml), and in
+    TensorBoard as the run's row of the HPARAMS tab: every key by its Hydra name
+    (model.optimizer.lr) beside HPARAMS_METRICS, so that a sweep's jobs compare there.
+    Lightning's log_hyperparams writes that row only with metric values, which it would log
+    as scalars at step 0; here the row names the metrics and their values are the run's own."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for logger in loggers:
+        logger.log_hyperparams(config)
+        if isinstance(logger, TensorBoardLogger):
+            row = {key: _hparam_value(value) for key, value in _flat(config)}
+            writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams
+            for summary in hparams(row, dict.fromkeys(HPARAMS_METRICS, 0.0)):
+                writer.add_summary(summary)
+
+
+def _flat(config: dict, prefix: str = "") -> Iterable[tuple[str, object]]:
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _hparam_value(value: object) -> object:
+    """A number or a string as TensorBoard shows it: YAML's spelling for true, false and
+    null, lists and empty mappings as text."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return value if isinstance(value, (int, float, str)) else str(value)
 
 
 class AppendingExperimentWriter(ExperimentWriter):

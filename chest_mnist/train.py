@@ -30,6 +30,7 @@ from chest_mnist.cli import freeze_for_exit, quiet_lightning, report_user_errors
 from chest_mnist.config import CONFIG_ASIDE, register
 from chest_mnist.config_checks import check_before_training
 from chest_mnist.evaluate import evaluate_model
+from chest_mnist.loggers import log_config
 from chest_mnist.report_content import ReportOptions
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers
         )
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except UserError:
         if model is None or not model.began_training:  # refused by its checks, or its data

@@ -268,6 +268,24 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
         predicted = int((saved["scores"][:, k] >= 0.5).sum())  # TensorBoard counts score >= t
         assert tp[63] + fp[63] == predicted  # threshold 63 of 127 is 0.5
 
+    # the HPARAMS tab: the config by its Hydra keys beside the metrics, whose values are the
+    # run's own scalars (none logged for them at step 0)
+    from tensorboard.plugins.hparams import metadata
+
+    from chest_mnist.loggers import HPARAMS_METRICS
+
+    content = events.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAMS_METRICS)
+    row = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG]
+    ).hparams
+    assert row["model.optimizer.lr"].number_value == 1e-3
+    assert row["data.path"].string_value == str(synthetic_npz)
+    assert row["data.augment"].string_value == "false"
+    assert row["model.scheduler.milestones"].string_value == "[1, 1]"
+    assert [e.step for e in events.Scalars("val/auroc")] == [1, 3]
+
 
 @pytest.mark.slow
 def test_cli_without_network_fails_fast_with_the_message(tmp_path):
