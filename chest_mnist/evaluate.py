@@ -32,7 +32,7 @@ from chest_mnist.config import register
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.model import MedMNISTClassifier, concat_outputs
 from chest_mnist.report import write_report
-from chest_mnist.report_content import Report, ReportOptions, build_report
+from chest_mnist.report_content import Report, ReportOptions, Split, build_report
 from chest_mnist.report_figures import FIGURES, log_to_tensorboard, remove_figures
 from chest_mnist.report_heatmaps import HEATMAPS, write_heatmap_figure
 from chest_mnist.report_tables import flat_metrics
@@ -40,7 +40,7 @@ from chest_mnist.report_tables import flat_metrics
 log = logging.getLogger(__name__)
 register()  # before Hydra composes the config (hydra.run.dir uses the resolvers)
 
-Split = tuple[torch.Tensor, torch.Tensor]  # (logits or probabilities, labels) of a whole split
+LogitsSplit = tuple[torch.Tensor, torch.Tensor]  # (logits, labels) of a whole split
 
 
 def gather_in_rank_order(trainer: L.Trainer, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -58,7 +58,7 @@ def gather_in_rank_order(trainer: L.Trainer, *tensors: torch.Tensor) -> tuple[to
 
 def predict_splits(
     trainer: L.Trainer, model: MedMNISTClassifier, datamodule: MedMNISTDataModule
-) -> tuple[Split, Split]:
+) -> tuple[LogitsSplit, LogitsSplit]:
     """(logits, labels) of the validation and the test split, whole and in order, on every
     rank: one pass over each, with the model's weights as they are."""
     val, test = trainer.predict(model, datamodule=datamodule)
@@ -73,13 +73,14 @@ def evaluate_model(
     checkpoint: Path | None = None,
     options: ReportOptions | None = None,
     run_dir: Path | None = None,
-    extra: dict | None = None,
+    facts: dict | None = None,
 ) -> dict:
     """Predict validation and test with `model` as it is, write the report from them, and
     return its flat metrics. `checkpoint`: the file the weights are from (None: in no file);
     the report names it, with the digest of the weights evaluated. `options`: the thresholds'
     rule, the intervals, the calibration (the defaults when None). `run_dir`: the training
-    run, whose TensorBoard or CSV log holds the loss curves."""
+    run, whose TensorBoard or CSV log holds the loss curves. `facts`: the run's, for
+    metrics.json (`write_report`)."""
     options = options or ReportOptions()
     check_same_labels(model, datamodule)
     val, test = predict_splits(trainer, model, datamodule)
@@ -115,8 +116,9 @@ def evaluate_model(
             datamodule.hparams.flag,
             datamodule.hparams.size,
             run_dir=run_dir,
-            extra=(extra or {}) | weights,
-            figures=draw_heatmaps(model, datamodule, report, out_dir) if options.figures else None,
+            facts=(facts or {}) | weights,
+            figures=options.figures,
+            drawn=draw_heatmaps(model, datamodule, report, out_dir) if options.figures else (),
         )
         report_to_tensorboard(trainer, out_dir, report.test, datamodule)
     metrics = flat_metrics(report)
@@ -154,7 +156,8 @@ def check_same_labels(model: MedMNISTClassifier, datamodule: MedMNISTDataModule)
 def report_to_tensorboard(
     trainer: L.Trainer, out_dir: Path, test: Split, datamodule: MedMNISTDataModule
 ) -> None:
-    """The report's figures and the test PR curves into each TensorBoard log of `trainer`."""
+    """The report's figures and the test PR curves (from `test`, the probabilities and labels)
+    into each TensorBoard log of `trainer`."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             log_to_tensorboard(

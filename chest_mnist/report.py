@@ -123,18 +123,19 @@ def write_report(
     flag: str,
     size: int,
     run_dir: Path | None = None,
-    extra: dict | None = None,
-    figures: tuple[str, ...] | None = (),
+    facts: dict | None = None,
+    figures: bool = True,
+    drawn: tuple[str, ...] = (),
 ) -> Path:
     """Write every report file into `out_dir`. `flag` and `size`: the data, in report.md's
     title and MedMNIST's result file name. `run_dir`, the training run: its name ends that file
     name, its logs (TensorBoard, else CSV) give the loss curves; without them only that figure
-    is missing (said in report.md). `extra`: facts for metrics.json; its "checkpoint" and
+    is missing (said in report.md). `facts`: the run's, for metrics.json; its "checkpoint" and
     "weights_sha256" name the weights evaluated, in thresholds.json and report.md too.
-    `figures`: files the caller drew into `out_dir` (heatmaps.png), listed after the report's;
-    None: no figures at all (`figures=false`), report.md says so."""
+    `figures=False` (`figures=false`): none drawn, report.md says so; else `drawn`, files the
+    caller drew into `out_dir` (heatmaps.png), are listed after the report's."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    facts = extra or {}
+    facts = facts or {}
     for label, reason in report.threshold_notes.items():
         log.warning("%s keeps the threshold %s: %s.", label, THRESHOLD, reason)
     write_metrics_json(report, out_dir, facts)
@@ -143,11 +144,10 @@ def write_report(
     write_predictions_npz(report, out_dir)
     run_name = Path(run_dir).name if run_dir is not None else "chest_mnist"
     write_medmnist_result(report, out_dir, flag, size, run_name)
-    if figures is None:
-        drawn, loss_note = [], None
-    else:
+    listed, loss_note = [], None
+    if figures:
         loss_curves, loss_note = _loss_curves(run_dir)
-        drawn = write_figures(report, out_dir, loss_curves) + list(figures)
-    write_markdown(report, out_dir, drawn, loss_note, flag, facts)
+        listed = write_figures(report, out_dir, loss_curves) + list(drawn)
+    write_markdown(report, out_dir, listed, loss_note, flag, facts)
     log.info("Report written to %s", out_dir)
     return out_dir

@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning(
                 "No best checkpoint (no validation ran?): testing the weights at the end of training."
             )
-        extra = {
+        facts = {
             run_files.BEST_CHECKPOINT: best or None,
             run_files.CHOSEN_BY: checkpoint.monitor,
             run_files.EPOCHS_TRAINED: trainer.current_epoch,
@@ -89,8 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
         if best and checkpoint.best_model_score is not None:
             score = float(checkpoint.best_model_score)
-            extra[run_files.best_score_key(checkpoint.monitor)] = score
-        metrics |= {name: value for name, value in extra.items() if isinstance(value, float)}
+            facts[run_files.best_score_key(checkpoint.monitor)] = score
+        metrics |= {name: value for name, value in facts.items() if isinstance(value, float)}
         if best:  # the weights validation chose, as saved (with EMA: the average)
             load_weights(model, best)
         metrics |= evaluate_model(
@@ -101,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             checkpoint=Path(best) if best else None,
             options=ReportOptions.from_config(cfg),
             run_dir=output_dir,
-            extra=extra,
+            facts=facts,
         )
     for logger in loggers:  # the report's last TensorBoard writes: flush and close the files
         logger.finalize("success")
