@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from chest_mnist import UserError
-from chest_mnist.app import Analyser, Analysis, bar_chart, serve, table
+from chest_mnist.analyser import Analyser, Analysis
+from chest_mnist.app import bar_chart, serve, table
 from chest_mnist.predict import predict
 from tests.browser import AppDidNotStart, launch_chromium, running_app
 from tests.conftest import PNEUMONIA_NPZ, compose_train
@@ -70,6 +71,22 @@ def test_analyse_gives_predicts_numbers(analyser, xrays, predicted):
         assert analysis.probabilities == row["probabilities"]  # to the float
         assert analysis.predicted == row["predicted"]
         assert analysis.pixels.shape == (28, 28)
+
+
+def test_the_readmes_python_block_runs_as_written(trained_run, xrays, predicted, capsys):
+    """README's "From Python" block, with a run and an X-ray of ours for its placeholders: the
+    numbers are predict's, and the heatmap is one of the image's size."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"logs/train/runs/<run>"' in block and '"xray.png"' in block
+    code = block.replace("logs/train/runs/<run>", str(trained_run))
+    namespace: dict = {}
+    exec(code.replace("xray.png", str(xrays["xray0"])), namespace)
+    row = predicted["rows"]["xray0.png"]
+    assert namespace["result"].probabilities == row["probabilities"]
+    assert namespace["result"].predicted == row["predicted"]
+    assert namespace["heatmap"].shape == (28, 28)
+    assert str(row["probabilities"]) in capsys.readouterr().out
 
 
 def test_a_file_that_cannot_be_used_gets_a_message_not_an_exception(analyser, xrays, tmp_path):

@@ -305,7 +305,7 @@ def test_evaluate_with_temperature_then_predict_applies_it(trained_run, syntheti
     # the web page takes the same temperatures, through the same code
     from PIL import Image
 
-    from chest_mnist.app import Analyser
+    from chest_mnist.analyser import Analyser
 
     with np.load(synthetic_npz) as npz:
         Image.fromarray(npz["test_images"][3]).save(tmp_path / "three.png")
