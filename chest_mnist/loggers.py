@@ -17,26 +17,45 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from chest_mnist.run_files import ckpt_path_given
+
 # the HPARAMS tab's metric columns beside each run's config: the last value of these scalars
 HPARAMS_METRICS = ("val/auroc", "val/loss", "test/auroc", "test/acc")
 
 
-@rank_zero_only
-def log_config(loggers: Iterable[Logger], config: dict) -> None:
+@rank_zero_only  # the other processes' TensorBoard experiment is a stand-in with no writer
+def log_config(loggers: Iterable[Logger], config: dict, overrides: Iterable[str] = ()) -> None:
     """The run's resolved `config` as each logger's hyperparameters (hparams.yaml), and in
     TensorBoard as the run's row of the HPARAMS tab: every key by its Hydra name
-    (model.optimizer.lr) beside HPARAMS_METRICS, so that a sweep's jobs compare there.
-    Lightning's log_hyperparams writes that row only with metric values, which it would log
-    as scalars at step 0; here the row names the metrics and their values are the run's own."""
-    from torch.utils.tensorboard.summary import hparams
-
+    (model.optimizer.lr) beside HPARAMS_METRICS, so that a sweep's jobs compare there; the
+    keys the command line set (`overrides`, as Hydra keeps them: a sweep's swept keys) are the
+    tab's first columns. Lightning's log_hyperparams writes that row only with metric values,
+    which it would log as scalars at step 0; here the row names the metrics, and their values
+    are the run's own. No session end is written (torch's would say "success" at the start).
+    A resumed run (`ckpt_path`) adds no second row: TensorBoard shows a folder's first."""
     for logger in loggers:
         logger.log_hyperparams(config)
-        if isinstance(logger, TensorBoardLogger):
-            row = {key: _hparam_value(value) for key, value in _flat(config)}
+        if isinstance(logger, TensorBoardLogger) and not ckpt_path_given(config.get("ckpt_path")):
             writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams
-            for summary in hparams(row, dict.fromkeys(HPARAMS_METRICS, 0.0)):
+            for summary in _hparams_row(config, overrides):
                 writer.add_summary(summary)
+
+
+def _hparams_row(config: dict, overrides: Iterable[str]) -> tuple:
+    """The HPARAMS plugin's experiment and session-start summaries (torch's), the experiment's
+    keys marked `differs` where the command line set them: TensorBoard shows those first."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard.summary import hparams
+
+    row = {key: _hparam_value(value) for key, value in _flat(config)}
+    experiment, session_start, _ = hparams(row, dict.fromkeys(HPARAMS_METRICS, 0.0))
+    set_here = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    plugin = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(plugin.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in set_here
+    plugin.content = data.SerializeToString()
+    return experiment, session_start
 
 
 def _flat(config: dict, prefix: str = "") -> Iterable[tuple[str, object]]:

@@ -2,8 +2,7 @@
 facts metrics.json keeps beside the test metrics (the metrics themselves are named
 `<split>/<metric>[/<label>]` by the report that writes them).
 
-    <run>/.hydra/config.yaml      the composed config (Hydra writes it); read by compare and
-                                  the sweep summary (the metric a checkpoint was chosen by)
+    <run>/.hydra/config.yaml      the composed config (Hydra writes it); read by compare
     <run>/.hydra/overrides.yaml   the command line's overrides (Hydra writes it); read by the
                                   sweep summary
     <run>/.hydra/job_status       a multirun job's end as Hydra gave it (COMPLETED, FAILED);
@@ -54,7 +53,7 @@ EPOCHS_TRAINED = "epochs_trained"
 TRAIN_SECONDS = "train_seconds"
 
 
-DEFAULT_MONITOR = "val/auroc"  # the MedMNIST model-selection metric
+DEFAULT_MONITOR = "val/auroc"  # the MedMNIST model-selection metric (callbacks/default.yaml)
 
 
 def best_score_key(monitor: str) -> str:
@@ -64,9 +63,14 @@ def best_score_key(monitor: str) -> str:
 
 
 def best_score(metrics: dict) -> tuple[str, float | None]:
-    """(the metric a run's best checkpoint was chosen by, its best value) from its metrics.json;
-    val/auroc for a report written before CHOSEN_BY was."""
-    monitor = metrics.get(CHOSEN_BY) or DEFAULT_MONITOR
+    """(the metric a run's best checkpoint was chosen by, its best value) from its metrics.json.
+    A report written before CHOSEN_BY was names it only in its one best_<metric> key."""
+    monitor = metrics.get(CHOSEN_BY)
+    if monitor is None:
+        named = [
+            k for k in metrics if k.startswith("best_") and k not in (BEST_CHECKPOINT, CHOSEN_BY)
+        ]
+        monitor = named[0].removeprefix("best_") if len(named) == 1 else DEFAULT_MONITOR
     return monitor, metrics.get(best_score_key(monitor))
 
 

@@ -73,7 +73,6 @@ def _job_row(job_dir: Path, final: bool = False) -> dict:
     monitor, best = run_files.best_score(metrics)
     return row | {
         "status": status or "completed",
-        "monitor": monitor,
         best_column(monitor): best,
         "test_auroc": metrics.get("test/auroc"),
         "test_acc": metrics.get("test/acc"),
@@ -109,14 +108,13 @@ def write_sweep_summary(
     """Write sweep_summary.csv (and .png when the jobs sweep `key`) in `sweep_dir`; return the
     rows (`sweep_rows`)."""
     rows = sweep_rows(sweep_dir, final)
-    monitors = list(dict.fromkeys(r["monitor"] for r in rows if "monitor" in r))
-    monitors = monitors or [run_files.DEFAULT_MONITOR]
-    best = [best_column(m) for m in monitors]
+    best = list(dict.fromkeys(k for r in rows for k in r if k.startswith("best_")))
+    best = best or [best_column(run_files.DEFAULT_MONITOR)]
     columns = [*COLUMNS[:3], *best, *COLUMNS[3:]]
 
     def write_csv(partial: Path) -> None:
         with open(partial, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -135,7 +133,7 @@ def write_sweep_summary(
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
         ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel(f"best {monitors[0]}")
+        ax.set_ylabel(best[0].replace("_", " "))
         ax.grid(alpha=0.3)
         failed = [r["job"] for r in rows if r["status"] == "failed"]
         ax.set_title(

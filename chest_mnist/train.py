@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers
         )
-        log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        log_config(loggers, OmegaConf.to_container(cfg, resolve=True), overrides)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except UserError:
         if model is None or not model.began_training:  # refused by its checks, or its data
@@ -83,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         facts = {
             run_files.BEST_CHECKPOINT: best or None,
-            run_files.CHOSEN_BY: checkpoint.monitor,
+            run_files.CHOSEN_BY: checkpoint.monitor if best else None,
             run_files.EPOCHS_TRAINED: trainer.current_epoch,
             run_files.TRAIN_SECONDS: round(time.perf_counter() - started, 1),
         }

@@ -79,3 +79,60 @@ def test_a_kill_while_the_header_widens_keeps_the_rows_already_logged(tmp_path, 
         logger.save()
     assert path.read_text() == before
     assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]  # no temporary file left
+
+
+def hparams_content(folder):
+    """The HPARAMS plugin's summaries in a TensorBoard folder, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    try:
+        return EventAccumulator(str(folder)).Reload().PluginTagToContent("hparams")
+    except KeyError:  # no summary of that plugin
+        return {}
+
+
+def test_the_hparams_row_puts_the_command_lines_keys_first_and_a_resume_adds_none(tmp_path):
+    """The row's experiment marks the keys the command line set (TensorBoard shows those
+    columns first), links the metrics without a value for them, and says nothing of how the
+    run ended; a resumed run's config is in hparams.yaml only."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from chest_mnist.loggers import HPARAMS_METRICS, log_config
+
+    config = {
+        "seed": 1,
+        "ckpt_path": None,
+        "model": {"optimizer": {"lr": 0.003, "betas": [0.9, 0.999]}, "tta_flip": False},
+        "data": {"flag": "chestmnist", "subset": None},
+    }
+    logger = TensorBoardLogger(tmp_path, "first", "", default_hp_metric=False)  # as configured
+    log_config([logger], config, ["model.optimizer.lr=0.003", "+data.subset=null", "seed=1"])
+    logger.finalize("success")
+    content = hparams_content(tmp_path / "first")
+    assert set(content) == {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG}
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    differs = {info.name: info.differs for info in experiment.hparam_infos}
+    assert differs == {
+        "seed": True,
+        "ckpt_path": False,
+        "model.optimizer.lr": True,
+        "model.optimizer.betas": False,
+        "model.tta_flip": False,
+        "data.flag": False,
+        "data.subset": True,
+    }
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAMS_METRICS)
+    row = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG]
+    ).hparams
+    assert row["model.optimizer.betas"].string_value == "[0.9, 0.999]"
+    assert row["data.subset"].string_value == "null" and row["seed"].number_value == 1
+    assert EventAccumulator(str(tmp_path / "first")).Reload().Tags()["scalars"] == []
+
+    resumed = TensorBoardLogger(tmp_path, "resumed", "", default_hp_metric=False)
+    log_config([resumed], config | {"ckpt_path": "last.ckpt"}, ["ckpt_path=last.ckpt"])
+    resumed.finalize("success")
+    assert hparams_content(tmp_path / "resumed") == {}
+    assert "ckpt_path: last.ckpt" in (tmp_path / "resumed" / "hparams.yaml").read_text()

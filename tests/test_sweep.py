@@ -247,8 +247,8 @@ def test_the_summary_takes_each_jobs_status_from_hydra_not_from_its_report(tmp_p
 
 def test_the_summary_shows_the_best_of_the_metric_the_checkpoints_were_chosen_by(tmp_path):
     """Jobs whose checkpoints were chosen by val/loss: the CSV's column and the figure's y-axis
-    are that metric's best, not an empty AUROC column; a report from before the metric was named
-    (no best_checkpoint_chosen_by) was chosen by val/auroc."""
+    are that metric's best, not an empty AUROC column. A report from before the metric was
+    named (no best_checkpoint_chosen_by) names it by its best_<metric> key."""
     from chest_mnist import run_files
     from chest_mnist.sweep import write_sweep_summary
 
@@ -263,6 +263,8 @@ def test_the_summary_shows_the_best_of_the_metric_the_checkpoints_were_chosen_by
         assert [float(r["best_val_loss"]) for r in reader] == [0.31, 0.27]
     assert imread(tmp_path / "sweep_summary.png").shape[0] > 300
     assert run_files.best_score({"best_val/auroc": 0.8}) == ("val/auroc", 0.8)
+    older = {run_files.BEST_CHECKPOINT: "x.ckpt", "best_val/loss": 0.3}  # named by its key only
+    assert run_files.best_score(older) == ("val/loss", 0.3)
 
 
 def test_a_summary_write_that_fails_leaves_the_last_summary_whole(tmp_path, monkeypatch):

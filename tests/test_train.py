@@ -170,6 +170,26 @@ def test_metrics_json_names_the_metric_the_best_checkpoint_was_chosen_by(tiny_ov
     assert "best_val/auroc" not in written
 
 
+def test_without_a_checkpoint_callback_the_end_of_training_is_tested(tiny_overrides, tmp_path):
+    """No model_checkpoint (nor last.ckpt): no best checkpoint, so the report is of the weights
+    at the end of training, and metrics.json names no metric a checkpoint was chosen by."""
+    from chest_mnist import run_files
+
+    cfg = compose_train(
+        tiny_overrides
+        + [
+            "~callbacks.model_checkpoint",
+            "~callbacks.last_checkpoint",
+            "+trainer.enable_checkpointing=false",
+        ]
+    )
+    metrics = train(cfg)
+    written = run_files.read_metrics(tmp_path)
+    assert written[run_files.BEST_CHECKPOINT] is None and written[run_files.CHECKPOINT] is None
+    assert written[run_files.CHOSEN_BY] is None and 0 <= metrics["test/auroc"] <= 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_learning_happens(tiny_overrides, tmp_path):
     """A short run (64 steps on 1,000 images) reaches a val AUROC that guessing (0.5) and a
@@ -277,6 +297,14 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
     content = events.PluginTagToContent("hparams")
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment.metric_infos] == list(HPARAMS_METRICS)
+    shown_first = {info.name for info in experiment.hparam_infos if info.differs}
+    assert shown_first == {
+        "data.path",
+        "data.subset",
+        "data.batch_size",
+        "trainer.max_epochs",
+        "paths.log_dir",
+    }
     row = metadata.parse_session_start_info_plugin_data(
         content[metadata.SESSION_START_INFO_TAG]
     ).hparams
