@@ -1,5 +1,6 @@
 """What Lightning's loggers lack: a CSV log that survives a resume, and the run's config in
-TensorBoard's HPARAMS tab beside the metrics it is judged by.
+TensorBoard's HPARAMS tab beside the metrics it is judged by; and the loss curves read back
+from either log, for the report.
 
 python -m chest_mnist.train logger=csv                    # <run>/csv/metrics.csv only
 python -m chest_mnist.train "logger=[tensorboard,csv]"    # both
@@ -8,8 +9,10 @@ python -m chest_mnist.train "logger=[tensorboard,csv]"    # both
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -124,3 +127,73 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+LOSS_CURVES = ("train/loss", "val/loss")
+
+
+def read_loss_curves(tensorboard_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-epoch train and val loss from a run's TensorBoard event files, as {tag: (epochs, values)}.
+
+    Lightning logs an `epoch` scalar at each step where it logs, which maps steps to epochs.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not Path(tensorboard_dir).is_dir():
+        raise FileNotFoundError(f"{tensorboard_dir} does not exist")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs every file it opens
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    missing = [tag for tag in (*LOSS_CURVES, "epoch") if tag not in tags]
+    if missing:
+        raise FileNotFoundError(f"{tensorboard_dir} has no TensorBoard scalars {missing}")
+    epoch_at_step = {event.step: int(event.value) for event in events.Scalars("epoch")}
+    curves = {}
+    for tag in LOSS_CURVES:
+        points = {
+            epoch_at_step.get(e.step, e.step): e.value for e in events.Scalars(tag)
+        }  # last write wins
+        epochs = sorted(points)
+        curves[tag] = (epochs, [points[e] for e in epochs])
+    return curves
+
+
+def read_loss_curves_csv(metrics_csv: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The same curves from the metrics.csv of `logger=csv` (one row per logging step, with
+    its `epoch`); for an epoch logged twice (a resumed run), the last row wins."""
+    if not Path(metrics_csv).is_file():
+        raise FileNotFoundError(f"{metrics_csv} does not exist")
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0]) if rows else set()
+    missing = [tag for tag in (*LOSS_CURVES, "epoch") if tag not in columns]
+    if missing:
+        raise FileNotFoundError(f"{metrics_csv} has no columns {missing}")
+    curves = {}
+    for tag in LOSS_CURVES:
+        try:
+            points = {
+                int(float(row["epoch"])): float(row[tag])
+                for row in rows
+                if row[tag] and row["epoch"]
+            }
+        except (TypeError, ValueError) as e:  # an edited or cut file: no curves, the rest stays
+            raise FileNotFoundError(
+                f"{metrics_csv} has a {tag} or epoch that is no number ({e})"
+            ) from e
+        epochs = sorted(points)
+        curves[tag] = (epochs, [points[e] for e in epochs])
+    return curves
+
+
+def read_run_loss_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """A run's loss curves from its TensorBoard log (`<run>/tensorboard`), else from its CSV
+    log (`<run>/csv/metrics.csv`, `logger=csv`)."""
+    run_dir = Path(run_dir)
+    try:
+        return read_loss_curves(run_dir / "tensorboard")
+    except FileNotFoundError as no_tensorboard:
+        try:
+            return read_loss_curves_csv(run_dir / "csv" / "metrics.csv")
+        except FileNotFoundError as no_csv:
+            raise FileNotFoundError(f"{no_tensorboard}; {no_csv}") from None

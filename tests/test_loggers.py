@@ -5,8 +5,7 @@ import csv
 
 import pytest
 
-from chest_mnist.loggers import AppendingCSVLogger
-from chest_mnist.report import read_loss_curves_csv, read_run_loss_curves
+from chest_mnist.loggers import AppendingCSVLogger, read_loss_curves_csv, read_run_loss_curves
 
 
 def rows(path):

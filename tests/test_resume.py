@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from chest_mnist import UserError
 from chest_mnist.checkpoints import load_checkpoint
 from chest_mnist.cli import find_user_error
-from chest_mnist.report import read_loss_curves_csv
+from chest_mnist.loggers import read_loss_curves_csv
 from chest_mnist.train import train
 from tests.conftest import ROOT, compose_train, run_here, tiny_training_overrides
 

@@ -251,7 +251,7 @@ def test_cli_writes_the_full_run_directory(tmp_path, synthetic_npz):
     best = metrics["best_val/auroc"]  # named after the metric the checkpoint was chosen by
     assert 0 < best <= 1 and f"val_auroc{best:.4f}" in metrics["best_checkpoint"]
 
-    from chest_mnist.report import read_loss_curves
+    from chest_mnist.loggers import read_loss_curves
 
     curves = read_loss_curves(run / "tensorboard")
     assert curves["train/loss"][0] == [0, 1] and curves["val/loss"][0] == [0, 1]
