@@ -109,6 +109,15 @@ class MedMNISTDataModule(L.LightningDataModule):
                 raise UserError(f"data.{key}={value!r} must be true or false.")
         if on_device not in (True, False, "auto"):
             raise UserError(f"data.on_device={on_device!r} must be true, false or auto.")
+        if synthetic is not None:
+            from chest_mnist.synthetic import settings
+
+            if flag != "chestmnist":
+                raise UserError(
+                    f"data.synthetic makes ChestMNIST-format data only, not {flag}'s: give "
+                    f"data.path=<a {flag} npz> with data.synthetic=null, or data.flag=chestmnist."
+                )
+            settings(size, synthetic)  # refused here, before any data, rather than when written
         self.save_hyperparameters()
         self.info = INFO[flag]
         self.medmnist_task = self.info["task"]
@@ -138,17 +147,19 @@ class MedMNISTDataModule(L.LightningDataModule):
     def _ensure_file(self) -> None:
         hp = self.hparams
         if hp.path is not None:
+            from chest_mnist.synthetic import check_made_with, settings, write_synthetic
+
             if self.file.exists():
+                if hp.synthetic is not None:
+                    check_made_with(self.file, settings(hp.size, hp.synthetic))
                 return
             if hp.synthetic is None:
                 raise UserError(
                     f"data.path={self.file} does not exist. Point data.path at a MedMNIST-format "
                     f"npz, or leave it null to use the official file in data.root."
                 )
-            from chest_mnist.synthetic import write_synthetic
-
             log.info("Writing synthetic %s data to %s", hp.flag, self.file)
-            write_synthetic(self.file, size=hp.size, **hp.synthetic)
+            write_synthetic(self.file, record=True, **settings(hp.size, hp.synthetic))
             return
         if hp.root is not None and not Path(hp.root).expanduser().is_dir():
             raise UserError(

@@ -18,11 +18,16 @@ and can (a short CPU run goes well above 0.5).
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from medmnist import INFO
 
+from chest_mnist import UserError
+from chest_mnist.cli import report_user_errors
 from chest_mnist.npz import SPLITS
 
 # Findings per label over all 112,120 ChestX-ray14 images (Wang et al., CVPR 2017, the source
@@ -49,6 +54,8 @@ LABELS = [INFO["chestmnist"]["label"][str(i)] for i in range(len(INFO["chestmnis
 PREVALENCE = np.array([NIH_COUNTS[name] / NIH_IMAGES for name in LABELS])
 
 CHUNK = 2048  # images generated at once: bounds memory at size 224 (2048 x 224 x 224 float32)
+# the npz key of the settings a file was made with, when `data.synthetic` made it (a JSON string)
+SETTINGS = "synthetic_settings"
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,16 +140,73 @@ def make_synthetic(
     return arrays
 
 
-def write_synthetic(path: str | Path, compress: bool = True, **kwargs) -> Path:
+# data.synthetic's keys and their defaults: make_synthetic's arguments but the size (data.size)
+KEYS = {
+    name: p.default
+    for name, p in inspect.signature(make_synthetic).parameters.items()
+    if name != "size"
+}
+
+
+def settings(size: int, given: dict) -> dict:
+    """`data.synthetic` at `data.size` as `make_synthetic`'s arguments, defaults filled in; a
+    UserError names a key it does not take, or a value it cannot use."""
+    if not isinstance(given, Mapping):
+        raise UserError(
+            f"data.synthetic={given!r} must be a mapping of {', '.join(KEYS)}, or null."
+        )
+    unknown = sorted(set(given) - set(KEYS))
+    if unknown:
+        raise UserError(
+            f"data.synthetic.{unknown[0]} is not a key of data.synthetic: its keys are {', '.join(KEYS)}."
+        )
+    made = {key: given.get(key, default) for key, default in KEYS.items()}
+    for key, value in made.items():
+        least = 0 if key in ("seed", "signal", "noise") else 1
+        kind = (int, float) if key in ("signal", "noise") else int
+        if isinstance(value, bool) or not isinstance(value, kind) or value < least:
+            what = "whole number" if kind is int else "number"
+            raise UserError(f"data.synthetic.{key}={value!r} must be a {what} of {least} or more.")
+    return made | {"size": size}
+
+
+def write_synthetic(
+    path: str | Path, compress: bool = True, record: bool = False, **kwargs
+) -> Path:
     """Write a synthetic ChestMNIST npz to `path` (atomically: a half-written file never
-    stands at `path`) and return the path. `compress=False` writes a large file much faster."""
+    stands at `path`) and return the path. `compress=False` writes a large file much faster.
+    `record`: keep the settings in the file (SETTINGS), which `check_made_with` compares."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = make_synthetic(**kwargs)
+    if record:
+        arrays[SETTINGS] = np.array(json.dumps(kwargs, sort_keys=True))
     partial = path.with_name(path.name + ".part.npz")
-    (np.savez_compressed if compress else np.savez)(partial, **arrays)
-    partial.replace(path)
+    try:
+        (np.savez_compressed if compress else np.savez)(partial, **arrays)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def check_made_with(path: Path, wanted: dict) -> None:
+    """A UserError when the file at `path` was made by `data.synthetic` with other settings
+    than `wanted` (`settings`): the file is reused, never made again, so they would not apply.
+    A file without its settings (made by `python -m chest_mnist.synthetic`, or by hand) is
+    used as it is."""
+    with np.load(path) as npz:
+        if SETTINGS not in npz.files:
+            return
+        made = json.loads(str(npz[SETTINGS]))
+    if made != wanted:
+        differ = sorted(k for k in made.keys() | wanted.keys() if made.get(k) != wanted.get(k))
+        was = ", ".join(f"{k}={made.get(k)}" for k in differ)
+        now = ", ".join(f"{k}={wanted.get(k)}" for k in differ)
+        raise UserError(
+            f"{path} was made by data.synthetic with {was}, not {now}: a file there is used, "
+            f"not made again. Delete it to make it anew, or give another data.path."
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,18 +235,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.official_sizes
         else dict(train=args.train, val=args.val, test=args.test)
     )
-    path = write_synthetic(
-        args.out,
-        compress=not args.no_compress,
-        n_train=counts["train"],
-        n_val=counts["val"],
-        n_test=counts["test"],
-        size=args.size,
-        seed=args.seed,
-    )
+    for split, count in counts.items():
+        if count < 1:
+            parser.error(f"--{split} {count}: a split needs 1 image or more")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: a seed is 0 or more")
+    path = report_user_errors(lambda: _write(args, counts))
     print(
         f"wrote {path} ({counts['train']:,} / {counts['val']:,} / {counts['test']:,} images at {args.size}px)"
     )
+
+
+def _write(args: argparse.Namespace, counts: dict) -> Path:
+    if args.out.is_dir():
+        raise UserError(f"{args.out} is a folder: give the npz file to write.")
+    try:
+        return write_synthetic(
+            args.out,
+            compress=not args.no_compress,
+            n_train=counts["train"],
+            n_val=counts["val"],
+            n_test=counts["test"],
+            size=args.size,
+            seed=args.seed,
+        )
+    except OSError as e:
+        raise UserError(f"Could not write {args.out}: {e.strerror or e}.") from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import struct
 import threading
 import zipfile
@@ -27,6 +28,7 @@ from chest_mnist.batches import (
 from chest_mnist.data import MedMNISTDataModule
 from chest_mnist.npz import fetch_official, read_npz
 from chest_mnist.synthetic import LABELS, PREVALENCE, make_synthetic, write_synthetic
+from chest_mnist.synthetic import main as synthetic_main
 from tests.conftest import PNEUMONIA_NPZ, compose_train
 
 # --- the data module -------------------------------------------------------------------------
@@ -371,6 +373,73 @@ def test_synthetic_has_chestmnist_format_and_prevalence(tmp_path):
     ).all()  # every label has positives, even in a tiny split
     again = make_synthetic(n_train=20000, n_val=10, n_test=10, seed=3)
     assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
+
+
+def test_a_synthetic_file_made_with_other_settings_is_refused_not_reused(tmp_path):
+    """data=synthetic writes its file once and reuses it: asked for other settings, it says the
+    file was made with others (it used them silently) rather than train on data it was not
+    asked for. The same settings reuse it; a file the command line made (no settings kept) is
+    used as it is."""
+    path = tmp_path / "synthetic.npz"
+    small = {"n_train": 40, "n_val": 20, "n_test": 20, "seed": 3}
+    MedMNISTDataModule(path=str(path), synthetic=small).prepare_data()
+    assert len(read_npz(path, "chestmnist", 28)["train"][0]) == 40
+    made = path.stat().st_mtime_ns
+    MedMNISTDataModule(path=str(path), synthetic=dict(small)).prepare_data()  # the same: reused
+    other = MedMNISTDataModule(path=str(path), synthetic=small | {"n_train": 80, "seed": 4})
+    with pytest.raises(UserError) as refused:
+        other.prepare_data()
+    assert str(refused.value) == (
+        f"{path} was made by data.synthetic with n_train=40, seed=3, not n_train=80, seed=4: a "
+        f"file there is used, not made again. Delete it to make it anew, or give another "
+        f"data.path."
+    )
+    assert path.stat().st_mtime_ns == made
+    by_hand = tmp_path / "by_hand.npz"
+    synthetic_main([str(by_hand), "--train", "30"])
+    MedMNISTDataModule(path=str(by_hand), synthetic=small).prepare_data()  # no settings kept
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        ({"n_train": -1}, "data.synthetic.n_train=-1 must be a whole number of 1 or more."),
+        ({"n_val": 0}, "data.synthetic.n_val=0 must be a whole number of 1 or more."),
+        ({"n_test": "abc"}, "data.synthetic.n_test='abc' must be a whole number of 1 or more."),
+        ({"seed": -1}, "data.synthetic.seed=-1 must be a whole number of 0 or more."),
+        ({"seed": True}, "data.synthetic.seed=True must be a whole number of 0 or more."),
+        ({"noise": "x"}, "data.synthetic.noise='x' must be a number of 0 or more."),
+        ({"bogus": 1}, "data.synthetic.bogus is not a key of data.synthetic: its keys are "),
+        (3, "data.synthetic=3 must be a mapping of n_train, n_val, n_test, seed"),
+    ],
+)
+def test_synthetic_settings_that_cannot_be_made_are_refused_by_key(tmp_path, given, said):
+    """Refused when the data module is built, before any data (they were tracebacks from
+    numpy when the file was written)."""
+    with pytest.raises(UserError, match=re.escape(said)):
+        MedMNISTDataModule(path=str(tmp_path / "s.npz"), synthetic=given)
+    assert not list(tmp_path.iterdir())
+
+
+def test_synthetic_data_for_another_flag_is_refused_before_any_is_written(tmp_path):
+    with pytest.raises(UserError, match="makes ChestMNIST-format data only, not bloodmnist's"):
+        MedMNISTDataModule(flag="bloodmnist", path=str(tmp_path / "s.npz"), synthetic={})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_synthetic_command_says_what_it_cannot_write(tmp_path, capsys):
+    """Counts under 1, a folder, a folder that cannot be made: an `error:` line, exit code 2,
+    no half-written file (they were tracebacks, or a file training refused)."""
+    for argv, said in (
+        ([str(tmp_path / "a.npz"), "--train", "-3"], "--train -3: a split needs 1 image or more"),
+        ([str(tmp_path / "a.npz"), "--seed", "-1"], "--seed -1: a seed is 0 or more"),
+        ([str(tmp_path), "--train", "3"], f"error: {tmp_path} is a folder: give the npz file"),
+        (["/proc/none/a.npz", "--train", "3"], "error: Could not write /proc/none/a.npz: "),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            synthetic_main(argv)
+        assert exited.value.code == 2 and said in capsys.readouterr().err, argv
+    assert not list(tmp_path.iterdir())
 
 
 def test_synthetic_labels_live_in_the_pixels():
