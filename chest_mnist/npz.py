@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import zipfile
 import zlib
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
+DOWNLOAD_TIMEOUT_S = 60  # a download that receives nothing for this long has failed
 
 
 def size_suffix(size: int) -> str:
@@ -97,6 +99,10 @@ def fetch_official(
     # would pass download_url's "already there" check, so it goes first
     partial.unlink(missing_ok=True)
     log.info("Downloading %s to %s", url, path)
+    # download_url's urlopen has no timeout: a network that takes the connection and never
+    # answers would hang the run; the sockets it opens take this one
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         download_url(url, str(root), partial.name, md5=None)
     except BaseException as e:  # Ctrl-C too: no half file left behind
@@ -106,6 +112,8 @@ def fetch_official(
         raise UserError(
             f"Could not download {path.name} ({type(e).__name__}: {e}). {_download_help(flag, size, root)}"
         ) from e
+    finally:
+        socket.setdefaulttimeout(before)
     if (found := md5sum(partial)) != md5:
         partial.unlink()
         raise UserError(

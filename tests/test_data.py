@@ -702,6 +702,24 @@ def test_download_of_a_missing_url(tmp_path, monkeypatch, file_server):
     assert list(tmp_path.iterdir()) == [tmp_path / "server"]
 
 
+def test_a_download_that_gets_no_answer_times_out_with_the_message(tmp_path, monkeypatch):
+    """A network that takes the connection and never answers (a captive proxy): the download
+    gives up after DOWNLOAD_TIMEOUT_S with the usual message, and leaves no part file (it hung
+    for ever: torchvision's urlopen has no timeout)."""
+    import socket
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    monkeypatch.setattr(npz_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/chestmnist.npz"
+    monkeypatch.setitem(INFO["chestmnist"], "url", url)
+    started = time.monotonic()
+    with silent, pytest.raises(UserError, match=r"Could not download chestmnist.npz \(.*timed out"):
+        fetch_official("chestmnist", 28, tmp_path)
+    assert time.monotonic() - started < 10 and list(tmp_path.iterdir()) == []
+    assert socket.getdefaulttimeout() is None  # put back
+
+
 def test_augmentation_is_applied_in_training_and_off_at_eval(synthetic_npz):
     from types import SimpleNamespace
 
