@@ -11,6 +11,7 @@ has and how prevalence is counted.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -134,6 +135,11 @@ class MedMNISTDataModule(L.LightningDataModule):
         if self.hparams.path is not None:
             return Path(self.hparams.path).expanduser()
         root = DEFAULT_ROOT if self.hparams.root is None else self.hparams.root
+        if root is None:  # medmnist could not make its folder, ~/.medmnist (it warned why)
+            raise UserError(
+                "medmnist has no folder for its files: it could not create ~/.medmnist "
+                f"(HOME={os.environ.get('HOME')}). Set data.root to a writable folder."
+            )
         return Path(root).expanduser() / official_filename(self.hparams.flag, self.hparams.size)
 
     @override

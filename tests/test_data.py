@@ -585,6 +585,16 @@ def test_root_that_cannot_be_written(tmp_path, monkeypatch):
         MedMNISTDataModule(root=str(tmp_path)).prepare_data()
 
 
+def test_without_medmnists_folder_data_root_is_asked_for(monkeypatch):
+    """medmnist sets its folder to None when it cannot create ~/.medmnist (a HOME that cannot
+    be written): the run asks for data.root (it was a TypeError from pathlib)."""
+    from chest_mnist import data as data_module
+
+    monkeypatch.setattr(data_module, "DEFAULT_ROOT", None)
+    with pytest.raises(UserError, match=r"could not create ~/.medmnist .*Set data.root to a"):
+        MedMNISTDataModule().prepare_data()
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(UserError, match=f"data.path={tmp_path / 'x.npz'} does not exist"):
         MedMNISTDataModule(path=str(tmp_path / "x.npz")).prepare_data()
