@@ -54,5 +54,5 @@ gpu-wheels: install ## the packages a bare GPU image lacks, as wheels in .whl/ (
 	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|medmnist|captum|pydicom)==')
 
 clean: ## remove caches and build files; keeps .venv, logs/ (your runs) and data/
-	rm -rf .pytest_cache .ruff_cache *.egg-info
+	rm -rf .pytest_cache .ruff_cache *.egg-info build
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
