@@ -143,7 +143,10 @@ def time_ours(
     from chest_mnist.config import precision_for
     from chest_mnist.model import MedMNISTClassifier
 
-    datamodule = MedMNISTDataModule(path=str(npz), size=size, batch_size=batch_size, mmap=mmap)
+    # full batches only, as the reference's loader: images per second count steps x batch
+    datamodule = MedMNISTDataModule(
+        path=str(npz), size=size, batch_size=batch_size, mmap=mmap, drop_last=True
+    )
     model = MedMNISTClassifier(
         datamodule.labels,
         stem=stem,
@@ -301,6 +304,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
+    if args.n_train is not None and args.n_train < args.batch_size:
+        parser.error(  # a step is a full batch: images per second count them
+            f"--n-train {args.n_train} is less than one batch (--batch-size {args.batch_size})"
+        )
     return args
 
 

@@ -160,6 +160,18 @@ def test_bench_refuses_a_size_medmnist_does_not_have():
     assert "--size: invalid choice: 100 (choose from 28, 64, 128, 224)" in result.stderr
 
 
+def test_bench_refuses_fewer_training_images_than_a_batch(capsys):
+    """Each timed step is a full batch (images per second count them): --n-train 5 at batch 32
+    overstated ours by the missing images, and left the reference's loader with no batch."""
+    from chest_mnist.bench import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--n-train", "5", "--batch-size", "32"])
+    assert exited.value.code == 2
+    assert "--n-train 5 is less than one batch (--batch-size 32)" in capsys.readouterr().err
+    assert parse_args(["--n-train", "32", "--batch-size", "32"]).n_train == 32
+
+
 @pytest.mark.slow
 def test_memory_mapped_images_stay_out_of_host_memory(tmp_path):
     """224px, 5,000 training images (239 MB as uint8): read into memory they add about 1.2x
