@@ -86,10 +86,10 @@ def wanted(
         != 1,
     }
     why_not = next((why for why, applies in reasons.items() if applies), None)
-    if setting is True and why_not:
+    if setting in (True, "step") and why_not:  # asked for by name: refused, not ignored
         raise UserError(
-            f"model.cuda_graph=true, but {why_not}. Set model.cuda_graph=auto (graphs where "
-            f"they apply) or false."
+            f"model.cuda_graph={str(setting).lower()}, but {why_not}. Set model.cuda_graph=auto "
+            f"(graphs where they apply) or false."
         )
     return setting is not False and why_not is None
 

@@ -36,8 +36,10 @@ def test_auto_graphs_one_gpu_without_ddp_or_compiled_graphs():
     # a compiled network is graphed as the whole step, where compile makes no graphs of its own
     assert not cuda_graphs.wanted("auto", GPU, 1, compile_mode=True)
     assert cuda_graphs.wanted("auto", GPU, 1, compile_mode=True, whole_step=True)
-    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="reduce-overhead", whole_step=True)
-    assert not cuda_graphs.wanted("step", GPU, 1, compile_mode="max-autotune", whole_step=True)
+    for mode in ("reduce-overhead", "max-autotune"):  # graphs of their own: step is refused
+        with pytest.raises(UserError, match=f"model.cuda_graph=step, but model.compile={mode} "):
+            cuda_graphs.wanted("step", GPU, 1, compile_mode=mode, whole_step=True)
+    assert not cuda_graphs.wanted("auto", GPU, 1, compile_mode="reduce-overhead", whole_step=True)
     assert cuda_graphs.wanted("step", GPU, 1, compile_mode=True, whole_step=True)
     assert cuda_graphs.wanted(
         "step", GPU, 1, compile_mode="max-autotune-no-cudagraphs", whole_step=True
@@ -122,6 +124,21 @@ def test_true_says_why_it_cannot(device, world_size, compile_mode, why):
         cuda_graphs.wanted(True, GPU, accumulate_grad_batches=4)
     with pytest.raises(UserError, match="model.cuda_graph='yes' must be auto, true, false or step"):
         cuda_graphs.wanted("yes", device, world_size, compile_mode)
+
+
+def test_step_is_refused_with_why_where_no_graph_can_be_made():
+    """model.cuda_graph=step asks for the whole step by name: on the CPU, under DDP or with
+    accumulated gradients it is refused, as true is (it trained the plain step silently)."""
+    for device, world_size, accumulate, why in (
+        (CPU, 1, 1, "it needs a CUDA GPU"),
+        (GPU, 2, 1, r"under DDP \(2 processes\)"),
+        (GPU, 1, 4, "trainer.accumulate_grad_batches=4 adds gradients"),
+    ):
+        with pytest.raises(UserError, match=f"model.cuda_graph=step, but {why}.*cuda_graph=auto"):
+            cuda_graphs.wanted(
+                "step", device, world_size, accumulate_grad_batches=accumulate, whole_step=True
+            )
+    assert cuda_graphs.wanted("step", GPU, 1, whole_step=True)
 
 
 class StandIn:
@@ -911,16 +928,21 @@ def test_compile_auto_decides_at_each_fit_by_the_real_rules(caplog, cuda_graph):
     assert (
         "model.compile=auto: compiled, as the whole training step is one CUDA graph" in caplog.text
     )
-    assert not fit_on(CPU)  # undone
-    assert (
-        "not compiled: the whole training step is not one CUDA graph here "
-        f"(model.cuda_graph={cuda_graph}, on cpu, 1 process(es))" in caplog.text
-    )
-    assert fit_on(GPU)
-    assert not fit_on(GPU, world_size=2)
-    assert not fit_on(GPU, accumulate=2)
-    if cuda_graph == "auto":  # the forward and backward graphs, of the network uncompiled
+    if cuda_graph == "auto":
+        assert not fit_on(CPU)  # undone
+        assert (
+            "not compiled: the whole training step is not one CUDA graph here "
+            "(model.cuda_graph=auto, on cpu, 1 process(es))" in caplog.text
+        )
+        assert fit_on(GPU)
+        assert not fit_on(GPU, world_size=2)
+        assert not fit_on(GPU, accumulate=2)
+        # the forward and backward graphs, of the network uncompiled
         assert not fit_on(GPU, clip=1.0) and model.graphs_wanted
+    else:  # step, asked for by name, is refused where the step cannot be one graph
+        for where in ({"device": CPU}, {"world_size": 2}, {"accumulate": 2}):
+            with pytest.raises(UserError, match="model.cuda_graph=step, but "):
+                fit_on(**({"device": GPU} | where))
     for typo in ("atuo", "Auto", 1):
         with pytest.raises(
             UserError, match=f"model.compile={typo!r} is unknown: set true, false, auto"
