@@ -135,6 +135,8 @@ def extract_npy(path: Path) -> Path:
     stamp = folder / "source.json"
     if _stamp(stamp) == source:
         return folder
+    if not zipfile.is_zipfile(path):  # what reading it says of it: no archive, or one array
+        open_npz(path).close()
     log.info("Extracting the arrays of %s into %s for memory mapping", path.name, folder)
     part = None
     try:

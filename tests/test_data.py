@@ -488,6 +488,20 @@ def test_not_a_zip(tmp_path):
     assert path.read_text() == "this is not a zip file"  # the user's file is left alone
 
 
+def test_mmap_of_a_file_that_is_no_archive_says_what_reading_says(tmp_path):
+    """data.mmap=true on a single saved array (np.save) or text: the message of reading it
+    (it said "damaged (BadZipFile)"), and no empty <name>_npy/ folder left."""
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros((2, 28, 28), np.uint8))
+    text = tmp_path / "text.npz"
+    text.write_text("this is not a zip file")
+    for path, said in ((single, "holds a single array"), (text, "it is no zip archive")):
+        with pytest.raises(UserError, match=said):
+            npz_module.extract_npy(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single.npz", "text.npz"]
+
+
 def test_truncated_zip(tmp_path):
     good = write_synthetic(tmp_path / "good.npz", n_train=8, n_val=4, n_test=4)
     bad = tmp_path / "bad.npz"
