@@ -113,11 +113,6 @@ class MedMNISTDataModule(L.LightningDataModule):
         if synthetic is not None:
             from chest_mnist.synthetic import settings
 
-            if flag != "chestmnist":
-                raise UserError(
-                    f"data.synthetic makes ChestMNIST-format data only, not {flag}'s: give "
-                    f"data.path=<a {flag} npz> with data.synthetic=null, or data.flag=chestmnist."
-                )
             settings(size, synthetic)  # refused here, before any data, rather than when written
         self.save_hyperparameters()
         self.info = INFO[flag]
@@ -163,6 +158,12 @@ class MedMNISTDataModule(L.LightningDataModule):
                 raise UserError(
                     f"data.path={self.file} does not exist. Point data.path at a MedMNIST-format "
                     f"npz, or leave it null to use the official file in data.root."
+                )
+            if hp.flag != "chestmnist":  # a file of another dataset's, already there, is read
+                raise UserError(
+                    f"data.path={self.file} does not exist, and data.synthetic makes "
+                    f"ChestMNIST-format data only, not {hp.flag}'s: give data.path=<a {hp.flag} "
+                    f"npz>, or data.flag=chestmnist."
                 )
             log.info("Writing synthetic %s data to %s", hp.flag, self.file)
             write_synthetic(self.file, record=True, **settings(hp.size, hp.synthetic))

@@ -422,9 +422,15 @@ def test_synthetic_settings_that_cannot_be_made_are_refused_by_key(tmp_path, giv
 
 
 def test_synthetic_data_for_another_flag_is_refused_before_any_is_written(tmp_path):
+    """data=synthetic makes ChestMNIST's format only: for another flag a missing file is
+    refused (it wrote ChestMNIST data, then blamed the file); a file already there is read."""
+    other = MedMNISTDataModule(flag="bloodmnist", path=str(tmp_path / "s.npz"), synthetic={})
     with pytest.raises(UserError, match="makes ChestMNIST-format data only, not bloodmnist's"):
-        MedMNISTDataModule(flag="bloodmnist", path=str(tmp_path / "s.npz"), synthetic={})
+        other.prepare_data()
     assert not list(tmp_path.iterdir())
+    pneumonia = MedMNISTDataModule(flag="pneumoniamnist", path=str(PNEUMONIA_NPZ), synthetic={})
+    pneumonia.prepare_data()
+    pneumonia.setup("fit")
 
 
 def test_the_synthetic_command_says_what_it_cannot_write(tmp_path, capsys):
