@@ -73,6 +73,14 @@ def config_subdir(
     return ".hydra"
 
 
+def synthetic_file(size: int, given) -> str:
+    """data=synthetic's default file name: its settings in it, so that other settings (a sweep
+    over data.synthetic.seed) make other files (`chest_mnist.synthetic.file_name`)."""
+    from chest_mnist.synthetic import file_name
+
+    return file_name(size, {} if given is None else OmegaConf.to_container(given))
+
+
 RESOLVERS = {
     "precision_for": precision_for,
     "run_dir": run_dir,
@@ -80,6 +88,7 @@ RESOLVERS = {
     # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) cannot put a plain
     # list where the interpolation's string was
     "epochs_at": lambda total, *fractions: ListConfig(epochs_at(total, *fractions)),
+    "synthetic_file": synthetic_file,
 }
 
 

@@ -32,6 +32,7 @@ from chest_mnist.batches import (
     to_model_input,
 )
 from chest_mnist.npz import SIZES, extract_npy, fetch_official, official_filename, read_npz
+from chest_mnist.synthetic import settings as make_settings
 from chest_mnist.task import Task
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,8 @@ class MedMNISTDataModule(L.LightningDataModule):
                 raise UserError(f"data.{key}={value!r} must be true or false.")
         if on_device not in (True, False, "auto"):
             raise UserError(f"data.on_device={on_device!r} must be true, false or auto.")
-        if synthetic is not None:
-            from chest_mnist.synthetic import settings
-
-            settings(size, synthetic)  # refused here, before any data, rather than when written
+        # what a missing data.path is made from (synthetic.py), checked before any data
+        self.synthetic = None if synthetic is None else make_settings(size, synthetic)
         self.save_hyperparameters()
         self.info = INFO[flag]
         self.medmnist_task = self.info["task"]
@@ -148,13 +147,13 @@ class MedMNISTDataModule(L.LightningDataModule):
     def _ensure_file(self) -> None:
         hp = self.hparams
         if hp.path is not None:
-            from chest_mnist.synthetic import check_made_with, settings, write_synthetic
+            from chest_mnist.synthetic import check_made_with, write_synthetic
 
             if self.file.exists():
-                if hp.synthetic is not None:
-                    check_made_with(self.file, settings(hp.size, hp.synthetic))
+                if self.synthetic is not None:
+                    check_made_with(self.file, self.synthetic)
                 return
-            if hp.synthetic is None:
+            if self.synthetic is None:
                 raise UserError(
                     f"data.path={self.file} does not exist. Point data.path at a MedMNIST-format "
                     f"npz, or leave it null to use the official file in data.root."
@@ -166,7 +165,7 @@ class MedMNISTDataModule(L.LightningDataModule):
                     f"npz>, or data.flag=chestmnist."
                 )
             log.info("Writing synthetic %s data to %s", hp.flag, self.file)
-            write_synthetic(self.file, record=True, **settings(hp.size, hp.synthetic))
+            write_synthetic(self.file, record=True, **self.synthetic)
             return
         if hp.root is not None and not Path(hp.root).expanduser().is_dir():
             raise UserError(

@@ -100,7 +100,8 @@ def fetch_official(
     partial.unlink(missing_ok=True)
     log.info("Downloading %s to %s", url, path)
     # download_url's urlopen has no timeout: a network that takes the connection and never
-    # answers would hang the run; the sockets it opens take this one
+    # answers would hang the run; the sockets it opens take this one (per blocking read, so a
+    # slow link still works; an https URL that times out is tried once more over http)
     before = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:

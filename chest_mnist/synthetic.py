@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -164,10 +166,28 @@ def settings(size: int, given: dict) -> dict:
     for key, value in made.items():
         least = 0 if key in ("seed", "signal", "noise") else 1
         kind = (int, float) if key in ("signal", "noise") else int
-        if isinstance(value, bool) or not isinstance(value, kind) or value < least:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or not math.isfinite(value)
+            or value < least
+        ):
             what = "whole number" if kind is int else "number"
             raise UserError(f"data.synthetic.{key}={value!r} must be a {what} of {least} or more.")
     return made | {"size": size}
+
+
+def file_name(size: int, given: Mapping) -> str:
+    """The name `data=synthetic` gives the file of these settings (`settings`), so that other
+    settings make another file: `synthetic_chestmnist_28_4000-1000-1000_seed0.npz`, with any
+    other signal or noise than the default named too. Unchecked: the data module says what in
+    the settings cannot be used (Hydra resolves this name first)."""
+    made = {key: given.get(key, default) for key, default in KEYS.items()}
+    name = f"synthetic_chestmnist_{size}_{made['n_train']}-{made['n_val']}-{made['n_test']}_seed{made['seed']}"
+    for key in ("signal", "noise"):
+        if made[key] != KEYS[key]:
+            name += f"_{key}{made[key]}"
+    return name + ".npz"
 
 
 def write_synthetic(
@@ -195,17 +215,27 @@ def check_made_with(path: Path, wanted: dict) -> None:
     than `wanted` (`settings`): the file is reused, never made again, so they would not apply.
     A file without its settings (made by `python -m chest_mnist.synthetic`, or by hand) is
     used as it is."""
-    with np.load(path) as npz:
+    from chest_mnist.npz import open_npz  # its messages for a file that is no npz
+
+    with open_npz(path) as npz:
         if SETTINGS not in npz.files:
             return
-        made = json.loads(str(npz[SETTINGS]))
+        try:
+            made = json.loads(str(npz[SETTINGS]))
+        except ValueError:
+            raise UserError(
+                f"{path}'s {SETTINGS} is no JSON: delete the file to make it anew."
+            ) from None
     if made != wanted:
         differ = sorted(k for k in made.keys() | wanted.keys() if made.get(k) != wanted.get(k))
+        key = {"size": "data.size"}
         was = ", ".join(f"{k}={made.get(k)}" for k in differ)
         now = ", ".join(f"{k}={wanted.get(k)}" for k in differ)
+        asked = " ".join(f"{key.get(k, 'data.synthetic.' + k)}={made.get(k)}" for k in differ)
         raise UserError(
             f"{path} was made by data.synthetic with {was}, not {now}: a file there is used, "
-            f"not made again. Delete it to make it anew, or give another data.path."
+            f"not made again. Ask for what it holds ({asked}), give another data.path, or "
+            f"delete it to make it anew."
         )
 
 
@@ -249,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
 def _write(args: argparse.Namespace, counts: dict) -> Path:
     if args.out.is_dir():
         raise UserError(f"{args.out} is a folder: give the npz file to write.")
+    folder = next((p for p in args.out.absolute().parents if p.exists()), Path("/"))
+    if not os.access(folder, os.W_OK):  # before the arrays are made: minutes at 224px
+        raise UserError(f"Could not write {args.out}: {folder} cannot be written.")
     try:
         return write_synthetic(
             args.out,

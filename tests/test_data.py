@@ -391,13 +391,29 @@ def test_a_synthetic_file_made_with_other_settings_is_refused_not_reused(tmp_pat
         other.prepare_data()
     assert str(refused.value) == (
         f"{path} was made by data.synthetic with n_train=40, seed=3, not n_train=80, seed=4: a "
-        f"file there is used, not made again. Delete it to make it anew, or give another "
-        f"data.path."
+        f"file there is used, not made again. Ask for what it holds (data.synthetic.n_train=40 "
+        f"data.synthetic.seed=3), give another data.path, or delete it to make it anew."
     )
     assert path.stat().st_mtime_ns == made
     by_hand = tmp_path / "by_hand.npz"
     synthetic_main([str(by_hand), "--train", "30"])
     MedMNISTDataModule(path=str(by_hand), synthetic=small).prepare_data()  # no settings kept
+    (tmp_path / "text.npz").write_text("no archive")  # read as reading says, not a traceback
+    with pytest.raises(UserError, match="is not a readable .npz archive"):
+        MedMNISTDataModule(path=str(tmp_path / "text.npz"), synthetic=small).prepare_data()
+
+
+def test_the_default_synthetic_file_is_named_after_its_settings(tmp_path):
+    """Other settings, another file: a sweep over data.synthetic.seed makes one file per seed
+    (each job was refused by the first job's file)."""
+    paths = {
+        seed: compose_train(["data=synthetic", f"data.synthetic.seed={seed}"]).data.path
+        for seed in (0, 1)
+    }
+    assert paths[0].endswith("data/synthetic_chestmnist_28_4000-1000-1000_seed0.npz")
+    assert paths[1].endswith("data/synthetic_chestmnist_28_4000-1000-1000_seed1.npz")
+    noisy = compose_train(["data=synthetic", "data.size=64", "+data.synthetic.noise=10.0"])
+    assert noisy.data.path.endswith("synthetic_chestmnist_64_4000-1000-1000_seed0_noise10.0.npz")
 
 
 @pytest.mark.parametrize(
@@ -409,6 +425,7 @@ def test_a_synthetic_file_made_with_other_settings_is_refused_not_reused(tmp_pat
         ({"seed": -1}, "data.synthetic.seed=-1 must be a whole number of 0 or more."),
         ({"seed": True}, "data.synthetic.seed=True must be a whole number of 0 or more."),
         ({"noise": "x"}, "data.synthetic.noise='x' must be a number of 0 or more."),
+        ({"noise": float("nan")}, "data.synthetic.noise=nan must be a number of 0 or more."),
         ({"bogus": 1}, "data.synthetic.bogus is not a key of data.synthetic: its keys are "),
         (3, "data.synthetic=3 must be a mapping of n_train, n_val, n_test, seed"),
     ],
@@ -433,7 +450,7 @@ def test_synthetic_data_for_another_flag_is_refused_before_any_is_written(tmp_pa
     pneumonia.setup("fit")
 
 
-def test_the_synthetic_command_says_what_it_cannot_write(tmp_path, capsys):
+def test_the_synthetic_command_says_what_it_cannot_write(tmp_path, capsys, monkeypatch):
     """Counts under 1, a folder, a folder that cannot be made: an `error:` line, exit code 2,
     no half-written file (they were tracebacks, or a file training refused)."""
     for argv, said in (
@@ -446,6 +463,17 @@ def test_the_synthetic_command_says_what_it_cannot_write(tmp_path, capsys):
             synthetic_main(argv)
         assert exited.value.code == 2 and said in capsys.readouterr().err, argv
     assert not list(tmp_path.iterdir())
+    # a folder that cannot be written (root writes anywhere: as os.access would say for a user),
+    # said before the arrays are made, which at 224px takes minutes
+    import chest_mnist.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(synthetic, "make_synthetic", lambda **k: pytest.fail("made the arrays"))
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "a.npz")])
+    assert f"error: Could not write {tmp_path / 'a.npz'}: {tmp_path} cannot be written." in (
+        capsys.readouterr().err
+    )
 
 
 def test_synthetic_labels_live_in_the_pixels():
