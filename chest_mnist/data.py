@@ -32,6 +32,7 @@ from chest_mnist.batches import (
     to_model_input,
 )
 from chest_mnist.npz import SIZES, extract_npy, fetch_official, official_filename, read_npz
+from chest_mnist.synthetic import check_made_with, write_synthetic
 from chest_mnist.synthetic import settings as make_settings
 from chest_mnist.task import Task
 
@@ -147,8 +148,6 @@ class MedMNISTDataModule(L.LightningDataModule):
     def _ensure_file(self) -> None:
         hp = self.hparams
         if hp.path is not None:
-            from chest_mnist.synthetic import check_made_with, write_synthetic
-
             if self.file.exists():
                 if self.synthetic is not None:
                     check_made_with(self.file, self.synthetic)

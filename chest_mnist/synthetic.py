@@ -150,7 +150,12 @@ KEYS = {
 }
 
 
-def settings(size: int, given: dict) -> dict:
+def _filled(given: Mapping) -> dict:
+    """`given`'s values of KEYS, each missing one at its default."""
+    return {key: given.get(key, default) for key, default in KEYS.items()}
+
+
+def settings(size: int, given: Mapping) -> dict:
     """`data.synthetic` at `data.size` as `make_synthetic`'s arguments, defaults filled in; a
     UserError names a key it does not take, or a value it cannot use."""
     if not isinstance(given, Mapping):
@@ -162,7 +167,7 @@ def settings(size: int, given: dict) -> dict:
         raise UserError(
             f"data.synthetic.{unknown[0]} is not a key of data.synthetic: its keys are {', '.join(KEYS)}."
         )
-    made = {key: given.get(key, default) for key, default in KEYS.items()}
+    made = _filled(given)
     for key, value in made.items():
         least = 0 if key in ("seed", "signal", "noise") else 1
         kind = (int, float) if key in ("signal", "noise") else int
@@ -182,7 +187,7 @@ def file_name(size: int, given: Mapping) -> str:
     settings make another file: `synthetic_chestmnist_28_4000-1000-1000_seed0.npz`, with any
     other signal or noise than the default named too. Unchecked: the data module says what in
     the settings cannot be used (Hydra resolves this name first)."""
-    made = {key: given.get(key, default) for key, default in KEYS.items()}
+    made = _filled(given)
     name = f"synthetic_chestmnist_{size}_{made['n_train']}-{made['n_val']}-{made['n_test']}_seed{made['seed']}"
     for key in ("signal", "noise"):
         if made[key] != KEYS[key]:
