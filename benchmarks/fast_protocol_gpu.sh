@@ -29,14 +29,15 @@
 #      each mostly host-bound), so their wall times are not single-run timings, and those that
 #      compile reuse step 1's compiled backbone; last.ckpt only at the end; pneumonia_seeds.csv:
 #      path, seed, step, test AUC, test ACC, train_seconds;
-#   5. with the time left: the host's time per step of a step=graph step on this machine's CPU,
-#      and between epochs (benchmarks/step_host_time.py, the replay and the validation forward
-#      stand-ins), the report's bootstrap intervals on the GPU against the CPU
-#      (benchmarks/bootstrap_time.py --device cuda), and the step's floor without Lightning
-#      (benchmarks/step_floor_gpu.py): the whole step as one graph, compiled (cold) and not, its
-#      kernel time and costliest kernels: do inductor's kernels go under the 2.5 ms of cuDNN's?
-#      (step_floor.json); the first compiled step of a fresh process, cold and from the caches
-#      (benchmarks/compile_from_cache_time.py: compile_from_cache_time.json)
+#   5. with the time left: first the step's floor without Lightning (benchmarks/step_floor_gpu.py):
+#      the compiled whole step as one graph (cold), its kernel time and costliest kernels, and two
+#      such steps replayed at once on two streams (a pair in twice one step's time: the GPU is
+#      full, and batch 128 cannot go faster on this card) (step_floor.json); then the host's time
+#      per step of a step=graph step on this machine's CPU, and between epochs
+#      (benchmarks/step_host_time.py, the replay and the validation forward stand-ins), the
+#      report's bootstrap intervals on the GPU against the CPU (benchmarks/bootstrap_time.py
+#      --device cuda), the first compiled step of a fresh process, cold and from the caches
+#      (benchmarks/compile_from_cache_time.py: compile_from_cache_time.json in results.tar.gz)
 # Results under $OUT (summary.txt, protocol_100*/, pneumonia_seeds.csv, results.tar.gz).
 #
 #   OUT=/tmp/out bash benchmarks/fast_protocol_gpu.sh          (carry .whl: make gpu-wheels)
@@ -218,19 +219,19 @@ for fast in ("default", "uncompiled"):
         print(f"pneumonia {fast} - plain: {gap:+.4f} ({'within' if gap >= -0.005 else 'NOT within'} the issue's 0.005)")
 PY
 
-# 5. with the time left: the host's share of a step=graph step on this machine's CPU, and its time
+# 5. with the time left: the floor without Lightning (compiled, cold: its kernels, and a pair of
+# steps at once), the host's share of a step=graph step on this machine's CPU and its time
 # between epochs (the replay and the validation forward stand-ins; tests/test_benchmarks.py runs
-# it on the CPU), the report's bootstrap on the GPU against
-# the CPU, and the floor without Lightning, eager and compiled (cold), with the costliest kernels
+# it on the CPU), the report's bootstrap on the GPU against the CPU
 if [ -z "${DRY_RUN:-}" ]; then
+  step step_floor 150 $(caches $CACHES/step_floor) python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
+    whole_compiled whole_compiled_kernels whole_compiled_pair eval_1024
+  cat "$RES/step_floor.log" >> "$RES/summary.txt" 2>/dev/null
   step step_host_time 40 python3 benchmarks/step_host_time.py /tmp/chest_full.npz --steps 150 --epochs 11
   grep -h "host time" "$RES/step_host_time.log" >> "$RES/summary.txt"
   step bootstrap_time 40 python3 benchmarks/bootstrap_time.py --repeats 2 --device cuda
-  step step_floor 150 $(caches $CACHES/step_floor) python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
-    whole_compiled whole_compiled_kernels whole_fused whole_fused_kernels eval_1024
-  cat "$RES/step_floor.log" >> "$RES/summary.txt" 2>/dev/null
   step compile_from_cache_time 120 python3 benchmarks/compile_from_cache_time.py --device cuda \
-    --json "$OUT/compile_from_cache_time.json"
+    --json "$RES/compile_from_cache_time.json"  # in results.tar.gz: 8 files come back
 fi
 
 cp "$RES/summary.txt" "$OUT/summary.txt"

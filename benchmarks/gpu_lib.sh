@@ -9,7 +9,9 @@ RES=/tmp/gpu_results
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"  # a rerun on a warm machine starts a fresh summary
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD  # the scripts run as files (python3 benchmarks/x.py) import chest_mnist from here
-trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null' EXIT
+# (summary_live.txt, the summary as it grows, is for a call cut off before this: the device
+# returns at most 8 files)
+trap 'tar -czf "$OUT/results.tar.gz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/" 2>/dev/null && rm -f "$OUT/summary_live.txt"' EXIT
 
 if [ -d .whl ]; then  # packages the GPU image lacks (hydra-core, omegaconf, antlr4, medmnist, captum, pydicom)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

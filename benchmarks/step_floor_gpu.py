@@ -221,8 +221,17 @@ def captured_step(
     )
     step = training_step(forward, opt, x, y)
     cuda_graphs.warm_up(step)
-    replay, _ = cuda_graphs.capture(step)
+    graph_replay, _ = cuda_graphs.capture(step)
     torch.cuda.synchronize()
+
+    def replay():
+        # the graph reads and writes the network's weights, the batch and Adam's state, but
+        # holds no reference to them: this closure does (`step`), or their memory would be
+        # freed and reused while the graph still replays into it (two graphs alive at once,
+        # whole_compiled_pair, ended in an illegal memory access on an H200)
+        graph_replay()
+
+    replay.step = step
     return replay
 
 
