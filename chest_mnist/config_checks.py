@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from chest_mnist import UserError
+from chest_mnist import UserError, cuda_graphs
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
 from chest_mnist.model import OPTIMIZER_CLASS
 from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run_of
@@ -112,15 +112,66 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
         )
     if check_devices:
         check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+        check_cuda_graph(cfg)
+
+
+def check_cuda_graph(cfg: DictConfig) -> None:
+    """model.cuda_graph=true or step where the config alone says no graph can be made (the CPU,
+    several processes, accumulated gradients, a compile mode with graphs of its own) or, for
+    step, what the whole step would leave out (clipping, 16-bit loss scaling, another
+    optimizer): refused before any data or sweep job, by the rules the model applies when
+    training begins (`cuda_graphs.wanted`, `why_not_whole_step`). The module's and callbacks'
+    gradient hooks are known only then."""
+    model = cfg.get("model") or {}
+    setting = model.get("cuda_graph", "auto")
+    if setting not in (True, "step"):
+        return  # auto and false refuse nothing; a typo is the model's to name
+    trainer = cfg.trainer
+    accelerator = trainer.get("accelerator", "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    devices = _devices(trainer.get("devices", 1))
+    if devices in ("auto", -1):
+        devices = torch.cuda.device_count() if on_gpu else 1
+    processes = (devices if isinstance(devices, int) else len(devices)) * (
+        trainer.get("num_nodes") or 1
+    )
+    compile_mode = model.get("compile", False)
+    whole_step = setting == "step"
+    cuda_graphs.wanted(
+        setting,
+        torch.device("cuda" if on_gpu else "cpu"),
+        world_size=processes,
+        compile_mode=False if compile_mode == "auto" else compile_mode,  # as the model does
+        accumulate_grad_batches=trainer.get("accumulate_grad_batches") or 1,
+        whole_step=whole_step,
+    )
+    if whole_step:
+        target = (model.get("optimizer") or {}).get("_target_")
+        try:
+            optimizer_class = hydra.utils.get_class(target)
+        except Exception:  # noqa: BLE001 (an unknown class: building the model names it)
+            return
+        precision = str(trainer.get("precision"))
+        cuda_graphs.check_whole_step(
+            trainer.get("gradient_clip_val"),
+            "16-mixed" if precision == "16" else precision,  # Lightning reads 16 so
+            optimizer_class,
+        )
+
+
+def _devices(devices: int | str | list) -> int | str | list:
+    """`trainer.devices` as a number, a list or "auto": Lightning's strings "2", "-1" and "0,1"
+    read as it reads them."""
+    if isinstance(devices, str) and devices != "auto":
+        if "," in devices:
+            return [d for d in devices.split(",") if d.strip()]
+        return int(devices) if devices.lstrip("-").isdigit() else [devices]
+    return devices
 
 
 def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
     """`trainer.devices` asks for no more GPUs (or CPU processes) than this machine has."""
-    if isinstance(devices, str) and devices != "auto":  # Lightning's "2", "-1" or "0,1"
-        if "," in devices:
-            devices = [d for d in devices.split(",") if d.strip()]
-        else:
-            devices = int(devices) if devices.lstrip("-").isdigit() else [devices]
+    devices = _devices(devices)
     if devices == "auto" or devices == -1:
         return
     if isinstance(devices, bool) or not isinstance(devices, int | list | ListConfig):

@@ -159,11 +159,11 @@ def why_not_whole_step(
 def check_whole_step(
     clip: float | None,
     precision: str,
-    optimizer: torch.optim.Optimizer,
+    optimizer_class: type,
     gradient_hooks: list[str] = (),
 ) -> None:
     """Refuse model.cuda_graph=step where the graph would leave out part of Lightning's step."""
-    why_not = why_not_whole_step(clip, precision, type(optimizer), gradient_hooks)
+    why_not = why_not_whole_step(clip, precision, optimizer_class, gradient_hooks)
     if why_not:
         raise UserError(
             f"model.cuda_graph=step, but {why_not}. Set model.cuda_graph=auto (the forward and "

@@ -640,7 +640,7 @@ class MedMNISTClassifier(L.LightningModule):
             cuda_graphs.check_whole_step(
                 getattr(self._trainer, "gradient_clip_val", None),
                 str(getattr(self._trainer, "precision", "")),
-                optimizer,
+                type(optimizer),
                 self._gradient_hooks(),
             )
         if self.scheduler_factory is None:
