@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Issue 15: can a training step of the protocol (batch 128 at 28px, bf16, the whole step as one
-# CUDA graph) take less GPU time than the 2.2 ms (an estimate) that puts 100 epochs at about
-# 150 s of training alone (1.49 s an epoch: BENCHMARKS.md)? In one call of at most 4.5 minutes
+# CUDA graph) take less GPU time than the 2.2 ms that puts 100 epochs at about 137 s of replays
+# alone (BENCHMARKS.md)? In one call of at most 4.5 minutes
 # (DEADLINE 270 s; not yet timed), benchmarks/step_floor_gpu.py without Lightning, twice:
 #   1. cuDNN's benchmark as PyTorch runs it (10 algorithms tried per convolution):
 #      - whole_compiled, whole_compiled_kernels: the default's step, and its kernel time by kind
-#        (convolution forward, input and weight gradients, inductor's fused kernels, Adam, ...),
-#        now that the benchmark's gradients are set to None as the run's are (the 2.2 ms the
-#        last measurement estimated, from 2.316 ms less 0.119 ms of float additions);
-#      - whole_compiled_pair: two independent steps at once on two streams: how much of the GPU
-#        one step leaves idle (a pair in twice the time: none);
+#        (convolution forward, input and weight gradients, inductor's fused kernels, Adam, ...:
+#        2.241 ms a replay, 2.183 ms of kernels on an H200; two independent steps at once,
+#        whole_compiled_pair, took 3.429 ms: a step leaves part of the GPU idle (BENCHMARKS.md,
+#        "The default measured again"). What follows tries to use that room inside one step,
+#        or to need less of it);
 #      - whole_streams, whole_compiled_streams, streams_max_grad_diff: each convolution's weight
 #        gradient on a second stream beside its input gradient (benchmarks/two_stream_conv.py),
 #        uncompiled and compiled, against whole_fused and whole_compiled; its gradients against
@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 CACHES="env TORCHINDUCTOR_CACHE_DIR=/tmp/step_floor_caches/inductor TRITON_CACHE_DIR=/tmp/step_floor_caches/triton"
 rm -rf /tmp/step_floor_caches  # the first compile is cold (whole_compiled_setup_s)
 step step_floor 190 $CACHES python3 benchmarks/step_floor_gpu.py "$OUT/step_floor.json" \
-  whole_compiled whole_compiled_kernels whole_compiled_pair whole_fused whole_streams \
+  whole_compiled whole_compiled_kernels whole_fused whole_streams \
   streams_max_grad_diff whole_compiled_streams whole_compiled_streams_kernels \
   whole_compiled_combo whole_compiled_combo_kernels
 step step_floor_all_algorithms 90 $CACHES python3 benchmarks/step_floor_gpu.py \
