@@ -13,8 +13,8 @@
 #      summary also says how long the command took to its run folder (imports, Hydra) and from
 #      its last log line to its end (the exit);
 #   2. the same with cuDNN's kernels (model.compile=false, nothing compiled), 30 s: its seconds
-#      per epoch (protocol_100_uncompiled/). A step of them needs about 2.6 ms of GPU work (an
-#      H200), about 160 s for 100 epochs: this one cannot meet the goal, its rate says by how much;
+#      per epoch (protocol_100_uncompiled/). Its epochs took 1.81 s on an H200, about 181 s for
+#      100: this one cannot meet the goal, its rate says by how much;
 #      then, warm, the time of `import chest_mnist.train` (its costliest imports) and of
 #      `--cfg job` (the imports and Hydra's composition): what the time to the run folder is;
 #   3. fp32, two epochs of 2,000 images, the learning rate x0.1 after the first, the largest weight
@@ -31,8 +31,8 @@
 #      path, seed, step, test AUC, test ACC, train_seconds;
 #   5. with the time left: first the step's floor without Lightning (benchmarks/step_floor_gpu.py):
 #      the compiled whole step as one graph (cold), its kernel time and costliest kernels, and two
-#      such steps replayed at once on two streams (a pair in twice one step's time: the GPU is
-#      full, and batch 128 cannot go faster on this card) (step_floor.json); then the host's time
+#      such steps replayed at once on two streams (against twice one step's time: how much of the
+#      GPU one step leaves idle; 1.53 times one on an H200) (step_floor.json); then the host's time
 #      per step of a step=graph step on this machine's CPU, and between epochs
 #      (benchmarks/step_host_time.py, the replay and the validation forward stand-ins), the
 #      report's bootstrap intervals on the GPU against the CPU (benchmarks/bootstrap_time.py

@@ -23,8 +23,8 @@ BCE loss, measured over STEPS steps after a warm-up (wall time with one sync at 
   compiled_kernels  the CUDA kernel time of a compiled step: whether inductor's kernels lower
                 the floor that `kernels` measures for cuDNN's
   eval_1024     an inference forward of 1,024 images (the evaluation batch)
-Whether the GPU has room for more at once (issue 15: at about 2.2 ms of kernels a step, an
-estimate from an H200's whole_compiled_kernels, 100 epochs take about 135 s of training alone):
+Whether the GPU has room for more at once (issue 15: at 2.183 ms of kernels a step, an H200's
+whole_compiled_kernels, 100 epochs take about 137 s of replays alone):
   whole_compiled_pair  two independent whole_compiled steps (two networks, two graphs) replayed
                 side by side on two streams, ms per pair: against twice whole_compiled, how much
                 of the GPU one step leaves idle
@@ -225,12 +225,12 @@ def captured_step(
     torch.cuda.synchronize()
 
     def replay():
-        # the graph reads and writes the network's weights, the batch and Adam's state, but
-        # holds no reference to them: this closure does (`step`), or their memory would be
-        # freed and reused while the graph still replays into it (two graphs alive at once,
-        # whole_compiled_pair, ended in an illegal memory access on an H200)
         graph_replay()
 
+    # the graph reads and writes the network's weights, the batch and Adam's state, but holds
+    # no reference to them: this attribute does (`step` holds them all), or their memory would
+    # be freed and reused while the graph still replays into it (two graphs alive at once,
+    # whole_compiled_pair, ended in an illegal memory access on an H200)
     replay.step = step
     return replay
 

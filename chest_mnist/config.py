@@ -17,10 +17,16 @@ from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run
 from chest_mnist.schema import register_schemas
 
 
+def uses_gpu(accelerator: str) -> bool:
+    """Whether `trainer.accelerator` trains on a CUDA GPU here (auto: where there is one)."""
+    return accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.device_count() > 0
+    )
+
+
 def precision_for(accelerator: str) -> str:
     """bf16 mixed precision where a GPU will be used, full fp32 on the CPU."""
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if uses_gpu(accelerator) else "32-true"
 
 
 def epochs_at(total: int, *fractions: float) -> list[int]:

@@ -6,6 +6,7 @@ sweep calls `check_job` on every job before it starts one."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chest_mnist import UserError, cuda_graphs
 from chest_mnist.checkpoints import holds_training_state, load_checkpoint, saved_milestones
-from chest_mnist.model import OPTIMIZER_CLASS
+from chest_mnist.config import uses_gpu
+from chest_mnist.model import OPTIMIZER_CLASS, check_compile
 from chest_mnist.run_files import CHECKPOINTS, ckpt_path_given, holds_a_run, run_of
 
 log = logging.getLogger(__name__)
@@ -112,30 +114,36 @@ def check_config(cfg: DictConfig, check_devices: bool = True) -> None:
         )
     if check_devices:
         check_devices_exist(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
-        check_cuda_graph(cfg)
+    check_cuda_graph(cfg, on_this_machine=check_devices)
 
 
-def check_cuda_graph(cfg: DictConfig) -> None:
-    """model.cuda_graph=true or step where the config alone says no graph can be made (the CPU,
+def check_cuda_graph(cfg: DictConfig, on_this_machine: bool = True) -> None:
+    """model.cuda_graph=true or step where the config says no graph can be made (the CPU,
     several processes, accumulated gradients, a compile mode with graphs of its own) or, for
     step, what the whole step would leave out (clipping, 16-bit loss scaling, another
     optimizer): refused before any data or sweep job, by the rules the model applies when
     training begins (`cuda_graphs.wanted`, `why_not_whole_step`). The module's and callbacks'
-    gradient hooks are known only then."""
+    gradient hooks are known only then. `on_this_machine`: false for jobs that run elsewhere
+    (a sweep's SLURM jobs), whose GPUs are not this machine's: only an accelerator set to the
+    CPU and an explicit number of devices count there."""
     model = cfg.get("model") or {}
     setting = model.get("cuda_graph", "auto")
     if setting not in (True, "step"):
         return  # auto and false refuse nothing; a typo is the model's to name
+    compile_mode = model.get("compile", False)
+    check_compile(compile_mode)  # a typo named as one, not as a compiled network
     trainer = cfg.trainer
     accelerator = trainer.get("accelerator", "auto")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not isinstance(accelerator, str):  # an Accelerator object: Lightning's to judge
+        on_gpu = True
+    else:
+        on_gpu = uses_gpu(accelerator) if on_this_machine else accelerator != "cpu"
     devices = _devices(trainer.get("devices", 1))
     if devices in ("auto", -1):
-        devices = torch.cuda.device_count() if on_gpu else 1
-    processes = (devices if isinstance(devices, int) else len(devices)) * (
+        devices = torch.cuda.device_count() if on_gpu and on_this_machine else 1
+    processes = (devices if isinstance(devices, int) else len(devices)) * int(
         trainer.get("num_nodes") or 1
     )
-    compile_mode = model.get("compile", False)
     whole_step = setting == "step"
     cuda_graphs.wanted(
         setting,
@@ -146,27 +154,33 @@ def check_cuda_graph(cfg: DictConfig) -> None:
         whole_step=whole_step,
     )
     if whole_step:
-        target = (model.get("optimizer") or {}).get("_target_")
-        try:
-            optimizer_class = hydra.utils.get_class(target)
-        except Exception:  # noqa: BLE001 (an unknown class: building the model names it)
-            return
         precision = str(trainer.get("precision"))
         cuda_graphs.check_whole_step(
             trainer.get("gradient_clip_val"),
             "16-mixed" if precision == "16" else precision,  # Lightning reads 16 so
-            optimizer_class,
+            # a class that cannot be found is named when the model is built
+            _located((model.get("optimizer") or {}).get("_target_")) or torch.optim.Adam,
         )
+
+
+def _located(target: str | None) -> type | None:
+    """The class `target` ("torch.optim.Adam") names, or None where there is none."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _devices(devices: int | str | list) -> int | str | list:
     """`trainer.devices` as a number, a list or "auto": Lightning's strings "2", "-1" and "0,1"
     read as it reads them."""
-    if isinstance(devices, str) and devices != "auto":
+    if isinstance(devices, str) and devices.strip() != "auto":
+        devices = devices.strip()
         if "," in devices:
             return [d for d in devices.split(",") if d.strip()]
         return int(devices) if devices.lstrip("-").isdigit() else [devices]
-    return devices
+    return devices.strip() if isinstance(devices, str) else devices
 
 
 def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
@@ -183,7 +197,7 @@ def check_devices_exist(accelerator: str, devices: int | str | list) -> None:
     if wanted < 1:
         raise UserError(f"trainer.devices={devices!r} must ask for at least one device.")
     gpus = torch.cuda.device_count()
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    on_gpu = uses_gpu(accelerator)
     if on_gpu and wanted > gpus:
         raise UserError(
             f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}. "

@@ -377,9 +377,13 @@ def test_true_and_step_are_refused_from_the_config_before_any_data(monkeypatch, 
         for overrides, why in (
             (["trainer.devices=2"], r"under DDP \(2 processes\)"),
             (["trainer.devices=auto"], r"under DDP \(2 processes\)"),
+            (["trainer.devices=-1"], r"under DDP \(2 processes\)"),
             (["trainer.devices=[0,1]"], r"under DDP \(2 processes\)"),
+            (["trainer.devices='0,1'"], r"under DDP \(2 processes\)"),
+            (["+trainer.num_nodes=2"], r"under DDP \(2 processes\)"),
             (["+trainer.accumulate_grad_batches=4"], "trainer.accumulate_grad_batches=4 adds"),
             (["model.compile=reduce-overhead"], "model.compile=reduce-overhead makes its own"),
+            (["model.compile=max-autotune"], "model.compile=max-autotune makes its own"),
             (["trainer=cpu"], "it needs a CUDA GPU"),
         ):
             with pytest.raises(UserError, match=f"model.cuda_graph={setting}, but {why}"):
@@ -399,6 +403,31 @@ def test_true_and_step_are_refused_from_the_config_before_any_data(monkeypatch, 
             check("model.cuda_graph=step", *overrides)
         check("model.cuda_graph=true", *overrides)  # the forward and backward graphs take these
     check("model.cuda_graph=step", "model.optimizer._target_=torch.optim.AdamW")
+    for precision in ("bf16-mixed", "16-true", "32-true"):
+        check("model.cuda_graph=step", f"trainer.precision={precision}")
+    unknown = "model.optimizer._target_=torch.optim.Nothing"  # named when the model is built
+    check("model.cuda_graph=step", unknown)
+    with pytest.raises(UserError, match="trainer.gradient_clip_val=1.0 clips"):
+        check("model.cuda_graph=step", unknown, "+trainer.gradient_clip_val=1.0")
+    with pytest.raises(UserError, match="model.compile='bogus' is unknown"):
+        check("model.cuda_graph=true", "model.compile=bogus")
+    # a sweep's jobs that run elsewhere (SLURM): that machine's GPUs are not this one's, so only
+    # what the config says counts, and devices=auto is not read as this machine's count
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+    def check_elsewhere(*overrides):
+        check_config(compose_train([*missing, *overrides]), check_devices=False)
+
+    check_elsewhere("model.cuda_graph=step", "trainer.devices=auto")
+    for overrides, why in (
+        (["trainer=cpu"], "it needs a CUDA GPU"),
+        (["trainer.devices=4"], r"under DDP \(4 processes\)"),
+        (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 adds"),
+        (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 clips"),
+    ):
+        with pytest.raises(UserError, match=f"model.cuda_graph=step, but {why}"):
+            check_elsewhere("model.cuda_graph=step", *overrides)
 
 
 # Three epochs of three steps (32, 32 and a partial 16), the learning rate x0.1 after the first
@@ -933,7 +962,8 @@ def test_compile_auto_compiles_nothing_where_the_whole_step_is_not_one_graph(
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
     monkeypatch.setattr(cuda_graphs, "wanted", wanted)
     train(compose_train([*run, "model.cuda_graph=true", f"paths.output_dir={tmp_path}/graphs"]))
-    assert asked and set(asked) == {False}  # not "auto", which would read as compiled
+    # not "auto", which would read as a compiled network: asked by check_config, then by setup
+    assert asked == [False, False]
     assert stand_in.replayed == [32, 32]  # the forward and backward graphs took the full batches
     assert counters["stats"]["unique_graphs"] == 0
     checkpoint = load_checkpoint(tmp_path / "cpu" / "checkpoints" / "last.ckpt")
