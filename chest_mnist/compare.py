@@ -36,6 +36,7 @@ from scipy import stats
 
 from chest_mnist import UserError, run_files
 from chest_mnist.cli import freeze_for_exit, report_user_errors
+from chest_mnist.config import flatten
 from chest_mnist.task import Task
 
 # (column, metrics.json key): what a row shows; the keys at the tuned thresholds (_tuned) only for
@@ -119,19 +120,6 @@ class Group:
 
     def values(self, key: str) -> list[float]:
         return [float(run.metrics[key]) for run in self.runs]
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat |= (
-            flatten(value, f"{prefix}{key}.")
-            if isinstance(value, dict)
-            else {f"{prefix}{key}": value}
-        )
-    return flat
 
 
 def read_run(path: Path) -> Run:

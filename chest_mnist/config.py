@@ -79,6 +79,21 @@ def config_subdir(
     return ".hydra"
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's values by their dotted Hydra names (model.optimizer.lr), from nested dicts
+    (`OmegaConf.to_container`); an empty mapping has no key."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat |= (
+            flatten(value, f"{prefix}{key}.")
+            if isinstance(value, dict)
+            else {f"{prefix}{key}": value}
+        )
+    return flat
+
+
 def synthetic_file(size: int, given) -> str:
     """data=synthetic's default file name: its settings in it, so that other settings (a sweep
     over data.synthetic.seed) make other files (`chest_mnist.synthetic.file_name`)."""

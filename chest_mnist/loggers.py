@@ -20,6 +20,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from chest_mnist.config import flatten
 from chest_mnist.run_files import ckpt_path_given
 
 # the HPARAMS tab's metric columns beside each run's config: the last value of these scalars
@@ -50,7 +51,7 @@ def _hparams_row(config: dict, overrides: Iterable[str]) -> tuple:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
     from torch.utils.tensorboard.summary import hparams
 
-    row = {key: _hparam_value(value) for key, value in _flat(config)}
+    row = {key: _hparam_value(value) for key, value in flatten(config).items()}
     experiment, session_start, _ = hparams(row, dict.fromkeys(HPARAMS_METRICS, 0.0))
     set_here = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     plugin = experiment.value[0].metadata.plugin_data
@@ -59,14 +60,6 @@ def _hparams_row(config: dict, overrides: Iterable[str]) -> tuple:
         info.differs = info.name in set_here
     plugin.content = data.SerializeToString()
     return experiment, session_start
-
-
-def _flat(config: dict, prefix: str = "") -> Iterable[tuple[str, object]]:
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _hparam_value(value: object) -> object:

@@ -30,7 +30,7 @@ from medmnist import INFO
 
 from chest_mnist import UserError
 from chest_mnist.cli import report_user_errors
-from chest_mnist.npz import SPLITS
+from chest_mnist.npz import SPLITS, open_npz  # open_npz: its messages for a file that is no npz
 
 # Findings per label over all 112,120 ChestX-ray14 images (Wang et al., CVPR 2017, the source
 # of ChestMNIST), in medmnist's label order. The mean rate is 5.2%, which is why predicting
@@ -220,8 +220,6 @@ def check_made_with(path: Path, wanted: dict) -> None:
     than `wanted` (`settings`): the file is reused, never made again, so they would not apply.
     A file without its settings (made by `python -m chest_mnist.synthetic`, or by hand) is
     used as it is."""
-    from chest_mnist.npz import open_npz  # its messages for a file that is no npz
-
     with open_npz(path) as npz:
         if SETTINGS not in npz.files:
             return
